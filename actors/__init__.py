@@ -1,0 +1,1 @@
+"""Generation side: generator workers, engine clients and servers, prompt sources, rewards."""

@@ -1,0 +1,264 @@
+"""Typed, documented run configuration: one dataclass section per component, slime's names for slime's concepts.
+
+A config is loaded from YAML, overridden by `key=value` words (a field's dotted path such as
+`rollout.n_samples_per_prompt=8`, or its bare name when that is unique), validated, and written
+fully resolved to the run directory. Every validation error names the field, the value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message names the field, the value and the fix."""
+
+
+def knob(default: Any, doc: str):
+    """A config field with its documentation (shown by `async-rl config --doc` and docs/CONFIG.md)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ClusterConfig:
+    """Where processes run and how they find each other."""
+    host: str = knob("127.0.0.1", "Address every endpoint binds to (loopback for a one-machine run).")
+    hub_port: int = knob(0, "Buffer hub ZeroMQ port; 0 picks a free one (written to run.json).")
+    num_engines: int = knob(1, "Embedded engine servers to start (`rollout_engine: embedded`).")
+    num_generators: int = knob(1, "Generator workers; generator i uses engine i % num_engines.")
+    engine_num_threads: int = knob(1, "torch threads per engine process.")
+    learner_num_threads: int = knob(1, "torch threads in the learner process.")
+    engine_cpus: list = knob([], "CPU cores engines and generators are pinned to ([] = no pinning).")
+    learner_cpus: list = knob([], "CPU cores the learner is pinned to ([] = no pinning).")
+    startup_timeout: float = knob(120.0, "Seconds to wait for a process to become ready before failing.")
+
+
+@dataclass
+class CkptConfig:
+    """Model checkpoints in and out."""
+    hf_checkpoint: str = knob("", "HF checkpoint dir (model + tokenizer) the run starts from. Required.")
+    keep_weight_versions: int = knob(3, "Published weight versions kept under run_dir/weights/ (older are deleted).")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: how many samples, how long, how they are drawn, and how often weights move."""
+    rollout_engine: str = knob("embedded", "Engine server: `embedded` (torch + transformers; CPU/tests).")
+    rollout_batch_size: int = knob(8, "Prompts (groups) consumed per learner step.")
+    n_samples_per_prompt: int = knob(8, "Responses generated per prompt (a group, for GRPO).")
+    global_batch_size: int = knob(0, "Samples per optimizer step; 0 = rollout_batch_size * n_samples_per_prompt / num_steps_per_rollout.")
+    num_steps_per_rollout: int = knob(1, "Optimizer steps per learner step (each on global_batch_size samples).")
+    micro_batch_size: int = knob(0, "Samples per forward/backward (gradient accumulation); 0 = global_batch_size.")
+    num_rollout: int = knob(50, "Learner steps to run; the run ends after this many.")
+    rollout_max_response_len: int = knob(8, "Max new tokens per response (SGLang's max_new_tokens).")
+    rollout_temperature: float = knob(1.0, "Sampling temperature (the learner scales logits by it too).")
+    rollout_top_p: float = knob(1.0, "Top-p (nucleus) sampling.")
+    rollout_top_k: int = knob(-1, "Top-k sampling; -1 disables.")
+    rollout_stop_token_ids: list = knob([], "Extra token ids that end a response (EOS always does).")
+    update_weights_interval: int = knob(1, "Learner steps between weight publications (version v -> v+1).")
+    groups_per_engine_call: int = knob(4, "Groups a generator batches into one /generate call.")
+    rm_type: str = knob("exact_match", "Built-in reward: `exact_match` (stripped response == label).")
+    custom_rm_path: str = knob("", "Dotted path `module.fn` of a reward fn(prompt: str, response: str, label) -> float; overrides rm_type.")
+
+
+@dataclass
+class DataConfig:
+    """Prompt data (dispensed by the hub, so generators never duplicate or skip a prompt)."""
+    prompt_data: str = knob("", "JSONL prompt file. Required.")
+    input_key: str = knob("input", "JSON key of the prompt text.")
+    label_key: str = knob("label", "JSON key of the label the reward is checked against.")
+    rollout_shuffle: bool = knob(True, "Shuffle prompts each epoch.")
+    rollout_seed: int = knob(42, "Seed of the prompt shuffle.")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy accuracy (the rollout reward) on a JSONL set at the start and end of a run."""
+    eval_prompt_data: str = knob("", "JSONL eval prompt file (same keys as data); empty disables evaluation.")
+    eval_max_prompts: int = knob(200, "Eval prompts used per evaluation.")
+    eval_max_response_len: int = knob(0, "Max new tokens in evaluation; 0 = rollout_max_response_len.")
+
+
+@dataclass
+class AlgoConfig:
+    """RL math: advantages, policy loss, off-policy correction."""
+    advantage_estimator: str = knob("grpo", "Advantage estimator: `grpo` (group-mean baseline).")
+    disable_grpo_std_normalization: bool = knob(False, "GRPO: do not divide by the group reward std.")
+    loss_type: str = knob("policy_loss", "`policy_loss` (PPO clip) or `sft_loss` (NLL of responses).")
+    eps_clip: float = knob(0.2, "PPO clip range (lower, and upper unless eps_clip_high is set).")
+    eps_clip_high: float = knob(0.0, "PPO upper clip range; 0 = eps_clip.")
+    calculate_per_token_loss: bool = knob(False, "Average the loss over all tokens instead of per sample then over samples.")
+    use_tis: bool = knob(True, "Truncated importance sampling: weight each token by clamp(pi_old/pi_behavior).")
+    tis_clip: float = knob(2.0, "TIS upper clamp C.")
+    tis_clip_low: float = knob(0.0, "TIS lower clamp.")
+
+
+@dataclass
+class OptimizerConfig:
+    """The learner's optimizer (AdamW)."""
+    optimizer: str = knob("adam", "`adam` (AdamW).")
+    lr: float = knob(1e-3, "Learning rate.")
+    weight_decay: float = knob(0.0, "Decoupled weight decay.")
+    adam_beta1: float = knob(0.9, "Adam beta1.")
+    adam_beta2: float = knob(0.95, "Adam beta2 (slime's default).")
+    adam_eps: float = knob(1e-8, "Adam epsilon.")
+    clip_grad: float = knob(1.0, "Max global grad norm; 0 disables clipping.")
+
+
+@dataclass
+class BufferConfig:
+    """The buffer hub: staleness bound and admission."""
+    max_staleness: int = knob(2, "Max (learner version - behavior version) of any trained trajectory; 0 = synchronous on-policy.")
+    put_timeout: float = knob(10.0, "Seconds a generator waits for the hub's ack before resending a group.")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+    progress: bool = knob(True, "Live progress line on the console.")
+    use_wandb: bool = knob(False, "Log metrics to Weights & Biases.")
+    wandb_mode: str = knob("offline", "`offline` or `disabled` (no network here); `online` needs network.")
+    wandb_project: str = knob("async-rl", "W&B project name.")
+    use_tensorboard: bool = knob(False, "Write TensorBoard event files to run_dir/tensorboard.")
+
+
+@dataclass
+class TrainConfig:
+    """The learner process."""
+    train_backend: str = knob("torch", "`torch` (HF model, CPU or GPU).")
+    seed: int = knob(1234, "Seed of model-side randomness (learner and engines).")
+
+
+@dataclass
+class Config:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = [f.name for f in fields(Config)]
+
+
+def _field_index() -> dict[str, list[str]]:
+    """Bare field name -> dotted paths that carry it."""
+    index: dict[str, list[str]] = {}
+    for sec in fields(Config):
+        for f in fields(sec.default_factory()):
+            index.setdefault(f.name, []).append(f"{sec.name}.{f.name}")
+    return index
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """`rollout.lr` or `lr` -> (section, field); unknown or ambiguous keys raise ConfigError with a suggestion."""
+    index = _field_index()
+    if "." in key:
+        sec, _, name = key.partition(".")
+        if sec in SECTIONS and f"{sec}.{name}" in index.get(name, []):
+            return sec, name
+    elif len(index.get(key, [])) == 1:
+        return tuple(index[key][0].split("."))  # type: ignore[return-value]
+    elif len(index.get(key, [])) > 1:
+        raise ConfigError(f"{key}: ambiguous, it is in {index[key]}; write the dotted path")
+    all_keys = [p for paths in index.values() for p in paths] + list(index)
+    close = difflib.get_close_matches(key, all_keys, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `async-rl config --doc`"
+    raise ConfigError(f"{key}: unknown config field{hint}")
+
+
+def _coerce(sec: str, name: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    section_cls = type(getattr(Config(), sec))
+    typ = get_type_hints(section_cls)[name]
+    where = f"{sec}.{name}={value!r}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: must be true or false")
+    if typ is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if isinstance(value, int):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be a list such as [0, 1]")
+        return value
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: must be a number, not a boolean")
+        try:
+            num = float(value) if typ is float else int(str(value), 0) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{where}: must be {'an integer' if typ is int else 'a number'}") from None
+        if typ is int and (isinstance(num, float) and not num.is_integer()):
+            raise ConfigError(f"{where}: must be an integer")
+        return typ(num)
+    return "" if value is None else str(value)
+
+
+def parse_override(word: str) -> tuple[str, str, Any]:
+    if "=" not in word:
+        raise ConfigError(f"{word!r}: overrides are key=value words, e.g. rollout.n_samples_per_prompt=8")
+    key, _, raw = word.partition("=")
+    sec, name = resolve_key(key.strip())
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return sec, name, _coerce(sec, name, value)
+
+
+def apply(cfg: Config, sec: str, name: str, value: Any) -> None:
+    setattr(getattr(cfg, sec), name, _coerce(sec, name, value))
+
+
+def from_dict(data: dict | None) -> Config:
+    cfg = Config()
+    for sec, values in (data or {}).items():
+        if sec not in SECTIONS:
+            close = difflib.get_close_matches(sec, SECTIONS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; sections are {SECTIONS}"
+            raise ConfigError(f"{sec}: unknown config section{hint}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{sec}: must be a mapping of field: value")
+        for name, value in values.items():
+            resolve_key(f"{sec}.{name}")
+            apply(cfg, sec, name, value)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load YAML (if given), apply `key=value` overrides, derive and validate; raises ConfigError."""
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p}: not found")
+        data = yaml.safe_load(p.read_text()) or {}
+    cfg = from_dict(data)
+    for word in overrides:
+        apply(cfg, *parse_override(word))
+    finalize(cfg)
+    return cfg
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+from async_rl.config_rules import finalize  # noqa: E402  (rules live in their own module)

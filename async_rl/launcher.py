@@ -1,0 +1,193 @@
+"""Local launcher: start hub, engines, generators and learner as local processes, show progress, stop
+cleanly at `num_rollout`, on Ctrl-C, or when any process dies (reported with the tail of its log).
+
+Exit codes: 0 the learner finished; 1 a process failed; 130 interrupted. In every case every child
+process is gone when `launch` returns.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import requests
+
+from async_rl import config as config_mod
+from async_rl.config_rules import check_paths
+from async_rl.procs import ProcessGroup
+from async_rl.progress import Progress
+from async_rl.run_dir import Manifest
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait(what: str, ready, procs: ProcessGroup, names: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for name in names:
+            child = procs.children[name]
+            if child.proc.poll() is not None:
+                raise LaunchError(f"{name} exited with code {child.proc.returncode} while starting; "
+                                  f"last lines of {child.log}:\n{child.tail()}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"{what} not ready after {timeout:.0f}s (cluster.startup_timeout); see "
+                              f"{[str(procs.children[n].log) for n in names]}")
+        time.sleep(0.1)
+
+
+def _engine_ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health_generate", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class Launcher:
+    def __init__(self, cfg: config_mod.Config, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.cfg_path = self.run_dir / "config.yaml"
+        self.procs = ProcessGroup(self.run_dir / "logs")
+        self.hub_endpoint = ""
+        self.engine_urls: list[str] = []
+
+    def prepare(self) -> None:
+        check_paths(self.cfg)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "hub.endpoint"):
+            (self.run_dir / stale).unlink(missing_ok=True)
+        config_mod.save(self.cfg, self.cfg_path)
+        self.manifest = Manifest(self.run_dir, self.cfg.to_dict())
+
+    def start_hub(self) -> None:
+        c = self.cfg.cluster
+        endpoint_file = self.run_dir / "hub.endpoint"
+        bind = f"tcp://{c.host}:{c.hub_port if c.hub_port else '*'}"
+        self.procs.start("hub", "buffer.hub", ["--config", str(self.cfg_path), "--bind", bind,
+                                               "--endpoint-file", str(endpoint_file)], cpus=c.engine_cpus)
+        _wait("hub", endpoint_file.exists, self.procs, ["hub"], c.startup_timeout)
+        self.hub_endpoint = endpoint_file.read_text().strip()
+
+    def start_engines(self) -> None:
+        c = self.cfg.cluster
+        for i in range(c.num_engines):
+            port = free_port(c.host)
+            self.procs.start(f"engine{i}", "actors.engine_server",
+                             ["--model-path", self.cfg.ckpt.hf_checkpoint, "--host", c.host, "--port", str(port),
+                              "--num-threads", str(c.engine_num_threads), "--seed", str(self.cfg.train.seed + i)],
+                             cpus=c.engine_cpus, threads=c.engine_num_threads)
+            self.engine_urls.append(f"http://{c.host}:{port}")
+        for i, url in enumerate(self.engine_urls):
+            _wait(f"engine{i}", lambda u=url: _engine_ready(u), self.procs, [f"engine{i}"], c.startup_timeout)
+
+    def start_workers(self) -> None:
+        c = self.cfg.cluster
+        for i in range(c.num_generators):
+            self.procs.start(f"generator{i}", "actors.generator",
+                             ["--config", str(self.cfg_path), "--hub", self.hub_endpoint,
+                              "--engine-url", self.engine_urls[i % len(self.engine_urls)], "--generator-id", f"g{i}"],
+                             cpus=c.engine_cpus)
+        self.procs.start("learner", "learners.torch_learner",
+                         ["--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub", self.hub_endpoint],
+                         cpus=c.learner_cpus, threads=c.learner_num_threads)
+
+    def evaluate(self, tag: str, weights: str) -> dict | None:
+        """Greedy eval of `weights` on engine0 in a subprocess; None when eval is off or failed."""
+        if not self.cfg.eval.eval_prompt_data:
+            return None
+        out = self.run_dir / f"eval_{tag}.json"
+        child = self.procs.start(f"eval_{tag}", "actors.evaluate",
+                                 ["--config", str(self.cfg_path), "--engine-url", self.engine_urls[0],
+                                  "--weights", weights, "--out", str(out)], critical=False)
+        try:
+            child.proc.wait(timeout=self.cfg.cluster.startup_timeout)
+        except Exception:
+            self.procs.stop(child.name)
+        return json.loads(out.read_text()) if out.exists() else None
+
+    def record(self, status: str, **extra) -> None:
+        procs = {n: {"pid": ch.proc.pid, "log": str(ch.log), "returncode": ch.proc.poll()}
+                 for n, ch in self.procs.children.items()}
+        self.manifest.update(status=status, processes=procs,
+                             endpoints={"hub": self.hub_endpoint, "engines": self.engine_urls}, **extra)
+
+    def monitor(self, progress: Progress) -> None:
+        learner = self.procs.children["learner"]
+        while True:
+            progress.refresh()
+            bad = self.procs.failed()
+            if bad is not None:
+                raise LaunchError(f"{bad.name} died with exit code {bad.proc.returncode}; last lines of "
+                                  f"{bad.log}:\n{bad.tail()}")
+            if learner.proc.poll() == 0:
+                return
+            if any(ch.proc.poll() is not None for ch in self.procs.children.values() if ch.critical):
+                dead = [n for n, ch in self.procs.children.items() if ch.critical and ch.proc.poll() is not None]
+                raise LaunchError(f"{dead} exited before the learner finished; see {self.run_dir / 'logs'}")
+            time.sleep(0.5)
+
+    def stop_workers(self) -> None:
+        try:
+            from async_rl.hub_client import HubClient
+            client = HubClient(self.hub_endpoint, identity="launcher")
+            client.request({"type": "STOP"}, timeout=2.0)
+            client.close()
+        except Exception:
+            pass  # the hub is gone; SIGTERM below still stops everyone
+        for name in [n for n in self.procs.children if n.startswith("generator")]:
+            self.procs.stop(name)
+
+
+def launch(cfg: config_mod.Config, run_dir: str | Path) -> int:
+    """Run a whole job; returns the exit code. Never leaves a child process behind."""
+    launcher = Launcher(cfg, run_dir)
+    launcher.prepare()
+    progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, _raise_interrupt)
+    code, status, evals = 1, "failed", {}
+    try:
+        launcher.start_hub()
+        launcher.start_engines()
+        evals["start"] = launcher.evaluate("start", cfg.ckpt.hf_checkpoint)
+        launcher.start_workers()
+        launcher.record("running")
+        progress.start()
+        launcher.monitor(progress)
+        progress.stop()
+        launcher.stop_workers()
+        latest = sorted((launcher.run_dir / "weights").glob("v*"), key=lambda p: int(p.name[1:]))
+        evals["end"] = launcher.evaluate("end", str(latest[-1]) if latest else cfg.ckpt.hf_checkpoint)
+        code, status = 0, "completed"
+    except LaunchError as exc:
+        progress.stop()
+        print(f"async-rl: run failed: {exc}", flush=True)
+    except KeyboardInterrupt:
+        progress.stop()
+        print("async-rl: interrupted; stopping every process", flush=True)
+        code, status = 130, "interrupted"
+    finally:
+        launcher.procs.stop_all()
+        launcher.record(status, exit_code=code, finished=time.time())
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    from async_rl.report import write_report
+    summary = write_report(launcher.run_dir, evals=evals)
+    if summary:
+        print(summary, flush=True)
+    return code
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt

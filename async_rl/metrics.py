@@ -1,0 +1,57 @@
+"""Metrics sinks: `run_dir/metrics.jsonl` always (one JSON object per learner step, flushed at once so
+`async-rl status` and the launcher's progress line see it live), W&B and TensorBoard behind switches.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from async_rl.config import Config
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path, cfg: Config):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a")
+        self._wandb = self._tb = None
+        if cfg.logging.use_wandb and cfg.logging.wandb_mode != "disabled":
+            import wandb  # optional extra: pip install .[wandb]
+            self._wandb = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode,
+                                     dir=str(run_dir), config=cfg.to_dict())
+        if cfg.logging.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs: pip install .[tensorboard]
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        step = int(metrics.get("step", 0))
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All complete lines of metrics.jsonl (a line being written is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

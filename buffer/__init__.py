@@ -1,0 +1,1 @@
+"""The buffer hub service: trajectory table, staleness gate, admission credits, prompt dispenser."""

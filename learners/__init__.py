@@ -1,0 +1,1 @@
+"""Learners: the RL math, the torch learner, weight publication."""

@@ -1,0 +1,58 @@
+"""Turn groups from the hub into padded training tensors aligned for next-token prediction.
+
+Position t of every [B, T-1] tensor describes the prediction of token t+1 from tokens 0..t; `mask` is 1
+exactly on the positions that predict a response token, and the rollout logprobs / token versions sit on
+those same positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from async_rl.types import Group
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor        # [B, T] long, right-padded
+    attention_mask: torch.Tensor   # [B, T] long
+    targets: torch.Tensor          # [B, T-1] long
+    mask: torch.Tensor             # [B, T-1] float
+    rollout_logprobs: torch.Tensor  # [B, T-1] float
+    token_versions: torch.Tensor   # [B, T-1] long (-1 off-mask)
+    rewards: torch.Tensor          # [groups, n] float
+    behavior_versions: torch.Tensor  # [B] long
+    num_tokens: int
+
+    def select(self, idx: slice) -> dict:
+        """Per-sample tensors of rows `idx` (for mini/micro batches)."""
+        return {k: getattr(self, k)[idx] for k in ("input_ids", "attention_mask", "targets", "mask",
+                                                   "rollout_logprobs")}
+
+
+def build_batch(groups: list[Group], pad_id: int) -> TrainBatch:
+    trajs = [t for g in groups for t in g.trajectories]
+    n = len(groups[0].trajectories)
+    if any(len(g.trajectories) != n for g in groups):
+        raise ValueError("every group must carry n_samples_per_prompt trajectories")
+    seq_len = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    b = len(trajs)
+    input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, seq_len), dtype=torch.long)
+    mask = torch.zeros((b, seq_len - 1))
+    rollout_lp = torch.zeros((b, seq_len - 1))
+    versions = torch.full((b, seq_len - 1), -1, dtype=torch.long)
+    for i, t in enumerate(trajs):
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        input_ids[i, :p] = torch.from_numpy(t.prompt_ids.astype("int64"))
+        input_ids[i, p:p + r] = torch.from_numpy(t.response_ids.astype("int64"))
+        attention[i, :p + r] = 1
+        mask[i, p - 1:p - 1 + r] = 1.0
+        rollout_lp[i, p - 1:p - 1 + r] = torch.from_numpy(t.rollout_logprobs.astype("float32"))
+        versions[i, p - 1:p - 1 + r] = torch.from_numpy(t.token_versions.astype("int64"))
+    rewards = torch.tensor([[t.reward for t in g.trajectories] for g in groups], dtype=torch.float32)
+    return TrainBatch(input_ids=input_ids, attention_mask=attention, targets=input_ids[:, 1:].clone(),
+                      mask=mask, rollout_logprobs=rollout_lp, token_versions=versions, rewards=rewards,
+                      behavior_versions=torch.tensor([t.behavior_version for t in trajs]),
+                      num_tokens=int(attention.sum()))
