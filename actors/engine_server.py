@@ -230,7 +230,7 @@ class Engine:
 
         self.device = torch.device(device)
         self.model_path, self.weight_version = str(model_path), int(weight_version)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer, self.tokenizer_lock = AutoTokenizer.from_pretrained(self.model_path), threading.Lock()
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         self.model.to(self.device).eval()
         cfg = self.model.config
@@ -406,7 +406,8 @@ def generate_reply(seq: Sequence, engine: Engine, return_logprob: bool) -> dict:
             "token_versions": seq.token_versions}
     if return_logprob:
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(seq.output_logprobs, seq.output_ids)]
-    text = engine.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+    with engine.tokenizer_lock:  # handler threads share one Rust tokenizer
+        text = engine.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
     return {"text": text, "output_ids": seq.output_ids, "meta_info": meta}
 
 
@@ -428,6 +429,8 @@ class Handler(BaseHTTPRequestHandler):
             if not 0 <= length <= MAX_BODY_BYTES:
                 raise BadRequest(f"Content-Length={length}: must be in [0, {MAX_BODY_BYTES}]")
             body = json.loads(self.rfile.read(length) or b"{}")
+        except BadRequest as e:
+            return self._reply(400, {"error": str(e)})
         except (ValueError, UnicodeDecodeError) as e:
             return self._reply(400, {"error": f"body: not valid JSON ({e}); send a JSON object"})
         self._dispatch({"/generate": self._generate, "/update_weights_from_disk": self._update_weights}, body)
@@ -522,11 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
-    scheduler = Scheduler(Engine(args.model_path, args.weight_version, args.device), args.max_batch_size)
-    server = make_server(scheduler, args.host, args.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    scheduler = Scheduler(Engine(args.model_path, args.weight_version, args.device), args.max_batch_size)
+    server = make_server(scheduler, args.host, args.port)
     scheduler.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     print(f"[engine] serving {args.model_path} on http://{args.host}:{args.port} "

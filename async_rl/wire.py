@@ -21,7 +21,7 @@ class WireError(ValueError):
 
 def _default(obj):
     if isinstance(obj, np.ndarray):
-        arr = np.ascontiguousarray(obj)
+        arr = np.asarray(obj, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
         dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
         arr = arr.astype(dtype, copy=False)
         dt = dtype.str.encode()

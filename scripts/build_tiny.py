@@ -1,7 +1,7 @@
 """Build the quickstart's tiny world locally (no hub downloads): a random-init Qwen2 model with a
 character-level tokenizer, an addition prompt set, and a short SFT warm start of the model.
 
-    python scripts/build_tiny.py --out runs/tiny            # ~1 min on 2 cores
+    python scripts/build_tiny.py --out runs/tiny            # ~20 s on 2 cores
     python scripts/build_tiny.py --out runs/tiny --sft-steps 0   # random init only
 
 Writes OUT/model (random init), OUT/model_sft (warm-started), OUT/data/{train,test}.jsonl.
@@ -20,7 +20,7 @@ from async_rl import tiny  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/tiny")
-    ap.add_argument("--sft-steps", type=int, default=150, help="SFT warm-start steps (0 = skip)")
+    ap.add_argument("--sft-steps", type=int, default=300, help="SFT warm-start steps (0 = skip)")
     ap.add_argument("--max-operand", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if OUT/model_sft exists")
