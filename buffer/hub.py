@@ -151,7 +151,8 @@ class Hub:
         if self.parked_sample is None:
             return []
         ident, msg = self.parked_sample
-        version = int(msg.get("version", self.version))
+        # the learner trains at the newest version anyone told us of: a parked request may predate a VERSION
+        version = max(int(msg.get("version", self.version)), self.version)
         self._sweep_stale(version)
         n = int(msg["num_groups"])
         if len(self.table) < n:

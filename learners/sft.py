@@ -51,9 +51,9 @@ def warm_start(model_dir: str, data: str, out_dir: str, steps: int, batch_size: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        curve.append(float(loss))
+        curve.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"sft step {step + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.1f}s)", flush=True)
+            print(f"sft step {step + 1}/{steps} loss {curve[-1]:.3f} ({time.time() - t0:.1f}s)", flush=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return curve

@@ -1,0 +1,147 @@
+"""End to end: `async-rl launch` starts real processes (hub, engine server, generator, learner) over real
+sockets; we check the run-dir contract, the staleness invariant, clean shutdown and failure reporting."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+KEYS = ["step", "version", "time", "reward/mean", "staleness/max", "staleness/mean", "tis/weight_mean",
+        "tis/clipfrac", "loss/pg", "perf/train_tokens_per_s", "perf/gen_tokens_per_s", "buffer/size",
+        "buffer/evicted_stale"]
+
+
+def write_config(tmp_path: Path, world: dict, **rollout) -> Path:
+    cfg = {
+        "ckpt": {"hf_checkpoint": str(world["model_sft"])},
+        "data": {"prompt_data": str(world["train"])},
+        "rollout": {"rollout_batch_size": 4, "n_samples_per_prompt": 4, "num_rollout": 12,
+                    "rollout_max_response_len": 4, "groups_per_engine_call": 4, **rollout},
+        "logging": {"progress": True},
+        "cluster": {"startup_timeout": 60},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "async_rl.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie that nobody reaped is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def assert_no_orphans(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["processes"], "run.json names no processes"
+    for name, p in manifest["processes"].items():
+        assert not alive(p["pid"]), f"{name} (pid {p['pid']}) still running"
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_to_end(tmp_path, world, *overrides, eval_data=None) -> tuple[Path, str]:
+    cfg = write_config(tmp_path, world)
+    run_dir = tmp_path / "run"
+    extra = [f"eval_prompt_data={eval_data}", "eval_max_prompts=20"] if eval_data else []
+    proc = cli("launch", str(cfg), *overrides, *extra, "--run-dir", str(run_dir))
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    return run_dir, out
+
+
+def test_async_run_contract_and_staleness_bound(tmp_path, tiny_world):
+    run_dir, out = run_to_end(tmp_path, tiny_world, "max_staleness=2", eval_data=tiny_world["test"])
+    rows = read_rows(run_dir)
+    assert len(rows) == 12 and [r["step"] for r in rows] == list(range(12))
+    for row in rows:
+        assert all(k in row for k in KEYS), set(KEYS) - set(row)
+        assert row["staleness/max"] <= 2
+        assert row["tis/weight_mean"] is not None and 0 < row["tis/weight_mean"] <= 2.0
+    assert [r["version"] for r in rows] == list(range(12))  # one publication per step
+    assert max(r["staleness/max"] for r in rows) >= 1, "async run never trained off-policy"
+    weights = sorted(p.name for p in (run_dir / "weights").iterdir())
+    assert weights == ["v10", "v11", "v12"]  # keep_weight_versions=3
+    assert (run_dir / "weights/v12/model.safetensors").exists()
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["exit_code"] == 0
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["buffer"]["max_staleness"] == 2 and resolved["rollout"]["global_batch_size"] == 16
+    assert (run_dir / "reward.png").stat().st_size > 1000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and set(summary["eval"]) == {"start", "end"}
+    assert "step 12/12" in out and "Run summary" in out
+    for name in ("hub", "engine0", "generator0", "learner"):
+        assert (run_dir / "logs" / f"{name}.log").exists()
+    assert_no_orphans(run_dir)
+    st = subprocess.run([sys.executable, "-m", "async_rl.cli", "status", "--run-dir", str(run_dir), "--json"],
+                        capture_output=True, text=True, check=True)
+    status = json.loads(st.stdout)
+    assert status["status"] == "completed" and status["last_step"]["step"] == 11
+
+
+def test_max_staleness_zero_is_synchronous_on_policy(tmp_path, tiny_world):
+    run_dir, _ = run_to_end(tmp_path, tiny_world, "max_staleness=0", "num_rollout=8")
+    rows = read_rows(run_dir)
+    assert len(rows) == 8
+    for row in rows:
+        assert row["staleness/max"] == 0
+        # the engine sampled with exactly the weights the learner recomputes with
+        assert row["rollout_logprob_diff/mean_abs"] < 1e-3
+        assert abs(row["tis/weight_mean"] - 1.0) < 1e-3
+        assert row["buffer/evicted_stale"] == 0
+    assert_no_orphans(run_dir)
+
+
+def _start_and_wait_running(tmp_path, world) -> tuple[subprocess.Popen, Path]:
+    cfg = write_config(tmp_path, world, num_rollout=100000)
+    run_dir = tmp_path / "run"
+    proc = cli("launch", str(cfg), "--run-dir", str(run_dir), start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline, "run never got to its first step"
+        if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip():
+            return proc, run_dir
+        time.sleep(0.2)
+
+
+def test_a_dying_engine_fails_the_run_with_its_log_and_no_orphans(tmp_path, tiny_world):
+    proc, run_dir = _start_and_wait_running(tmp_path, tiny_world)
+    manifest = json.loads((run_dir / "run.json").read_text())
+    os.kill(manifest["processes"]["engine0"]["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "engine0 died with exit code -9" in out
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    assert_no_orphans(run_dir)
+
+
+def test_ctrl_c_stops_every_process(tmp_path, tiny_world):
+    proc, run_dir = _start_and_wait_running(tmp_path, tiny_world)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert_no_orphans(run_dir)
