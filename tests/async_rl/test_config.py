@@ -74,3 +74,17 @@ def test_check_paths_names_missing_checkpoint(tmp_path):
     cfg = C.load(None, [f"hf_checkpoint={tmp_path}"])
     with pytest.raises(C.ConfigError, match="ckpt.hf_checkpoint=.*no config.json"):
         check_paths(cfg)
+
+
+def test_docs_config_md_is_current():
+    """docs/CONFIG.md is generated from the dataclasses; regenerate it when a knob changes."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from async_rl.cli import main
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["config", "--doc"])
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text()
+    assert buf.getvalue().strip() in doc, "docs/CONFIG.md is stale: regenerate it (see its first line)"
