@@ -51,7 +51,18 @@ def _batch_sizes(r) -> None:
 
 def finalize(cfg: "Config") -> "Config":
     """Fill derived fields (global_batch_size, micro_batch_size) and validate every rule; returns cfg."""
-    r, c, a, o, b = cfg.rollout, cfg.cluster, cfg.algo, cfg.optimizer, cfg.buffer
+    _rollout_rules(cfg)
+    _reward_rules(cfg)
+    _cluster_rules(cfg)
+    _algo_rules(cfg)
+    _optimizer_rules(cfg)
+    _buffer_rules(cfg)
+    _misc_rules(cfg)
+    return cfg
+
+
+def _rollout_rules(cfg: "Config") -> None:
+    r = cfg.rollout
     for name in ("rollout_batch_size", "n_samples_per_prompt", "num_steps_per_rollout", "num_rollout",
                  "rollout_max_response_len", "update_weights_interval", "groups_per_engine_call"):
         _at_least("rollout", r, name, 1)
@@ -64,11 +75,22 @@ def finalize(cfg: "Config") -> "Config":
         raise _err(f"rollout.rollout_top_k={r.rollout_top_k}: must be -1 (off) or >= 1")
     _batch_sizes(r)
     _one_of("rollout", r, "rollout_engine", ("embedded",), {"sglang": "arrives with the [engines] issue"})
-    _one_of("rollout", r, "rm_type", ("exact_match",))
+
+
+def _reward_rules(cfg: "Config") -> None:
+    _one_of("rollout", cfg.rollout, "rm_type", ("exact_match",))
+
+
+def _cluster_rules(cfg: "Config") -> None:
+    c = cfg.cluster
     for name in ("num_engines", "num_generators", "engine_num_threads", "learner_num_threads"):
         _at_least("cluster", c, name, 1)
     if not 0 <= c.hub_port < 65536:
         raise _err(f"cluster.hub_port={c.hub_port}: must be a TCP port in [0, 65535] (0 = pick a free one)")
+
+
+def _algo_rules(cfg: "Config") -> None:
+    a = cfg.algo
     _one_of("algo", a, "advantage_estimator", ("grpo",),
             {k: "arrives with the [algos] issue" for k in ("gspo", "reinforce_plus_plus",
                                                           "reinforce_plus_plus_baseline", "ppo")})
@@ -78,6 +100,10 @@ def finalize(cfg: "Config") -> "Config":
     _at_least("algo", a, "tis_clip_low", 0)
     if a.tis_clip <= a.tis_clip_low:
         raise _err(f"algo.tis_clip={a.tis_clip}: must be > tis_clip_low={a.tis_clip_low}")
+
+
+def _optimizer_rules(cfg: "Config") -> None:
+    o = cfg.optimizer
     _one_of("optimizer", o, "optimizer", ("adam",))
     if o.lr <= 0:
         raise _err(f"optimizer.lr={o.lr}: must be > 0")
@@ -85,15 +111,21 @@ def finalize(cfg: "Config") -> "Config":
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(o, name) < 1:
             raise _err(f"optimizer.{name}={getattr(o, name)}: must be in [0, 1)")
+
+
+def _buffer_rules(cfg: "Config") -> None:
+    b = cfg.buffer
     _at_least("buffer", b, "max_staleness", 0)
     if b.put_timeout <= 0:
         raise _err(f"buffer.put_timeout={b.put_timeout}: must be > 0 seconds")
+
+
+def _misc_rules(cfg: "Config") -> None:
     _one_of("logging", cfg.logging, "wandb_mode", ("offline", "disabled", "online"))
     _one_of("train", cfg.train, "train_backend", ("torch",), {"megatron": "arrives with the [megatron] issue"})
     _at_least("ckpt", cfg.ckpt, "keep_weight_versions", 1)
     _at_least("eval", cfg.eval, "eval_max_prompts", 1)
     _at_least("eval", cfg.eval, "eval_max_response_len", 0)
-    return cfg
 
 
 def check_paths(cfg: "Config") -> None:
