@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from actors.engine_client import EngineClient
-from actors.rewards import get_reward_fn
+from actors.rewards import RewardScorer
 from async_rl import config as config_mod
 from async_rl.data import load_prompts
 
@@ -21,14 +21,14 @@ def evaluate(cfg: config_mod.Config, engine: EngineClient, tokenizer, weights: s
         ok, message = engine.update_weights_from_disk(weights, int(info.get("weight_version") or 0))
         if not ok:
             raise RuntimeError(f"eval: engine could not load {weights}: {message}")
-    reward_fn = get_reward_fn(cfg.rollout.rm_type, cfg.rollout.custom_rm_path)
+    scorer = RewardScorer(cfg.rollout)
     params = {"temperature": 0.0, "max_new_tokens": e.eval_max_response_len or cfg.rollout.rollout_max_response_len,
               "stop_token_ids": list(cfg.rollout.rollout_stop_token_ids)}
     results = engine.generate([tokenizer(p["input"])["input_ids"] for p in prompts], params, return_logprob=False)
-    scores = [reward_fn(p["input"], tokenizer.decode(r.output_ids, skip_special_tokens=True), p["label"])
+    scores = [scorer.score_one(p["input"], tokenizer.decode(r.output_ids, skip_special_tokens=True), p["label"])
               for p, r in zip(prompts, results)]
     return {"weights": str(weights), "weights_name": Path(weights).name, "num_prompts": len(prompts),
-            "accuracy": sum(scores) / len(scores)}
+            "accuracy": sum(scores) / len(scores)}  # mean reward (= accuracy for 0/1 rewards)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ def status_dict(run_dir: str) -> dict:
     hub = manifest.get("endpoints", {}).get("hub")
     if hub and out["launcher_alive"]:
         from async_rl.hub_client import HubClient
-        client = HubClient(hub, identity="status")
+        client = HubClient(hub, identity="status", keys_dir=manifest.get("keys"))
         try:
             out["hub"] = client.stats(timeout=2.0)
         except Exception as exc:  # the hub may be gone already

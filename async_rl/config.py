@@ -45,6 +45,8 @@ class CkptConfig:
     """Model checkpoints in and out."""
     hf_checkpoint: str = knob("", "HF checkpoint dir (model + tokenizer) the run starts from. Required.")
     keep_weight_versions: int = knob(3, "Published weight versions kept under run_dir/weights/ (older are deleted).")
+    ref_load: str = knob("", "HF checkpoint dir of the reference model for KL (kl_coef / use_kl_loss); empty = hf_checkpoint.")
+    ref_update_interval: int = knob(0, "Learner steps between copies of the current policy into the reference model; 0 = never.")
 
 
 @dataclass
@@ -64,8 +66,16 @@ class RolloutConfig:
     rollout_stop_token_ids: list = knob([], "Extra token ids that end a response (EOS always does).")
     update_weights_interval: int = knob(1, "Learner steps between weight publications (version v -> v+1).")
     groups_per_engine_call: int = knob(4, "Groups a generator batches into one /generate call.")
-    rm_type: str = knob("exact_match", "Built-in reward: `exact_match` (stripped response == label).")
-    custom_rm_path: str = knob("", "Dotted path `module.fn` of a reward fn(prompt: str, response: str, label) -> float; overrides rm_type.")
+    rm_type: str = knob("exact_match", "Built-in reward (actors/rm_hub): `exact_match` (stripped response == label), `math` (last \\boxed{} answer equivalent to the label: 1/0), `dapo` (DAPO: text after the last `Answer:`, +1/-1), `deepscaler` (boxed answer after `</think>`: 1/0), `f1` (SQuAD token F1), `gpqa` (multiple-choice letter A-D: 1/0), `remote_rm` (HTTP POST to rm_url).")
+    custom_rm_path: str = knob("", "Dotted path `module.fn` of a reward fn(prompt: str, response: str, label) -> float | dict; overrides rm_type. With group_rm: fn(prompt: str, responses: list[str], label) -> list[float | dict].")
+    rm_url: str = knob("", "rm_type=remote_rm: URL the generator POSTs JSON {prompt, response, label} to; the reply is a number or a map such as {\"reward\": 0.7}.")
+    rm_timeout: float = knob(30.0, "rm_type=remote_rm: seconds to wait for one reply before retrying.")
+    rm_max_retries: int = knob(3, "rm_type=remote_rm: retries after a failed try (exponential backoff from 0.5 s); then the generator fails with the last error.")
+    group_rm: bool = knob(False, "Score all n_samples_per_prompt responses of a prompt in one call to custom_rm_path (required).")
+    reward_key: str = knob("", "When a reward fn returns a dict, the entry used as the scalar reward; empty = `reward`, else `score`. The dicts are kept in the group's meta `reward_details`.")
+    custom_reward_post_process_path: str = knob("", "Dotted path of fn(rewards: list[float], group: async_rl.types.Group) -> list[float], applied to each group's rewards before it is sent (the raw ones stay in meta `raw_rewards`).")
+    dynamic_sampling_filter_path: str = knob("", "Dotted path of fn(group: async_rl.types.Group) -> bool (False drops the scored group before it is sent; its credit goes back to the hub). Built-in: `actors.filters.reward_std_positive` (drop groups whose rewards are all equal).")
+    over_sampling_batch_size: int = knob(0, "Groups a generator asks the hub for per ACQUIRE when a dynamic sampling filter drops some; 0 = groups_per_engine_call.")
 
 
 @dataclass
@@ -88,16 +98,36 @@ class EvalConfig:
 
 @dataclass
 class AlgoConfig:
-    """RL math: advantages, policy loss, off-policy correction."""
-    advantage_estimator: str = knob("grpo", "Advantage estimator: `grpo` (group-mean baseline).")
-    disable_grpo_std_normalization: bool = knob(False, "GRPO: do not divide by the group reward std.")
-    loss_type: str = knob("policy_loss", "`policy_loss` (PPO clip) or `sft_loss` (NLL of responses).")
+    """RL math: advantages, policy loss, KL, off-policy correction (slime's names; formulas in learners/)."""
+    advantage_estimator: str = knob("grpo", "`grpo` (group-normalised reward), `gspo` (grpo advantages, sequence-level PPO ratio exp(mean token log ratio)), `reinforce_plus_plus` (discounted token returns with KL-shaped rewards, whitened over the batch), `reinforce_plus_plus_baseline` (reward minus group mean, whitened), `ppo` (GAE with gamma/lambd against a critic trained in the learner).")
+    disable_grpo_std_normalization: bool = knob(False, "grpo/gspo: subtract the group mean but do not divide by the group reward std.")
+    disable_rewards_normalization: bool = knob(False, "grpo/gspo/reinforce_plus_plus_baseline: use raw rewards (no group mean/std normalisation).")
+    disable_compute_advantages_and_returns: bool = knob(False, "Skip advantages (all zero); only for loss_type sft_loss or custom_loss.")
+    normalize_advantages: bool = knob(False, "Whiten advantages over the batch's response tokens (reinforce_plus_plus* always do).")
+    gamma: float = knob(1.0, "Discount of reinforce_plus_plus returns and ppo GAE.")
+    lambd: float = knob(1.0, "GAE lambda (ppo).")
+    loss_type: str = knob("policy_loss", "`policy_loss` (PPO clip x importance weight, - entropy, + KL loss), `sft_loss` (NLL of responses), `custom_loss` (custom_loss_function_path).")
+    custom_loss_function_path: str = knob("", "Dotted path of fn(logp, batch, algo) -> (loss, metrics) for loss_type custom_loss. logp [B, T] current-policy logprobs of the targets (with grad); batch: dict of [B, T] tensors of the micro-batch (mask, logp_old, rollout_logprobs, advantages, and when present returns, values, ref_logp, tis_weights; plus logits [B, T, V] before temperature, and token_denominator: float or None); algo: this section. Return a scalar loss reduced like learners.losses.masked_mean(x, mask, algo.calculate_per_token_loss, batch['token_denominator']) and a dict of float metrics.")
     eps_clip: float = knob(0.2, "PPO clip range (lower, and upper unless eps_clip_high is set).")
     eps_clip_high: float = knob(0.0, "PPO upper clip range; 0 = eps_clip.")
-    calculate_per_token_loss: bool = knob(False, "Average the loss over all tokens instead of per sample then over samples.")
-    use_tis: bool = knob(True, "Truncated importance sampling: weight each token by clamp(pi_old/pi_behavior).")
-    tis_clip: float = knob(2.0, "TIS upper clamp C.")
-    tis_clip_low: float = knob(0.0, "TIS lower clamp.")
+    eps_clip_c: float = knob(0.0, "Dual-clip PPO: cap a negative-advantage token's loss at -eps_clip_c * A; must be > 1; 0 disables.")
+    calculate_per_token_loss: bool = knob(False, "Average the loss over all tokens of the global batch instead of per sample then over samples.")
+    entropy_coef: float = knob(0.0, "policy_loss: subtract entropy_coef * (entropy of the current policy over response tokens).")
+    kl_coef: float = knob(0.0, "Reward shaping: every response token's reward gets -kl_coef * KL(pi_old || pi_ref) (kl_loss_type estimator) before advantages. Loads a reference model.")
+    use_kl_loss: bool = knob(False, "policy_loss: add kl_loss_coef * KL(pi || pi_ref) to the loss (and log it). Loads a reference model.")
+    kl_loss_coef: float = knob(0.0, "Weight of the KL loss (needs use_kl_loss); cannot be combined with kl_coef.")
+    kl_loss_type: str = knob("k1", "KL estimator for the KL loss and kl_coef shaping: `k1`, `k2`, `k3`, `low_var_kl` (k3 clamped to [-10, 10]).")
+    use_tis: bool = knob(True, "Importance-weight each token's policy-gradient term by pi_old/pi_behavior (decoupled PPO: pi_old is the learner's recomputation, pi_behavior the engine's logprobs).")
+    tis_clip: float = knob(2.0, "Upper bound C of the importance ratio (truncate clamps to it, mask drops tokens above it).")
+    tis_clip_low: float = knob(0.0, "Lower bound of the importance ratio.")
+    tis_level: str = knob("token", "Importance ratio per `token`, or per sample: `sequence_product` (product of token ratios) or `sequence_geometric` (their geometric mean).")
+    tis_mode: str = knob("truncate", "`truncate` (TIS: clamp the ratio into [tis_clip_low, tis_clip]) or `mask` (MIS/IcePop: zero tokens, or whole samples at sequence levels, whose ratio leaves that band).")
+    custom_tis_function_path: str = knob("", "Dotted path of fn(logp_old, logp_behavior, mask, algo) -> weights, all [B, T] float tensors (weights multiply each token's pg term; return 0 to drop a token); replaces tis_level/tis_mode. Needs use_tis.")
+    use_rollout_logprobs: bool = knob(False, "Use the engine's logprobs as logp_old (no recomputation; the importance weight is then 1).")
+    value_clip: float = knob(0.2, "ppo critic: clip of the value update around the old value.")
+    critic_lr: float = knob(0.0, "ppo critic learning rate; 0 = optimizer.lr.")
+    num_critic_only_steps: int = knob(0, "ppo: learner steps at the start that train only the critic (the policy waits for a useful baseline).")
+    log_passrate: bool = knob(False, "Log pass@k (k = 1, 2, 4, ... <= n_samples_per_prompt; unbiased estimator; a sample passes when its reward >= 1) every learner step.")
 
 
 @dataclass
@@ -116,7 +146,20 @@ class OptimizerConfig:
 class BufferConfig:
     """The buffer hub: staleness bound and admission."""
     max_staleness: int = knob(2, "Max (learner version - behavior version) of any trained trajectory; 0 = synchronous on-policy.")
-    put_timeout: float = knob(10.0, "Seconds a generator waits for the hub's ack before resending a group.")
+    selector: str = knob("fifo", "How SAMPLE picks groups: `fifo`, `lifo`, `uniform`, or `prioritized` (probability proportional to priority ** alpha).")
+    priority_fn: str = knob("constant", "Priority of a new group: `constant`, `reward_variance` (groups whose rewards all agree teach nothing under GRPO), `freshness`, `response_length`, or a dotted path to fn(group, version) -> float >= 0.")
+    alpha: float = knob(1.0, "Priority exponent of the prioritized selector (0 = uniform).")
+    remover: str = knob("fifo", "What is evicted when the table is at capacity: `fifo`, `lifo` or `min_priority`.")
+    capacity: int = knob(0, "Max groups held; 0 = unbounded (admission credits already bound the table).")
+    max_times_sampled: int = knob(1, "Times a group is handed to the learner before it is retired (1 = each group trained on once).")
+    put_timeout: float = knob(10.0, "Seconds a client waits for the hub's reply before reconnecting and resending (requests are idempotent).")
+    auth: bool = knob(True, "CURVE authentication + encryption on the hub's socket (keys in run_dir/keys); turn off only for a loopback run.")
+    fsync: str = knob("batch", "WAL fsync policy: `always` (each record), `batch` (once per hub loop iteration, before its replies), `never` (OS decides; survives a killed hub, not a machine crash).")
+    snapshot_interval: int = knob(2000, "WAL records between hub snapshots (restart replays at most this many).")
+    keep_snapshots: int = knob(2, "Complete hub snapshots kept on disk.")
+    generator_timeout: float = knob(60.0, "Seconds without any message from a generator before its credits are returned.")
+    heartbeat_interval: float = knob(2.0, "Seconds between a generator's heartbeats to the hub.")
+    max_message_bytes: int = knob(256 * 2**20, "Largest message the hub accepts; bigger ones are refused by ZeroMQ (peer disconnected).")
 
 
 @dataclass

@@ -77,8 +77,38 @@ def _rollout_rules(cfg: "Config") -> None:
     _one_of("rollout", r, "rollout_engine", ("embedded",), {"sglang": "arrives with the [engines] issue"})
 
 
+# async_rl may not import actors/, so the rm hub's names are repeated here (a test keeps them equal)
+RM_TYPES = ("exact_match", "math", "dapo", "deepscaler", "f1", "gpqa", "remote_rm")
+_REWARD_PLUGIN_FIELDS = ("custom_rm_path", "custom_reward_post_process_path", "dynamic_sampling_filter_path")
+
+
 def _reward_rules(cfg: "Config") -> None:
-    _one_of("rollout", cfg.rollout, "rm_type", ("exact_match",))
+    """Rewards and sampling filters; plug-ins are imported (and their signatures checked) by the generator."""
+    r = cfg.rollout
+    _one_of("rollout", r, "rm_type", RM_TYPES)
+    for name in _REWARD_PLUGIN_FIELDS:
+        _dotted_path("rollout", r, name)
+    if r.rm_type == "remote_rm" and not r.custom_rm_path and not r.rm_url.startswith(("http://", "https://")):
+        raise _err(f"rollout.rm_url={r.rm_url!r}: rm_type=remote_rm needs the reward server's URL, "
+                   f"e.g. rm_url=http://127.0.0.1:8000/score")
+    if r.rm_timeout <= 0:
+        raise _err(f"rollout.rm_timeout={r.rm_timeout}: must be > 0 seconds")
+    _at_least("rollout", r, "rm_max_retries", 0)
+    _at_least("rollout", r, "over_sampling_batch_size", 0)
+    if r.group_rm and not r.custom_rm_path:
+        raise _err("rollout.group_rm=true: needs rollout.custom_rm_path, a fn(prompt, responses: list[str], "
+                   "label) -> list[float]; the built-in rm_types score one response at a time")
+    if r.dynamic_sampling_filter_path == "actors.filters.reward_std_positive" and r.n_samples_per_prompt < 2:
+        raise _err(f"rollout.dynamic_sampling_filter_path={r.dynamic_sampling_filter_path!r}: with "
+                   f"n_samples_per_prompt={r.n_samples_per_prompt} every group has zero reward std and would be "
+                   f"dropped; set n_samples_per_prompt >= 2")
+
+
+def _dotted_path(sec: str, obj, name: str) -> None:
+    import re
+    value = getattr(obj, name)
+    if value and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", value):
+        raise _err(f"{sec}.{name}={value!r}: must be a dotted path `module.function`, e.g. mypkg.rewards.score")
 
 
 def _cluster_rules(cfg: "Config") -> None:
@@ -91,15 +121,53 @@ def _cluster_rules(cfg: "Config") -> None:
 
 def _algo_rules(cfg: "Config") -> None:
     a = cfg.algo
-    _one_of("algo", a, "advantage_estimator", ("grpo",),
-            {k: "arrives with the [algos] issue" for k in ("gspo", "reinforce_plus_plus",
-                                                          "reinforce_plus_plus_baseline", "ppo")})
-    _one_of("algo", a, "loss_type", ("policy_loss", "sft_loss"), {"custom_loss": "arrives with [algos]"})
-    _at_least("algo", a, "eps_clip", 0)
-    _at_least("algo", a, "eps_clip_high", 0)
-    _at_least("algo", a, "tis_clip_low", 0)
+    _one_of("algo", a, "advantage_estimator",
+            ("grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"))
+    _one_of("algo", a, "loss_type", ("policy_loss", "sft_loss", "custom_loss"))
+    _one_of("algo", a, "kl_loss_type", ("k1", "k2", "k3", "low_var_kl"))
+    _one_of("algo", a, "tis_level", ("token", "sequence_product", "sequence_geometric"))
+    _one_of("algo", a, "tis_mode", ("truncate", "mask"))
+    for name in ("eps_clip", "eps_clip_high", "tis_clip_low", "kl_coef", "kl_loss_coef", "value_clip",
+                 "critic_lr", "num_critic_only_steps"):
+        _at_least("algo", a, name, 0)
+    _at_least("ckpt", cfg.ckpt, "ref_update_interval", 0)
+    for name in ("gamma", "lambd"):
+        if not 0 <= getattr(a, name) <= 1:
+            raise _err(f"algo.{name}={getattr(a, name)}: must be in [0, 1]")
+    if a.eps_clip_c != 0 and a.eps_clip_c <= 1:
+        raise _err(f"algo.eps_clip_c={a.eps_clip_c}: dual-clip bound must be > 1 (e.g. 3.0), or 0 to disable")
     if a.tis_clip <= a.tis_clip_low:
         raise _err(f"algo.tis_clip={a.tis_clip}: must be > tis_clip_low={a.tis_clip_low}")
+    _algo_kl_rules(a)
+    _algo_plugin_rules(a)
+
+
+def _algo_kl_rules(a) -> None:
+    if a.kl_coef != 0 and a.kl_loss_coef != 0:
+        raise _err(f"algo.kl_coef={a.kl_coef} and algo.kl_loss_coef={a.kl_loss_coef}: use one KL penalty, "
+                   f"reward shaping (kl_coef) or the KL loss (use_kl_loss + kl_loss_coef); set the other to 0")
+    if a.kl_loss_coef != 0 and not a.use_kl_loss:
+        raise _err(f"algo.kl_loss_coef={a.kl_loss_coef}: only used with use_kl_loss=true; set it, or "
+                   f"kl_loss_coef=0")
+
+
+def _algo_plugin_rules(a) -> None:
+    if a.loss_type == "custom_loss" and not a.custom_loss_function_path:
+        raise _err("algo.loss_type='custom_loss': needs custom_loss_function_path=module.fn "
+                   "(fn(logp, batch, algo) -> (loss, metrics))")
+    if a.custom_loss_function_path and a.loss_type != "custom_loss":
+        raise _err(f"algo.custom_loss_function_path={a.custom_loss_function_path!r}: only used with "
+                   f"loss_type=custom_loss; set it, or clear the path")
+    if a.custom_tis_function_path and not a.use_tis:
+        raise _err(f"algo.custom_tis_function_path={a.custom_tis_function_path!r}: only used with use_tis=true; "
+                   f"set it, or clear the path")
+    needs_advantages = a.loss_type == "policy_loss" or a.advantage_estimator == "ppo"
+    if a.disable_compute_advantages_and_returns and needs_advantages:
+        raise _err("algo.disable_compute_advantages_and_returns=True: policy_loss and the ppo critic need "
+                   "advantages and returns; use it only with loss_type sft_loss or custom_loss, not with ppo")
+    if a.num_critic_only_steps and a.advantage_estimator != "ppo":
+        raise _err(f"algo.num_critic_only_steps={a.num_critic_only_steps}: only ppo has a critic; set "
+                   f"advantage_estimator=ppo or num_critic_only_steps=0")
 
 
 def _optimizer_rules(cfg: "Config") -> None:
@@ -116,8 +184,21 @@ def _optimizer_rules(cfg: "Config") -> None:
 def _buffer_rules(cfg: "Config") -> None:
     b = cfg.buffer
     _at_least("buffer", b, "max_staleness", 0)
-    if b.put_timeout <= 0:
-        raise _err(f"buffer.put_timeout={b.put_timeout}: must be > 0 seconds")
+    for name in ("put_timeout", "generator_timeout", "heartbeat_interval"):
+        if getattr(b, name) <= 0:
+            raise _err(f"buffer.{name}={getattr(b, name)}: must be > 0 seconds")
+    _one_of("buffer", b, "fsync", ("always", "batch", "never"))
+    for name in ("snapshot_interval", "keep_snapshots"):
+        _at_least("buffer", b, name, 1)
+    _at_least("buffer", b, "max_message_bytes", 2**16)
+    _one_of("buffer", b, "selector", ("fifo", "lifo", "uniform", "prioritized"))
+    _one_of("buffer", b, "remover", ("fifo", "lifo", "min_priority"))
+    if b.priority_fn not in ("constant", "reward_variance", "freshness", "response_length") and "." not in b.priority_fn:
+        raise _err(f"buffer.priority_fn={b.priority_fn!r}: must be constant, reward_variance, freshness, "
+                   f"response_length, or a dotted path like mypkg.priorities.score")
+    _at_least("buffer", b, "alpha", 0)
+    _at_least("buffer", b, "capacity", 0)
+    _at_least("buffer", b, "max_times_sampled", 1)
 
 
 def _misc_rules(cfg: "Config") -> None:

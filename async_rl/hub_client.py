@@ -1,13 +1,17 @@
 """Client of the buffer hub, shared by generators, learners and the CLI (they may not import `buffer/`).
 
-Every request carries a request id (`rid`) and the reply echoes it, so a late reply to a request that was
-resent is recognised and dropped. `put` is at-least-once: it resends the same group (same key) until the
-hub acks it; the hub's idempotent insert turns that into exactly-once storage.
+Delivery: every request carries a request id (`rid`); when no reply comes within `resend_after` seconds
+the client reconnects (a fresh socket: a dead TCP connection may hold the old copy) and resends the
+same request with the same rid. Every hub request is idempotent (PUT by group key, ACQUIRE by
+acquire_seq, SAMPLE by learner id, VERSION by number), so resending turns ZeroMQ's at-most-once into
+at-least-once delivery and the hub's dedup makes it exactly-once storage. Replies to other rids (late
+answers) are dropped. A hub that is down is simply waited for, with backoff, until `timeout`.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from typing import Callable
 
@@ -24,63 +28,97 @@ class HubTimeout(TimeoutError):
     pass
 
 
+def _socket(ctx: zmq.Context, endpoint: str, identity: bytes, keys_dir: str | None) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
+    if keys_dir:
+        from async_rl.keys import secure_client
+        secure_client(sock, keys_dir)
+    sock.connect(endpoint)
+    return sock
+
+
 class HubClient:
-    def __init__(self, endpoint: str, identity: str | None = None):
+    def __init__(self, endpoint: str, identity: str | None = None, keys_dir: str | None = None,
+                 resend_after: float = 10.0):
         self.endpoint = endpoint
+        self.keys_dir = keys_dir
+        self.resend_after = resend_after
         self.ctx = zmq.Context.instance()
         self._ids = itertools.count()
-        self._identity = (identity or f"client-{os.getpid()}").encode()
-        self._connect()
+        self._name = (identity or f"client-{os.getpid()}")
+        self.sock = self._new_socket()
 
-    def _connect(self) -> None:
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, self._identity + f"-{next(self._ids)}".encode())
-        self.sock.connect(self.endpoint)
+    def _new_socket(self) -> zmq.Socket:
+        identity = f"{self._name}-{os.getpid()}-{next(self._ids)}".encode()
+        return _socket(self.ctx, self.endpoint, identity, self.keys_dir)
 
     def reconnect(self) -> None:
-        """A fresh socket: drops anything queued for the old peer (used after a timeout)."""
         self.sock.close()
-        self._connect()
+        self.sock = self._new_socket()
 
-    def request(self, msg: dict, timeout: float | None = 10.0,
+    def request(self, msg: dict, timeout: float | None = 30.0,
                 should_stop: Callable[[], bool] | None = None) -> dict:
-        """Send `msg`, wait for the reply with the same rid; `timeout=None` waits until `should_stop()`."""
-        rid = f"{os.getpid()}-{next(self._ids)}"
-        self.sock.send(wire.encode({**msg, "rid": rid}))
+        """Send `msg` until the reply with its rid arrives; `timeout=None` waits until `should_stop()`."""
+        rid = f"{self._name}-{os.getpid()}-{next(self._ids)}"
+        payload = wire.encode({**msg, "rid": rid})
         deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = 0.0
         while True:
-            if should_stop is not None and should_stop():
-                raise HubTimeout(f"{msg.get('type')}: stopped while waiting for the hub")
-            wait_ms = 200 if deadline is None else max(0, min(200, int((deadline - time.monotonic()) * 1000)))
-            if self.sock.poll(wait_ms):
-                reply = wire.decode(self.sock.recv())
-                if reply.get("rid") not in (rid, None):
-                    continue  # a late answer to an earlier, resent request
-                if reply.get("type") == "ERROR":
-                    raise HubError(reply.get("error", "unknown hub error"))
-                return reply
-            if deadline is not None and time.monotonic() >= deadline:
-                raise HubTimeout(f"{msg.get('type')}: no reply from hub {self.endpoint} in {timeout:.1f}s")
-
-    def put(self, group_wire: dict, stats: dict, timeout: float, max_tries: int = 1_000_000,
-            should_stop: Callable[[], bool] | None = None) -> dict:
-        """Deliver a group at least once: resend with backoff until acked."""
-        backoff = 0.1
-        for _ in range(max_tries):
-            try:
-                return self.request({"type": "PUT", "group": group_wire, "stats": stats},
-                                    timeout=timeout, should_stop=should_stop)
-            except HubTimeout:
+            self.sock.send(payload)
+            resend_at = time.monotonic() + self.resend_after + backoff
+            while time.monotonic() < resend_at:
                 if should_stop is not None and should_stop():
-                    raise
-                self.reconnect()
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-        raise HubTimeout(f"PUT: hub {self.endpoint} did not ack after {max_tries} tries")
+                    raise HubTimeout(f"{msg.get('type')}: stopped while waiting for the hub")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise HubTimeout(f"{msg.get('type')}: no reply from hub {self.endpoint} in {timeout:.1f}s")
+                if self.sock.poll(100):
+                    reply = wire.decode(self.sock.recv())
+                    if reply.get("rid") != rid:
+                        continue  # a late answer to an earlier request
+                    if reply.get("type") == "ERROR":
+                        raise HubError(reply.get("error", "unknown hub error"))
+                    return reply
+            self.reconnect()
+            backoff = min(backoff * 2 + 0.1, 5.0)
+
+    def put(self, group_wire: dict, stats: dict, timeout: float | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict:
+        """Deliver a group at least once (the hub stores it exactly once)."""
+        return self.request({"type": "PUT", "group": group_wire, "stats": stats}, timeout=timeout,
+                            should_stop=should_stop)
 
     def stats(self, timeout: float = 2.0) -> dict:
         return self.request({"type": "STATS"}, timeout=timeout)["stats"]
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Heartbeat(threading.Thread):
+    """Tells the hub every `interval` seconds that `generator_id` is alive, on a socket of its own, so a
+    long generation never looks like a dead generator (whose credits the hub would take back)."""
+
+    def __init__(self, endpoint: str, generator_id: str, interval: float, keys_dir: str | None = None):
+        super().__init__(daemon=True, name=f"heartbeat-{generator_id}")
+        self.endpoint, self.generator_id, self.interval, self.keys_dir = endpoint, generator_id, interval, keys_dir
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        sock = _socket(zmq.Context.instance(), self.endpoint, f"{self.generator_id}-hb-{os.getpid()}".encode(),
+                       self.keys_dir)
+        sock.setsockopt(zmq.SNDHWM, 4)  # while the hub is down, keep only a few beats queued
+        try:
+            while not self._stop_event.wait(self.interval):
+                try:
+                    sock.send(wire.encode({"type": "HEARTBEAT", "generator_id": self.generator_id}), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()

@@ -7,6 +7,7 @@ process is gone when `launch` returns.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import time
@@ -61,20 +62,30 @@ class Launcher:
         self.hub_endpoint = ""
         self.engine_urls: list[str] = []
 
+    def key_args(self) -> list[str]:
+        return ["--keys", str(self.keys_dir)] if self.keys_dir else []
+
     def prepare(self) -> None:
         check_paths(self.cfg)
+        self.keys_dir = None
+        if self.cfg.buffer.auth:
+            from async_rl.keys import create_keys
+            self.keys_dir = create_keys(self.run_dir / "keys")
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl", "hub.endpoint"):
             (self.run_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / "hub", ignore_errors=True)  # a new run starts with an empty hub
         config_mod.save(self.cfg, self.cfg_path)
         self.manifest = Manifest(self.run_dir, self.cfg.to_dict())
 
     def start_hub(self) -> None:
         c = self.cfg.cluster
         endpoint_file = self.run_dir / "hub.endpoint"
-        bind = f"tcp://{c.host}:{c.hub_port if c.hub_port else '*'}"
-        self.procs.start("hub", "buffer.hub", ["--config", str(self.cfg_path), "--bind", bind,
-                                               "--endpoint-file", str(endpoint_file)], cpus=c.engine_cpus)
+        # a fixed port (picked now when hub_port is 0) so a restarted hub is found where clients reconnect
+        bind = f"tcp://{c.host}:{c.hub_port or free_port(c.host)}"
+        args = ["--config", str(self.cfg_path), "--bind", bind, "--endpoint-file", str(endpoint_file),
+                "--state-dir", str(self.run_dir / "hub")]
+        self.procs.start("hub", "buffer.service", args + self.key_args(), cpus=c.engine_cpus)
         _wait("hub", endpoint_file.exists, self.procs, ["hub"], c.startup_timeout)
         self.hub_endpoint = endpoint_file.read_text().strip()
 
@@ -95,10 +106,12 @@ class Launcher:
         for i in range(c.num_generators):
             self.procs.start(f"generator{i}", "actors.generator",
                              ["--config", str(self.cfg_path), "--hub", self.hub_endpoint,
-                              "--engine-url", self.engine_urls[i % len(self.engine_urls)], "--generator-id", f"g{i}"],
+                              "--engine-url", self.engine_urls[i % len(self.engine_urls)], "--generator-id", f"g{i}",
+                              *self.key_args()],
                              cpus=c.engine_cpus)
         self.procs.start("learner", "learners.torch_learner",
-                         ["--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub", self.hub_endpoint],
+                         ["--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub", self.hub_endpoint,
+                          *self.key_args()],
                          cpus=c.learner_cpus, threads=c.learner_num_threads)
 
     def evaluate(self, tag: str, weights: str) -> dict | None:
@@ -118,7 +131,7 @@ class Launcher:
     def record(self, status: str, **extra) -> None:
         procs = {n: {"pid": ch.proc.pid, "log": str(ch.log), "returncode": ch.proc.poll()}
                  for n, ch in self.procs.children.items()}
-        self.manifest.update(status=status, processes=procs,
+        self.manifest.update(status=status, processes=procs, keys=str(self.keys_dir) if self.keys_dir else None,
                              endpoints={"hub": self.hub_endpoint, "engines": self.engine_urls}, **extra)
 
     def monitor(self, progress: Progress) -> None:
@@ -139,7 +152,7 @@ class Launcher:
     def stop_workers(self) -> None:
         try:
             from async_rl.hub_client import HubClient
-            client = HubClient(self.hub_endpoint, identity="launcher")
+            client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
             client.request({"type": "STOP"}, timeout=2.0)
             client.close()
         except Exception:

@@ -6,6 +6,7 @@ its tokens' versions, so staleness is never under-counted.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +27,8 @@ class Trajectory:
     finish_reason: str = "stop"
     response_text: str = ""
 
-    @property
-    def behavior_version(self) -> int:
+    @functools.cached_property
+    def behavior_version(self) -> int:  # cached: the hub asks on every staleness check
         return int(self.token_versions.min()) if len(self.token_versions) else -1
 
     def to_wire(self) -> dict:
@@ -65,7 +66,7 @@ class Group:
     def key(self) -> tuple[str, int]:
         return (self.generator_id, self.seq)
 
-    @property
+    @functools.cached_property
     def behavior_version(self) -> int:
         return min(t.behavior_version for t in self.trajectories)
 

@@ -6,6 +6,7 @@ with an error instead of crashing.
 """
 from __future__ import annotations
 
+import math
 import struct
 
 import msgpack
@@ -42,7 +43,7 @@ def _ext_hook(code: int, data: bytes):
         off = 2 + n
         shape = struct.unpack_from(f"<{ndim}q", data, off)
         off += 8 * ndim
-        count = int(np.prod(shape)) if ndim else 1
+        count = math.prod(shape)  # (np.prod costs ~8 us a call: it was a third of the hub's PUT time)
         if dtype.hasobject or len(data) - off != count * dtype.itemsize:
             raise WireError("array payload length does not match its dtype and shape")
         return np.frombuffer(data, dtype=dtype, count=count, offset=off).reshape(shape)

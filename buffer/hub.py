@@ -6,93 +6,113 @@ Invariants it keeps:
 - Admission (AReaL's rule, counting live groups): a generator may start a group only while
   `(max_staleness + v + 1) * groups_per_version - (accepted - evicted_stale + running) > 0`, and never
   more groups than the run still needs.
-- Inserts are idempotent by key (`generator_id`, `seq`): a resent group is acked again, never stored twice.
-- Accounting: `accepted == consumed + evicted_stale + size` at every moment.
-- A malformed message gets an ERROR reply; it never crashes the hub.
+- Nothing acknowledged is lost: every state change is a log record (buffer/durable.py) written before
+  the reply that acknowledges it; a hub killed with SIGKILL restarts into the same state.
+- Every request is idempotent, so clients simply resend on timeout: PUT by group key, ACQUIRE by
+  (generator_id, acquire_seq), SAMPLE by learner_id (an un-acked batch is delivered again), VERSION by number.
+- A malformed message gets an ERROR reply and is counted (`buffer/malformed`); it never crashes the hub.
 
 Requests that cannot be served yet (ACQUIRE with no credit, SAMPLE with too few fresh groups) are parked
-and answered when they can be. `Hub.handle` is pure logic (testable without sockets); `serve` is the loop.
+and answered when they can be. `Hub.handle` is the logic (testable without sockets); `serve` is the loop.
 """
 from __future__ import annotations
 
-import argparse
-import collections
-import os
-import signal
-import sys
 import time
-from pathlib import Path
+import uuid
 
 from async_rl import config as config_mod
 from async_rl import wire
 from async_rl.types import Group
-from async_rl.data import load_prompts
-from buffer.prompts import PromptDispenser
+from buffer import priorities
+from buffer.durable import DurableLog
+from buffer.rate_limiter import StalenessCredits
+from buffer.state import HubState
 
 Reply = tuple[bytes, dict]
+TYPES = ("ACQUIRE", "PUT", "DROP", "SAMPLE", "ACK", "PRIORITY", "VERSION", "SET", "STATS", "STOP", "HEARTBEAT")
 
 
 class Hub:
-    def __init__(self, cfg: config_mod.Config, prompts: list[dict]):
+    def __init__(self, cfg: config_mod.Config, prompts: list[dict], log: DurableLog | None = None):
         self.cfg = cfg
-        self.dispenser = PromptDispenser(prompts, cfg.data.rollout_shuffle, cfg.data.rollout_seed)
-        self.version = 0
-        self.weights_path = cfg.ckpt.hf_checkpoint
-        self.table: collections.deque[Group] = collections.deque()
-        self.keys_seen: set[tuple[str, int]] = set()
-        self.counters = collections.Counter(accepted=0, consumed=0, evicted_stale=0, duplicates=0, running=0)
-        self.generators: dict[str, dict] = {}
+        self.state = HubState(cfg, prompts)
+        self.credits = StalenessCredits.from_rollout(cfg.rollout)
+        self.priority_fn = priorities.resolve(cfg.buffer.priority_fn)
+        self.log = log
+        self.recovered_records = 0
+        if log is not None:
+            snap, records = log.recover()
+            if snap is not None:
+                self.state.load_snapshot(snap)
+            for rec in records:
+                self.state.apply(rec)
+            self.recovered_records = len(records)
+            for gen in self.state.generators.values():
+                gen["last_seen"] = time.time()  # give every generator a fresh timeout after a restart
         self.parked_acquire: dict[str, tuple[bytes, dict]] = {}
         self.parked_sample: tuple[bytes, dict] | None = None
-        self.done = False
+        self.records_since_snapshot = 0
         self.started = time.time()
 
+    # ---- durability ------------------------------------------------------------------------------
+    def commit(self, rec: dict, live=None) -> None:
+        """Log `rec`, then apply it (`live`: what the live path already computed, see HubState.apply)."""
+        if self.log is not None:
+            self.log.append(rec)
+            self.records_since_snapshot += 1
+        self.state.apply(rec, live)
+
+    def flush(self) -> None:
+        """Called by the loop before replies go out: group commit, and a snapshot when one is due."""
+        if self.log is None:
+            return
+        self.log.commit()
+        if self.records_since_snapshot >= self.cfg.buffer.snapshot_interval:
+            self.log.snapshot(self.state.to_snapshot())
+            self.records_since_snapshot = 0
+
     # ---- admission -------------------------------------------------------------------------------
-    @property
-    def groups_per_version(self) -> int:
-        r = self.cfg.rollout
-        return r.rollout_batch_size * r.update_weights_interval
-
-    @property
-    def groups_needed(self) -> int:
-        return self.cfg.rollout.num_rollout * self.cfg.rollout.rollout_batch_size
-
     def credits_available(self) -> int:
-        c = self.counters
-        live = c["accepted"] - c["evicted_stale"] + c["running"]
-        cap = (self.cfg.buffer.max_staleness + self.version + 1) * self.groups_per_version - live
-        return max(0, min(cap, self.groups_needed - live))
+        t, c, s = self.state.table.counters, self.state.counters, self.state
+        return self.credits.available(s.version, s.max_staleness, t["accepted"],
+                                      t["evicted_stale"] + c["evicted_in_flight"], c["running"], t["evicted_capacity"])
 
     # ---- dispatch --------------------------------------------------------------------------------
     def handle(self, ident: bytes, msg: dict) -> list[Reply]:
         kind = msg.get("type")
-        handler = getattr(self, f"_on_{str(kind).lower()}", None) if isinstance(kind, str) else None
-        if handler is None:
-            return [(ident, self._error(msg, f"type={kind!r}: unknown message type; expected one of "
-                                             f"ACQUIRE, PUT, SAMPLE, VERSION, STATS, STOP"))]
+        if kind not in TYPES:
+            return [(ident, self._error(msg, f"type={kind!r}: unknown message type; expected one of {list(TYPES)}"))]
         try:
-            return handler(ident, msg)
+            return getattr(self, f"_on_{kind.lower()}")(ident, msg)
         except wire.WireError as exc:
             return [(ident, self._error(msg, str(exc)))]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError) as exc:
             return [(ident, self._error(msg, f"{kind}: malformed message ({exc!r})"))]
 
-    @staticmethod
-    def _error(msg: dict, text: str) -> dict:
+    def _error(self, msg: dict, text: str) -> dict:
+        self.state.counters["malformed"] += 1
         return {"type": "ERROR", "rid": msg.get("rid") if isinstance(msg, dict) else None, "error": text}
 
     def _reply(self, msg: dict, **fields) -> dict:
-        return {"rid": msg.get("rid"), "version": self.version, "weights_path": self.weights_path, **fields}
+        return {"rid": msg.get("rid"), "version": self.state.version, "weights_path": self.state.weights_path,
+                **fields}
 
-    def _generator(self, gid: str) -> dict:
-        return self.generators.setdefault(gid, {"running": 0, "groups": 0, "gen_tokens": 0, "busy_s": 0.0,
-                                                "last_seen": time.time()})
+    def _seen(self, gid: str) -> None:
+        self.state.generator(gid)["last_seen"] = time.time()
+
+    def _on_heartbeat(self, ident: bytes, msg: dict) -> list[Reply]:
+        self._seen(str(msg["generator_id"]))
+        return []  # fire and forget
 
     def _on_acquire(self, ident: bytes, msg: dict) -> list[Reply]:
-        gid = str(msg["generator_id"])
-        self._generator(gid)["last_seen"] = time.time()
-        if self.done:
+        gid, seq = str(msg["generator_id"]), int(msg.get("acquire_seq", -1))
+        self._seen(gid)
+        last = self.state.last_grant.get(gid)
+        if last is not None and seq >= 0 and last["acquire_seq"] == seq:
+            return [(ident, self._reply(msg, type="GRANT", prompts=last["prompts"]))]  # a resend
+        if self.state.done:
             return [(ident, self._reply(msg, type="DONE"))]
+        int(msg.get("max_groups", 1))
         self.parked_acquire[gid] = (ident, msg)
         return self._serve_acquires()
 
@@ -100,151 +120,165 @@ class Hub:
         out = []
         for gid, (ident, msg) in list(self.parked_acquire.items()):
             n = min(int(msg.get("max_groups", 1)), self.credits_available())
-            if n <= 0 and not self.done:
+            if n <= 0 and not self.state.done:
                 continue
             del self.parked_acquire[gid]
-            if self.done:
+            if self.state.done:
                 out.append((ident, self._reply(msg, type="DONE")))
                 continue
             prompts = []
             for _ in range(n):
-                index, prompt = self.dispenser.next()
+                index, prompt = self.state.dispenser.next()
                 prompts.append({"prompt_index": index, "input": prompt["input"], "label": prompt["label"]})
-            self.counters["running"] += n
-            self._generator(gid)["running"] += n
+            self.commit({"op": "grant", "gid": gid, "acquire_seq": int(msg.get("acquire_seq", -1)),
+                         "prompts": prompts, "cursor": [self.state.dispenser.epoch, self.state.dispenser.position]})
             out.append((ident, self._reply(msg, type="GRANT", prompts=prompts)))
         return out
 
+    def _check_group(self, group: Group) -> None:
+        n = self.cfg.rollout.n_samples_per_prompt
+        if len(group.trajectories) != n:
+            raise ValueError(f"group {group.key}: {len(group.trajectories)} trajectories, the run's "
+                             f"n_samples_per_prompt is {n}")
+        if group.behavior_version > self.state.version:
+            raise ValueError(f"group {group.key}: behavior_version {group.behavior_version} is ahead of the "
+                             f"hub's version {self.state.version}")
+
     def _on_put(self, ident: bytes, msg: dict) -> list[Reply]:
         group = Group.from_wire(msg["group"])
-        gen = self._generator(group.generator_id)
-        gen["last_seen"] = time.time()
-        if group.key in self.keys_seen:
-            self.counters["duplicates"] += 1
-            return [(ident, self._reply(msg, type="ACK", key=list(group.key), duplicate=True))]
-        self.keys_seen.add(group.key)
-        self.counters["accepted"] += 1
-        if gen["running"] > 0:
-            gen["running"] -= 1
-            self.counters["running"] -= 1
-        stats = msg.get("stats") or {}
-        gen["groups"] += 1
-        gen["gen_tokens"] += int(stats.get("gen_tokens", 0))
-        gen["busy_s"] += float(stats.get("busy_s", 0.0))
-        self.table.append(group)
-        out = [(ident, self._reply(msg, type="ACK", key=list(group.key), duplicate=False))]
+        self._check_group(group)
+        self._seen(group.generator_id)
+        duplicate = self.state.seen(group.key)
+        stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else {}
+        priority = 0.0 if duplicate else priorities.compute(self.priority_fn, group, self.state.version)
+        self.commit({"op": "put", "group": msg["group"], "stats": stats, "priority": priority}, group)
+        out = [(ident, self._reply(msg, type="ACK", key=list(group.key), duplicate=duplicate))]
         return out + self._serve_sample()
 
-    def _sweep_stale(self, version: int) -> None:
-        limit = version - self.cfg.buffer.max_staleness
-        if any(g.behavior_version < limit for g in self.table):
-            kept = collections.deque(g for g in self.table if g.behavior_version >= limit)
-            self.counters["evicted_stale"] += len(self.table) - len(kept)
-            self.table = kept
+    def _on_drop(self, ident: bytes, msg: dict) -> list[Reply]:
+        gid = str(msg["generator_id"])
+        self._seen(gid)
+        stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else {}
+        self.commit({"op": "drop", "gid": gid, "seq": int(msg["seq"]),
+                     "stats": {"gen_tokens": int(stats.get("gen_tokens", 0)), "busy_s": float(stats.get("busy_s", 0.0))}})
+        return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
 
     def _on_sample(self, ident: bytes, msg: dict) -> list[Reply]:
-        int(msg["num_groups"])
+        int(msg["num_groups"]), str(msg.get("learner_id", "learner"))
+        out = self._ack(msg.get("ack_lease"), str(msg.get("learner_id", "learner")))
         self.parked_sample = (ident, msg)
-        return self._serve_sample()
+        return out + self._serve_sample()
+
+    def _on_ack(self, ident: bytes, msg: dict) -> list[Reply]:
+        out = self._ack(str(msg["lease"]), str(msg.get("learner_id", "learner")))
+        return [(ident, self._reply(msg, type="OK"))] + out
+
+    def _ack(self, lease, learner: str) -> list[Reply]:
+        flight = self.state.in_flight.get(learner)
+        if lease and flight is not None and flight["lease"] == lease:
+            self.commit({"op": "ack", "learner": learner, "lease": lease})
+        return []
 
     def _serve_sample(self) -> list[Reply]:
         if self.parked_sample is None:
             return []
         ident, msg = self.parked_sample
+        learner, n = str(msg.get("learner_id", "learner")), int(msg["num_groups"])
         # the learner trains at the newest version anyone told us of: a parked request may predate a VERSION
-        version = max(int(msg.get("version", self.version)), self.version)
-        self._sweep_stale(version)
-        n = int(msg["num_groups"])
-        if len(self.table) < n:
-            return self._serve_acquires()  # eviction may have returned credits
+        version = max(int(msg.get("version", 0)), self.state.version)
+        if version > self.state.table.version:
+            self.commit({"op": "advance", "version": version})
+        flight = self.state.in_flight.get(learner)
+        if flight is not None:  # a restarted learner: deliver its un-acked batch again, minus what went stale
+            limit = version - self.state.max_staleness
+            stale = [list(k) for k, g in zip(flight["keys"], flight["groups"]) if g.behavior_version < limit]
+            if stale:
+                self.commit({"op": "evict_in_flight", "learner": learner, "keys": stale})
+        need = max(0, n - (len(flight["keys"]) if flight is not None else 0))
+        sampled = self.state.table.sample(need) if need else []
+        if need and not sampled:
+            return self._serve_acquires()  # too few fresh groups; eviction may have returned credits
         self.parked_sample = None
-        batch = [self.table.popleft() for _ in range(n)]
-        self.counters["consumed"] += n
-        reply = self._reply(msg, type="BATCH", groups=[g.to_wire() for g in batch], stats=self.stats())
+        lease = flight["lease"] if flight is not None and not sampled else uuid.uuid4().hex
+        self.commit({"op": "lease", "learner": learner, "lease": lease, "keys": [list(k) for k, _ in sampled]},
+                    sampled)
+        flight = self.state.in_flight[learner]
+        reply = self._reply(msg, type="BATCH", lease=lease, groups=[g.to_wire() for g in flight["groups"]],
+                            stats=self.stats())
         return [(ident, reply)] + self._serve_acquires()
+
+    def _on_priority(self, ident: bytes, msg: dict) -> list[Reply]:
+        updates = [[str(gid), int(seq), float(p)] for gid, seq, p in msg["updates"]]
+        bad = [u for u in updates if not (u[2] >= 0 and u[2] != float("inf"))]
+        if bad:
+            return [(ident, self._error(msg, f"updates={bad[:3]}: priorities must be finite and >= 0"))]
+        self.commit({"op": "priorities", "updates": updates})
+        return [(ident, self._reply(msg, type="OK"))]
 
     def _on_version(self, ident: bytes, msg: dict) -> list[Reply]:
         version = int(msg["version"])
-        if version < self.version:
-            return [(ident, self._error(msg, f"version={version}: below the hub's {self.version}; versions only grow"))]
-        self.version, self.weights_path = version, str(msg["weights_path"])
-        self._sweep_stale(version)
+        if version < self.state.version:
+            return [(ident, self._error(msg, f"version={version}: below the hub's {self.state.version}; "
+                                             f"versions only grow"))]
+        if version > self.state.version or str(msg["weights_path"]) != self.state.weights_path:
+            self.commit({"op": "version", "version": version, "weights_path": str(msg["weights_path"])})
         return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
+
+    def _on_set(self, ident: bytes, msg: dict) -> list[Reply]:
+        knobs = dict(msg["knobs"])
+        error = _check_knobs(knobs, self.state.table.alpha is not None)
+        if error:
+            return [(ident, self._error(msg, error))]
+        self.commit({"op": "set", "knobs": knobs})
+        return [(ident, self._reply(msg, type="OK", knobs=knobs))] + self._serve_sample() + self._serve_acquires()
 
     def _on_stats(self, ident: bytes, msg: dict) -> list[Reply]:
         return [(ident, self._reply(msg, type="STATS", stats=self.stats()))]
 
     def _on_stop(self, ident: bytes, msg: dict) -> list[Reply]:
-        self.done = True
+        if not self.state.done:
+            self.commit({"op": "stop"})
         return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
 
+    # ---- liveness --------------------------------------------------------------------------------
+    def reclaim_silent_generators(self, now: float | None = None) -> list[Reply]:
+        """Return the credits of generators silent for longer than buffer.generator_timeout."""
+        now = time.time() if now is None else now
+        for gid, gen in self.state.generators.items():
+            if gen["running"] > 0 and now - gen["last_seen"] > self.cfg.buffer.generator_timeout:
+                self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
+        return self._serve_acquires()
+
     def stats(self) -> dict:
-        gens = self.generators.values()
+        s, t = self.state, self.state.table
+        gens = s.generators.values()
+        counters = {**t.counters, **s.counters}
+        counters["evicted_stale"] = t.counters["evicted_stale"] + s.counters["evicted_in_flight"]
         return {
-            "version": self.version, "size": len(self.table), **dict(self.counters),
+            **counters, "version": s.version, "size": len(t), "in_flight": sum(len(f["keys"]) for f in s.in_flight.values()),
+            "max_staleness": s.max_staleness, "alpha": t.alpha, "capacity": t.capacity,
             "credits_available": self.credits_available(),
-            "staleness_hist": dict(collections.Counter(self.version - g.behavior_version for g in self.table)),
+            "staleness_hist": {str(k): v for k, v in t.staleness_hist().items()},
             "gen_tokens": sum(g["gen_tokens"] for g in gens), "gen_busy_s": sum(g["busy_s"] for g in gens),
-            "num_generators": len(self.generators), "prompt_epoch": self.dispenser.epoch,
-            "uptime_s": time.time() - self.started,
+            "num_generators": len(s.generators), "prompt_epoch": s.dispenser.epoch,
+            "uptime_s": time.time() - self.started, "recovered_records": self.recovered_records,
+            "wal_lsn": self.log.lsn if self.log else None, "done": s.done,
         }
 
 
-def serve(hub: Hub, bind: str, endpoint_file: str | None = None) -> None:
-    """Run the ROUTER loop until SIGTERM/SIGINT; writes the bound endpoint to `endpoint_file`."""
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(bind)
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    if endpoint_file:
-        tmp = f"{endpoint_file}.tmp"
-        Path(tmp).write_text(endpoint)
-        os.replace(tmp, endpoint_file)
-    print(f"hub listening on {endpoint}", flush=True)
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.append(1))
-    last_log = 0.0
-    while not stopping:
-        if not sock.poll(200):
-            continue
-        frames = sock.recv_multipart()
-        if len(frames) != 2:
-            continue  # not a DEALER request; nothing sane to reply to
-        ident, payload = frames
-        try:
-            msg = wire.decode(payload)
-            replies = hub.handle(ident, msg)
-        except wire.WireError as exc:
-            replies = [(ident, {"type": "ERROR", "rid": None, "error": str(exc)})]
-        for peer, reply in replies:
-            try:
-                sock.send_multipart([peer, wire.encode(reply)])
-            except zmq.ZMQError as exc:  # peer gone; it will resend after reconnecting
-                print(f"hub: reply to vanished peer dropped ({exc})", flush=True)
-        if time.time() - last_log > 10:
-            last_log = time.time()
-            print(f"hub stats {hub.stats()}", flush=True)
-    sock.close()
-    ctx.term()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="async-rl buffer hub")
-    ap.add_argument("--config", required=True, help="resolved config.yaml of the run")
-    ap.add_argument("--bind", default="tcp://127.0.0.1:0", help="ZeroMQ endpoint to bind (port 0 = any)")
-    ap.add_argument("--endpoint-file", default=None, help="where to write the bound endpoint")
-    args = ap.parse_args(argv)
-    cfg = config_mod.load(args.config)
-    prompts = load_prompts(cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key)
-    serve(Hub(cfg, prompts), args.bind.replace(":0", ":*") if args.bind.endswith(":0") else args.bind,
-          args.endpoint_file)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _check_knobs(knobs: dict, prioritized: bool) -> str | None:
+    """The error message for a bad live knob, or None (checked before logging: a logged record must apply)."""
+    allowed = {"max_staleness", "alpha", "capacity"}
+    if not knobs or set(knobs) - allowed:
+        return f"knobs={sorted(knobs)}: the hub's live knobs are {sorted(allowed)}"
+    for name in ("max_staleness", "capacity"):
+        v = knobs.get(name, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{name}={v!r}: must be an integer >= 0" + (" (0 = unbounded)" if name == "capacity" else "")
+    if "alpha" in knobs:
+        a = knobs["alpha"]
+        if not prioritized:
+            return f"alpha={a!r}: only the prioritized selector has an alpha; set buffer.selector=prioritized at launch"
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a < float("inf"):
+            return f"alpha={a!r}: must be a finite number >= 0"
+    return None

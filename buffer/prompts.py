@@ -22,6 +22,10 @@ class PromptDispenser:
             random.Random(self.seed * 100_003 + epoch).shuffle(order)
         return order
 
+    def sync_order(self) -> None:
+        """Recompute the permutation after the cursor was restored (from a snapshot or log record)."""
+        self._order = self._order_for(self.epoch)
+
     def next(self) -> tuple[int, dict]:
         """(prompt index, prompt) and advance the cursor, wrapping into the next epoch."""
         if self.position >= len(self._order):

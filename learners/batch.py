@@ -2,7 +2,9 @@
 
 Position t of every [B, T-1] tensor describes the prediction of token t+1 from tokens 0..t; `mask` is 1
 exactly on the positions that predict a response token, and the rollout logprobs / token versions sit on
-those same positions.
+those same positions. The learner fills the per-token fields it computes before the optimizer steps
+(logp_old, ref_logp, values, advantages, returns, tis_weights) on the same positions; `select` hands
+every field that is set to a mini/micro batch.
 """
 from __future__ import annotations
 
@@ -24,11 +26,22 @@ class TrainBatch:
     rewards: torch.Tensor          # [groups, n] float
     behavior_versions: torch.Tensor  # [B] long
     num_tokens: int
+    # filled by the learner, [B, T-1] each, None until computed
+    logp_old: torch.Tensor | None = None     # proximal policy (or rollout) logprobs, the PPO ratio's base
+    ref_logp: torch.Tensor | None = None     # reference model logprobs (KL)
+    values: torch.Tensor | None = None       # critic values before the update (ppo)
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None      # critic targets (ppo)
+    tis_weights: torch.Tensor | None = None  # importance weights of the pg term
 
     def select(self, idx: slice) -> dict:
-        """Per-sample tensors of rows `idx` (for mini/micro batches)."""
-        return {k: getattr(self, k)[idx] for k in ("input_ids", "attention_mask", "targets", "mask",
-                                                   "rollout_logprobs")}
+        """Per-sample tensors of rows `idx` (for mini/micro batches), including every computed field."""
+        keys = ["input_ids", "attention_mask", "targets", "mask", "rollout_logprobs"] + \
+            [k for k in _COMPUTED if getattr(self, k) is not None]
+        return {k: getattr(self, k)[idx] for k in keys}
+
+
+_COMPUTED = ("logp_old", "ref_logp", "values", "advantages", "returns", "tis_weights")
 
 
 def build_batch(groups: list[Group], pad_id: int) -> TrainBatch:

@@ -77,6 +77,7 @@ def test_sample_parks_until_enough_then_serves_fifo():
 
 def test_stale_groups_are_evicted_not_returned():
     hub = make_hub(max_staleness=1)
+    hub.handle(b"l", {"type": "VERSION", "version": 2, "weights_path": "p"})
     for seq, v in enumerate([0, 1, 2, 2]):
         hub.handle(b"g", {"type": "PUT", "group": group(seq=seq, version=v)})
     batch = one(hub.handle(b"l", {"type": "SAMPLE", "num_groups": 2, "version": 2}))
@@ -86,24 +87,29 @@ def test_stale_groups_are_evicted_not_returned():
 
 @settings(max_examples=80, deadline=None)
 @given(max_staleness=st.integers(0, 3),
-       ops=st.lists(st.tuples(st.sampled_from(["put", "version", "sample"]), st.integers(0, 4)), max_size=60))
+       ops=st.lists(st.tuples(st.sampled_from(["put", "version", "sample", "set"]), st.integers(0, 4)), max_size=60))
 def test_staleness_invariant_and_accounting_under_any_interleaving(max_staleness, ops):
     hub = make_hub(max_staleness=max_staleness)
-    seq, learner_version = 0, 0
+    seq, learner_version, lease = 0, 0, None
     for op, arg in ops:
         if op == "put":  # a generator at any version at most the hub's, possibly far behind
-            replies = hub.handle(b"g", {"type": "PUT", "group": group(seq=seq, version=max(0, hub.version - arg))})
+            replies = hub.handle(b"g", {"type": "PUT", "group": group(seq=seq, version=max(0, hub.state.version - arg))})
             seq += 1
         elif op == "version":
             learner_version += 1
             replies = hub.handle(b"l", {"type": "VERSION", "version": learner_version, "weights_path": "p"})
+        elif op == "set":  # the live knob moves under the invariant's feet
+            replies = hub.handle(b"x", {"type": "SET", "knobs": {"max_staleness": arg % 3}})
         else:
-            replies = hub.handle(b"l", {"type": "SAMPLE", "num_groups": 1 + arg % 2, "version": learner_version})
+            replies = hub.handle(b"l", {"type": "SAMPLE", "num_groups": 1 + arg % 2, "version": learner_version,
+                                        "ack_lease": lease})
         for _, reply in replies:
-            for g in reply.get("groups", []):
-                assert learner_version - Group.from_wire(g).behavior_version <= max_staleness
+            if reply.get("type") == "BATCH":
+                lease = reply["lease"]
+                for g in reply["groups"]:
+                    assert learner_version - Group.from_wire(g).behavior_version <= hub.state.max_staleness
         c = hub.stats()
-        assert c["accepted"] == c["consumed"] + c["evicted_stale"] + c["size"]
+        assert c["accepted"] == c["consumed"] + c["evicted_stale"] + c["size"] + c["in_flight"]
 
 
 @pytest.mark.parametrize("msg, needle", [
@@ -135,7 +141,7 @@ def test_real_hub_survives_garbage_on_its_socket(tmp_path):
     cfg_path = tmp_path / "c.yaml"
     C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=1", "n_samples_per_prompt=2"]), cfg_path)
     ep_file = tmp_path / "ep"
-    proc = subprocess.Popen([sys.executable, "-m", "buffer.hub", "--config", str(cfg_path), "--bind",
+    proc = subprocess.Popen([sys.executable, "-m", "buffer.service", "--config", str(cfg_path), "--bind",
                              "tcp://127.0.0.1:0", "--endpoint-file", str(ep_file)])
     try:
         deadline = time.time() + 30

@@ -1,0 +1,180 @@
+"""The hub's state as a deterministic state machine over log records.
+
+Every change to what the hub promises (an acked group, a granted prompt, a batch handed to the learner,
+a version, a knob) is a record; `apply` is the only way state changes, both live and when replaying the
+write-ahead log after a crash, so a restarted hub is exactly the hub that acked what it acked. Sampling
+is random (prioritized, uniform), so a `lease` record names the keys that were drawn and replay takes
+exactly those (`Table.sample_keys`), whatever the RNG would say now.
+
+Accounting identity at every moment (max_times_sampled = 1):
+    accepted == consumed + evicted_stale + evicted_capacity + size + in_flight
+where in_flight counts groups handed to a learner that has not acked their batch yet, and consumed
+counts groups in acked batches.
+"""
+from __future__ import annotations
+
+import collections
+import pickle
+import time
+
+from async_rl.types import Group
+from buffer.prompts import PromptDispenser
+from buffer.table import Table
+
+HUB_COUNTERS = ("consumed", "running", "dropped_filtered", "reclaimed", "malformed", "evicted_in_flight")
+
+
+def gkey(key) -> tuple[str, int]:
+    return (str(key[0]), int(key[1]))
+
+
+class HubState:
+    def __init__(self, cfg, prompts: list[dict]):
+        b = cfg.buffer
+        self.dispenser = PromptDispenser(prompts, cfg.data.rollout_shuffle, cfg.data.rollout_seed)
+        self.weights_path = cfg.ckpt.hf_checkpoint
+        self.table = Table(b.selector, b.remover, max_staleness=b.max_staleness,
+                           max_times_sampled=b.max_times_sampled, capacity=b.capacity or None, alpha=b.alpha,
+                           seed=cfg.train.seed)
+        self.counters = collections.Counter({c: 0 for c in HUB_COUNTERS})
+        self.dropped_keys: set[tuple[str, int]] = set()
+        self.generators: dict[str, dict] = {}
+        self.last_grant: dict[str, dict] = {}      # gid -> {"acquire_seq", "prompts"} for idempotent ACQUIRE
+        self.in_flight: dict[str, dict] = {}       # learner_id -> {"lease", "keys", "groups"}
+        self.done = False
+
+    @property
+    def version(self) -> int:
+        return self.table.version
+
+    @property
+    def max_staleness(self) -> int:
+        return self.table.max_staleness
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def generator(self, gid: str) -> dict:
+        return self.generators.setdefault(gid, {"running": 0, "groups": 0, "gen_tokens": 0, "busy_s": 0.0,
+                                                "last_seen": time.time(), "dropped": 0})
+
+    def seen(self, key) -> bool:
+        return self.table.seen(key) or key in self.dropped_keys
+
+    def _release_credits(self, gid: str, n: int) -> int:
+        gen = self.generator(gid)
+        n = min(n, gen["running"])
+        gen["running"] -= n
+        self.counters["running"] -= n
+        return n
+
+    def _gen_stats(self, gid: str, stats: dict | None) -> dict:
+        gen, stats = self.generator(gid), stats or {}
+        gen["gen_tokens"] += int(stats.get("gen_tokens", 0))
+        gen["busy_s"] += float(stats.get("busy_s", 0.0))
+        return gen
+
+    # ---- the state machine -----------------------------------------------------------------------
+    def apply(self, rec: dict, live=None) -> None:
+        """Apply a record; `live` carries what the live path already computed (a parsed group, or the
+        sampled batch), so work is not done twice. Replay passes nothing."""
+        getattr(self, f"_apply_{rec['op']}")(rec, live)
+
+    def _apply_grant(self, rec: dict, _=None) -> None:
+        gid, prompts = rec["gid"], rec["prompts"]
+        self.dispenser.epoch, self.dispenser.position = rec["cursor"]
+        self.dispenser.sync_order()
+        self.counters["running"] += len(prompts)
+        self.generator(gid)["running"] += len(prompts)
+        self.last_grant[gid] = {"acquire_seq": rec["acquire_seq"], "prompts": prompts}
+
+    def _apply_put(self, rec: dict, group: Group | None = None) -> None:
+        group = group if group is not None else Group.from_wire(rec["group"])
+        if self.seen(group.key):
+            self.table.counters["duplicates"] += 1
+            return
+        self.table.insert(group.key, group, float(rec["priority"]))  # computed before logging: replay never calls user code
+        self._release_credits(group.generator_id, 1)
+        self._gen_stats(group.generator_id, rec.get("stats"))["groups"] += 1
+
+    def _apply_advance(self, rec: dict, _=None) -> None:
+        self.table.advance(int(rec["version"]))
+
+    def _apply_evict_in_flight(self, rec: dict, _=None) -> None:
+        flight = self.in_flight.get(rec["learner"])
+        if flight is None:
+            return
+        drop = set(map(gkey, rec["keys"]))
+        keep = [(k, g) for k, g in zip(flight["keys"], flight["groups"]) if k not in drop]
+        self.counters["evicted_in_flight"] += len(flight["keys"]) - len(keep)
+        flight["keys"], flight["groups"] = [k for k, _ in keep], [g for _, g in keep]
+
+    def _apply_lease(self, rec: dict, sampled: list | None = None) -> None:
+        """Hand `keys` to the learner's in-flight batch (appending to a redelivered one)."""
+        if sampled is None:
+            sampled = self.table.sample_keys([gkey(k) for k in rec["keys"]])
+        flight = self.in_flight.setdefault(rec["learner"], {"lease": rec["lease"], "keys": [], "groups": []})
+        flight["lease"] = rec["lease"]
+        for key, group in sampled:
+            flight["keys"].append(gkey(key))
+            flight["groups"].append(group)
+
+    def _apply_ack(self, rec: dict, _=None) -> None:
+        flight = self.in_flight.get(rec["learner"])
+        if flight is not None and flight["lease"] == rec["lease"]:
+            self.counters["consumed"] += len(flight["keys"])
+            del self.in_flight[rec["learner"]]
+
+    def _apply_priorities(self, rec: dict, _=None) -> None:
+        for gid, seq, p in rec["updates"]:
+            self.table.update_priority(gkey((gid, seq)), float(p))
+
+    def _apply_version(self, rec: dict, _=None) -> None:
+        self.weights_path = str(rec["weights_path"])
+        self.table.advance(int(rec["version"]))
+
+    def _apply_drop(self, rec: dict, _=None) -> None:
+        key = gkey((rec["gid"], rec["seq"]))
+        if self.seen(key):
+            return
+        self.dropped_keys.add(key)
+        self._release_credits(rec["gid"], 1)
+        self.counters["dropped_filtered"] += 1
+        self._gen_stats(rec["gid"], rec.get("stats"))["dropped"] += 1
+
+    def _apply_reclaim(self, rec: dict, _=None) -> None:
+        self.counters["reclaimed"] += self._release_credits(rec["gid"], int(rec["n"]))
+
+    def _apply_set(self, rec: dict, _=None) -> None:
+        knobs = rec["knobs"]
+        if "max_staleness" in knobs:
+            self.table.set_max_staleness(int(knobs["max_staleness"]))
+        if "alpha" in knobs:
+            self.table.set_alpha(float(knobs["alpha"]))
+        if "capacity" in knobs:
+            self.table.set_capacity(int(knobs["capacity"]) or None)
+
+    def _apply_stop(self, rec: dict, _=None) -> None:
+        self.done = True
+
+    # ---- snapshots -------------------------------------------------------------------------------
+    def to_snapshot(self) -> dict:
+        return {
+            "weights_path": self.weights_path, "done": self.done,
+            "cursor": [self.dispenser.epoch, self.dispenser.position],
+            "table": pickle.dumps(self.table, protocol=pickle.HIGHEST_PROTOCOL),  # our own file in the run dir
+            "dropped_keys": [list(k) for k in self.dropped_keys], "counters": dict(self.counters),
+            "generators": self.generators, "last_grant": self.last_grant,
+            "in_flight": {lid: {"lease": f["lease"], "keys": [list(k) for k in f["keys"]],
+                                "groups": [g.to_wire() for g in f["groups"]]} for lid, f in self.in_flight.items()},
+        }
+
+    def load_snapshot(self, snap: dict) -> None:
+        self.weights_path, self.done = snap["weights_path"], snap["done"]
+        self.dispenser.epoch, self.dispenser.position = snap["cursor"]
+        self.dispenser.sync_order()
+        self.table = pickle.loads(snap["table"])
+        self.dropped_keys = {gkey(k) for k in snap["dropped_keys"]}
+        self.counters = collections.Counter(snap["counters"])
+        self.generators, self.last_grant = snap["generators"], snap["last_grant"]
+        self.in_flight = {lid: {"lease": f["lease"], "keys": [gkey(k) for k in f["keys"]],
+                                "groups": [Group.from_wire(g) for g in f["groups"]]}
+                          for lid, f in snap["in_flight"].items()}

@@ -1,0 +1,173 @@
+"""Benchmark the buffer hub against raw ZeroMQ, side by side in one run, on loopback.
+
+    python scripts/bench_buffer.py                 # ~1 min
+    python scripts/bench_buffer.py --seconds 5 --memory-groups 20000
+
+Payload: one group of one 2k-token trajectory (100 prompt + 2000 response ids, logprobs, versions:
+~25 kB raw). Every path is one request in flight at a time (round-trip bound), client and server pinned
+to different cores:
+- raw: a bare ROUTER that answers every message with a small reply (the floor of the transport)
+- PUT+ACK: the hub storing the group (in memory; and with the WAL at each fsync policy)
+- SAMPLE+ACK: the hub handing one stored group to a learner and taking the ack of the previous one
+- memory: hub RSS growth per stored group vs the group's raw array bytes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from async_rl import config as C  # noqa: E402
+from async_rl import wire  # noqa: E402
+from async_rl.hub_client import HubClient  # noqa: E402
+from async_rl.types import Group, Trajectory  # noqa: E402
+
+RAW_SERVER = """
+import sys, zmq, os
+os.sched_setaffinity(0, [0])
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
+while True:
+    ident, payload = s.recv_multipart()
+    s.send_multipart([ident, b"ok" * 32])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_group(seq: int, prompt: int = 100, response: int = 2000) -> dict:
+    t = Trajectory(np.arange(prompt, dtype=np.int32), np.arange(response, dtype=np.int32) % 50000,
+                   -np.random.rand(response).astype(np.float32), np.zeros(response, np.int32), reward=1.0)
+    return Group("bench", seq, seq, "x", [t]).to_wire()
+
+
+RAW_BYTES = (100 + 2000) * 4 + 2000 * 4 + 2000 * 4
+
+
+def start_hub(tmp: Path, state: str | None, fsync: str) -> tuple[subprocess.Popen, str]:
+    data = tmp / "p.jsonl"
+    data.write_text('{"input": "1+1=", "label": "2"}\n')
+    cfg_path = tmp / f"c-{fsync}.yaml"
+    C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=1", "n_samples_per_prompt=1",
+                         "max_staleness=1000000", f"fsync={fsync}", "snapshot_interval=1000000000",
+                         "num_rollout=100000000"]), cfg_path)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    args = [sys.executable, "-m", "buffer.service", "--config", str(cfg_path), "--bind", endpoint]
+    if state:
+        args += ["--state-dir", state]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.sched_setaffinity(0, [0]))
+    client = HubClient(endpoint, "probe")
+    client.stats(timeout=30)
+    client.close()
+    return proc, endpoint
+
+
+def rate(fn, seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn(n)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def bench_raw(seconds: float) -> float:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, endpoint])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    payloads = [wire.encode({"type": "PUT", "group": make_group(i), "stats": {}}) for i in range(64)]
+
+    def one(i):
+        sock.send(payloads[i % 64])
+        sock.recv()
+    try:
+        rate(one, 0.5)
+        return rate(one, seconds)
+    finally:
+        sock.close()
+        proc.kill()
+
+
+def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path) -> tuple[float, float]:
+    proc, endpoint = start_hub(tmp, state, fsync)
+    client = HubClient(endpoint, "bench")
+    groups = [make_group(i) for i in range(64)]
+    try:
+        put_rate = rate(lambda i: client.put({**groups[i % 64], "seq": i}, {}, timeout=30), seconds)
+        lease = None
+
+        def sample(_):
+            nonlocal lease
+            reply = client.request({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0,
+                                    "ack_lease": lease}, timeout=30)
+            lease = reply["lease"]
+        sample_rate = rate(sample, min(seconds, 0.9 * seconds))
+        return put_rate, sample_rate
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_memory(n_groups: int, tmp: Path) -> float:
+    proc, endpoint = start_hub(tmp, None, "never")
+    client = HubClient(endpoint, "mem")
+    try:
+        before = rss_kb(proc.pid)
+        for i in range(n_groups):
+            client.put(make_group(i), {}, timeout=30)
+        time.sleep(0.5)
+        return (rss_kb(proc.pid) - before) * 1024 / n_groups / RAW_BYTES
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--memory-groups", type=int, default=10000)
+    args = ap.parse_args()
+    os.sched_setaffinity(0, [1])
+    tmp = Path(tempfile.mkdtemp(prefix="bench_buffer-"))
+    raw = bench_raw(args.seconds)
+    rows = [("raw DEALER/ROUTER round trip", raw, None)]
+    for label, state, fsync in (("hub, in memory", None, "never"), ("hub + WAL, fsync=never", "never", "never"),
+                                ("hub + WAL, fsync=batch", "batch", "batch"),
+                                ("hub + WAL, fsync=always", "always", "always")):
+        put, sample = bench_hub(args.seconds, str(tmp / state) if state else None, fsync, tmp)
+        rows.append((f"{label}: PUT+ACK", put, None))
+        rows.append((f"{label}: SAMPLE+ACK", sample, None))
+    mem = bench_memory(args.memory_groups, tmp)
+    print(f"payload: 1 trajectory, 2k tokens, {RAW_BYTES} raw bytes; one request in flight\n")
+    print("| path | msgs/s | vs raw |\n|---|---|---|")
+    for label, value, _ in rows:
+        print(f"| {label} | {value:,.0f} | {value / raw:.0%} |")
+    print(f"\nhub memory per stored group: {mem:.2f}x its raw array bytes ({args.memory_groups} groups)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
