@@ -145,14 +145,26 @@ class Hub:
                              f"hub's version {self.state.version}")
 
     def _on_put(self, ident: bytes, msg: dict) -> list[Reply]:
-        group = Group.from_wire(msg["group"])
-        self._check_group(group)
-        self._seen(group.generator_id)
-        duplicate = self.state.seen(group.key)
+        """PUT carries one `group` or a list `groups` (one round trip and one fsync for a whole engine call);
+        the whole message is checked before anything is logged, so it is stored entirely or not at all."""
+        wires = msg["groups"] if "groups" in msg else [msg["group"]]
+        if not isinstance(wires, list) or not wires:
+            raise ValueError("groups: must be a non-empty list of groups")
+        groups = [Group.from_wire(w) for w in wires]
+        for group in groups:
+            self._check_group(group)
         stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else {}
-        priority = 0.0 if duplicate else priorities.compute(self.priority_fn, group, self.state.version)
-        self.commit({"op": "put", "group": msg["group"], "stats": stats, "priority": priority}, group)
-        out = [(ident, self._reply(msg, type="ACK", key=list(group.key), duplicate=duplicate))]
+        share = {k: v / len(groups) for k, v in stats.items() if isinstance(v, (int, float))}
+        keys, duplicates = [], []
+        for wire_group, group in zip(wires, groups):
+            self._seen(group.generator_id)
+            duplicate = self.state.seen(group.key)
+            priority = 0.0 if duplicate else priorities.compute(self.priority_fn, group, self.state.version)
+            self.commit({"op": "put", "group": wire_group, "stats": share, "priority": priority}, group)
+            keys.append(list(group.key))
+            duplicates.append(duplicate)
+        out = [(ident, self._reply(msg, type="ACK", key=keys[0], duplicate=duplicates[0], keys=keys,
+                                   duplicates=duplicates))]
         return out + self._serve_sample()
 
     def _on_drop(self, ident: bytes, msg: dict) -> list[Reply]:

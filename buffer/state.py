@@ -68,7 +68,7 @@ class HubState:
 
     def _gen_stats(self, gid: str, stats: dict | None) -> dict:
         gen, stats = self.generator(gid), stats or {}
-        gen["gen_tokens"] += int(stats.get("gen_tokens", 0))
+        gen["gen_tokens"] += float(stats.get("gen_tokens", 0))  # a multi-group PUT splits its tokens
         gen["busy_s"] += float(stats.get("busy_s", 0.0))
         return gen
 

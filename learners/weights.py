@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def publish(model, tokenizer, run_dir: str | Path, version: int, keep: int) -> Path:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per version floods the learner's log
     root = Path(run_dir) / "weights"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"v{version}"

@@ -76,9 +76,9 @@ def start_hub(tmp: Path, state: str | None, fsync: str) -> tuple[subprocess.Pope
     return proc, endpoint
 
 
-def rate(fn, seconds: float) -> float:
+def rate(fn, seconds: float, max_calls: int | None = None) -> float:
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while time.perf_counter() - t0 < seconds and (max_calls is None or n < max_calls):
         fn(n)
         n += 1
     return n / (time.perf_counter() - t0)
@@ -107,7 +107,8 @@ def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path) -> tuple
     client = HubClient(endpoint, "bench")
     groups = [make_group(i) for i in range(64)]
     try:
-        put_rate = rate(lambda i: client.put({**groups[i % 64], "seq": i}, {}, timeout=30), seconds)
+        puts = []
+        put_rate = rate(lambda i: puts.append(client.put({**groups[i % 64], "seq": i}, {}, timeout=30)), seconds)
         lease = None
 
         def sample(_):
@@ -115,7 +116,7 @@ def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path) -> tuple
             reply = client.request({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0,
                                     "ack_lease": lease}, timeout=30)
             lease = reply["lease"]
-        sample_rate = rate(sample, min(seconds, 0.9 * seconds))
+        sample_rate = rate(sample, seconds, max_calls=len(puts))  # never more than what is stored
         return put_rate, sample_rate
     finally:
         client.close()

@@ -166,3 +166,18 @@ def test_set_knobs_are_validated_before_they_are_logged(tmp_path):
     hub.flush()
     reborn = Hub(cfg(), PROMPTS, DurableLog(tmp_path))
     assert reborn.state.max_staleness == 4 and reborn.state.table.capacity == 10
+
+
+def test_multi_group_put_is_all_or_nothing():
+    hub = Hub(cfg(), PROMPTS)
+    bad = group(seq=2)
+    bad["trajectories"] = bad["trajectories"][:1]  # n_samples_per_prompt is 2
+    err = reply_of(hub.handle(b"g", {"type": "PUT", "groups": [group(seq=1), bad]}), "ERROR")
+    assert "n_samples_per_prompt" in err["error"] and hub.stats()["accepted"] == 0
+    ack = reply_of(hub.handle(b"g", {"type": "PUT", "groups": [group(seq=1), group(seq=2)],
+                                     "stats": {"gen_tokens": 10, "busy_s": 1.0}}), "ACK")
+    assert ack["keys"] == [["g0", 1], ["g0", 2]] and ack["duplicates"] == [False, False]
+    again = reply_of(hub.handle(b"g", {"type": "PUT", "groups": [group(seq=2), group(seq=3)]}), "ACK")
+    assert again["duplicates"] == [True, False]
+    s = hub.stats()
+    assert s["accepted"] == 3 and s["duplicates"] == 1 and s["gen_tokens"] == 10
