@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from dataclasses import fields
 
 from async_rl import config as config_mod
@@ -21,7 +22,7 @@ def cmd_launch(args) -> int:
         return 2
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        return launch(cfg, run_dir)
+        return launch(cfg, run_dir, resume=args.resume)
     except config_mod.ConfigError as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
@@ -34,7 +35,9 @@ def status_dict(run_dir: str) -> dict:
            "launcher_alive": pid_alive(manifest.get("launcher_pid")),
            "processes": {n: {**p, "alive": pid_alive(p["pid"]) and p.get("returncode") is None}
                          for n, p in manifest.get("processes", {}).items()},
-           "last_step": rows[-1] if rows else None, "hub": None}
+           "last_step": rows[-1] if rows else None, "hub": None,
+           "attached": [p.stem for p in (Path(run_dir) / "attached").glob("*.json")],
+           "errors": _log_errors(run_dir)}
     hub = manifest.get("endpoints", {}).get("hub")
     if hub and out["launcher_alive"]:
         from async_rl.hub_client import HubClient
@@ -45,6 +48,17 @@ def status_dict(run_dir: str) -> dict:
             out["hub"] = {"error": str(exc)}
         finally:
             client.close()
+    return out
+
+
+def _log_errors(run_dir: str) -> dict:
+    """The last traceback or error line of each process log that has one."""
+    out = {}
+    for log in sorted((Path(run_dir) / "logs").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-200:]
+        hits = [i for i, line in enumerate(lines) if "Traceback" in line or "Error" in line]
+        if hits:
+            out[log.stem] = "\n".join(lines[hits[-1]:hits[-1] + 12])
     return out
 
 
@@ -63,8 +77,74 @@ def cmd_status(args) -> int:
         print(f"  step {st['last_step']['step'] + 1}: {describe(st['last_step'])}")
     for name, p in st["processes"].items():
         print(f"  {name:<12} pid {p['pid']:<8} {'alive' if p['alive'] else 'exited'}  log {p['log']}")
-    if st["hub"]:
-        print(f"  hub: {json.dumps(st['hub'], default=str)}")
+    hub = st["hub"] or {}
+    if "error" in hub:
+        print(f"  hub: unreachable ({hub['error']})")
+    elif hub:
+        print(f"  hub: version {hub['version']}, buffer {hub['size']} groups (+{hub['in_flight']} in flight), "
+              f"staleness histogram {hub['staleness_hist']}, max_staleness {hub['max_staleness']}, "
+              f"credits {hub['credits_available']}")
+        print(f"       accepted {hub['accepted']} = consumed {hub['consumed']} + evicted stale {hub['evicted_stale']}"
+              f" + evicted capacity {hub['evicted_capacity']} + buffer + in flight; malformed {hub['malformed']}")
+        for gid, g in hub.get("generators", {}).items():
+            print(f"       generator {gid:<22} {'alive' if g['alive'] else 'silent'}  groups {g['groups']}"
+                  f"  running {g['running']}  tokens {g['gen_tokens']:.0f}")
+    for name, text in st["errors"].items():
+        print(f"  last error in {name}.log: {text.splitlines()[0][:160]}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    import os
+    import signal
+    try:
+        manifest = read_manifest(args.run_dir)
+    except FileNotFoundError as exc:
+        print(f"async-rl: {exc}", file=sys.stderr)
+        return 2
+    pid = manifest.get("launcher_pid")
+    if not pid_alive(pid):
+        print(f"async-rl: run {args.run_dir} is not running (status {manifest['status']})", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.time() + args.timeout
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    status = read_manifest(args.run_dir)["status"]
+    print(f"run {args.run_dir}: {status}")
+    return 0 if status == "stopped" else 1
+
+
+def cmd_set(args) -> int:
+    from pathlib import Path
+
+    from async_rl import knobs
+    from async_rl.hub_client import HubClient, HubError
+    try:
+        manifest = read_manifest(args.run_dir)
+        cfg = config_mod.load(Path(args.run_dir) / "config.yaml")
+        new, hub, learner, generator = knobs.plan(cfg, args.overrides)
+    except (FileNotFoundError, config_mod.ConfigError, ValueError) as exc:
+        print(f"async-rl: {exc}", file=sys.stderr)
+        return 2
+    if not pid_alive(manifest.get("launcher_pid")):
+        print(f"async-rl: run {args.run_dir} is not running (status {manifest['status']}); nothing to set",
+              file=sys.stderr)
+        return 1
+    client = HubClient(manifest["endpoints"]["hub"], identity="set", keys_dir=manifest.get("keys"))
+    try:
+        reply = client.request({"type": "SET", "knobs": hub, "learner": learner, "generator": generator}, timeout=10)
+    except (HubError, TimeoutError) as exc:
+        print(f"async-rl: the hub refused or did not answer: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    config_mod.save(new, Path(args.run_dir) / "config.yaml")
+    with open(Path(args.run_dir) / "config_history.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), "event": "set", "knob_version": reply["knob_version"],
+                            "changes": {**{f"buffer.{k}": v for k, v in hub.items()}, **learner, **generator}}) + "\n")
+    print(f"set (knob version {reply['knob_version']}): hub {hub or '-'}, learner {learner or '-'}, "
+          f"generators {generator or '-'}")
     return 0
 
 
@@ -93,11 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. rollout.n_samples_per_prompt=8 or max_staleness=0")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/TIMESTAMP)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its learner checkpoint and hub state")
     p.set_defaults(fn=cmd_launch)
+    p = sub.add_parser("stop", help="drain, checkpoint and end a running job (exit 0); resume it with launch --resume")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the run to end")
+    p.set_defaults(fn=cmd_stop)
     p = sub.add_parser("status", help="where a run stands")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("set", help="change live knobs of a running job: async-rl set --run-dir DIR max_staleness=4 tis_clip=1.5")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("overrides", nargs="+", help="key=value words (see async_rl/knobs.py for the live ones)")
+    p.set_defaults(fn=cmd_set)
+    p = sub.add_parser("attach", help="add engines + generators on this machine to a running job")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--engines", type=int, default=1, help="engines to start (one generator each)")
+    p.set_defaults(fn=lambda a: __import__("async_rl.attach", fromlist=["attach"]).attach(a.run_dir, a.engines))
+    p = sub.add_parser("detach", help="drain and remove the generators `attach` added")
+    p.add_argument("--run-dir", required=True)
+    p.set_defaults(fn=lambda a: __import__("async_rl.attach", fromlist=["detach"]).detach(a.run_dir))
     p = sub.add_parser("config", help="print a resolved config, or every knob with --doc")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*")

@@ -47,12 +47,31 @@ class CkptConfig:
     keep_weight_versions: int = knob(3, "Published weight versions kept under run_dir/weights/ (older are deleted).")
     ref_load: str = knob("", "HF checkpoint dir of the reference model for KL (kl_coef / use_kl_loss); empty = hf_checkpoint.")
     ref_update_interval: int = knob(0, "Learner steps between copies of the current policy into the reference model; 0 = never.")
+    save_interval: int = knob(0, "Learner steps between resumable checkpoints in run_dir/checkpoints/step_N (model, optimizer, RNG, version, hub lease); 0 = only when the run ends or is stopped.")
+    keep_checkpoints: int = knob(2, "Complete learner checkpoints kept (older are deleted).")
 
 
 @dataclass
 class RolloutConfig:
     """Generation: how many samples, how long, how they are drawn, and how often weights move."""
-    rollout_engine: str = knob("embedded", "Engine server: `embedded` (torch + transformers; CPU/tests).")
+    rollout_engine: str = knob("embedded", "Engine server: `embedded` (torch + transformers; CPU, small GPU jobs, tests) or `sglang` (`python -m sglang.launch_server`, GPUs; `pip install .[sglang]`).")
+    sglang_python: str = knob("", "rollout_engine=sglang: Python interpreter that runs SGLang (its own venv when it pins another torch); empty = this one. CPU tests: scripts/sglang_cpu/python.")
+    sglang_server_args: list = knob([], "rollout_engine=sglang: options forwarded verbatim to every SGLang server (slime's --sglang-*), e.g. [\"--mem-fraction-static 0.8\", \"--max-running-requests 256\"]; --model-path/--host/--port/--tp-size/--weight-version are set by the launcher.")
+    rollout_num_gpus: int = knob(0, "rollout_engine=sglang: GPUs for generation; engines = rollout_num_gpus / rollout_num_gpus_per_engine (0 = cluster.num_engines engines).")
+    rollout_num_gpus_per_engine: int = knob(1, "rollout_engine=sglang: GPUs per SGLang server (its --tp-size).")
+    rollout_external_engine_addrs: list = knob([], "Addresses (host:port or http://host:port) of engines already running (SGLang or embedded); when set, no engine is started and generator i uses engine i % len.")
+    sglang_server_concurrency: int = knob(64, "Most samples a generator keeps in flight on one engine (its engine calls run concurrently up to this; at least one call).")
+    interrupt_mode: str = knob("in_place", "What a generator does to in-flight requests when new weights are published: `none` (no interruption: an update waits until the engine's in-flight requests finish, new ones wait behind it), `in_place` (pause, swap weights, continue; KV cache kept, PipelineRL), `retract` (pause, swap, continue; the engine recomputes the KV under the new weights), `abort` (abort, swap, resubmit: from the tokens so far with partial_rollout, else from scratch). Every token carries the version that produced it.")
+    partial_rollout: bool = knob(True, "interrupt_mode=abort: resubmit an interrupted sample with its tokens so far (kept, with their versions and logprobs); false = restart it from scratch under the new weights.")
+    mask_offpolicy_in_partial_rollout: bool = knob(False, "Send a per-token loss_mask that zeroes the tokens produced by an older version than the sample's last token (only tokens of the newest version are trained on).")
+    weight_poll_interval: float = knob(1.0, "Seconds between a generator's checks of the hub for a newer weight version (with interrupt_mode != none, in-flight requests are interrupted at most this long after a publication).")
+    update_weight_buffer_size: int = knob(512 * 2**20, "Bytes per bucket when weights are broadcast to engines (/update_weights_from_distributed; slime's --update-weight-buffer-size).")
+    use_fault_tolerance: bool = knob(False, "Health-check every engine (/health_generate); a dead or hung one is killed, restarted, re-synced to the current weights, and its in-flight prompts re-issued (none lost, none duplicated).")
+    rollout_health_check_interval: float = knob(10.0, "use_fault_tolerance: seconds between health checks of an engine.")
+    rollout_health_check_timeout: float = knob(30.0, "use_fault_tolerance: seconds a health check may take before the engine counts as hung.")
+    rollout_health_check_first_wait: float = knob(0.0, "use_fault_tolerance: seconds after an engine (re)starts before its first health check.")
+    custom_generate_function_path: str = knob("", "Dotted path of an async fn(ctx: actors.custom_generate.GenerateContext, prompt: dict) -> async_rl.types.Trajectory that generates one sample (several turns, tool calls); its loss_mask must cover model-generated tokens only. Built-in example: actors.tools.calculator_generate.")
+    rollout_function_path: str = knob("", "Dotted path of fn(generator: actors.generator.Generator, prompts: list[dict]) -> list[async_rl.types.Group] replacing the whole rollout of one engine call (unscored groups; rewards and filters still apply).")
     rollout_batch_size: int = knob(8, "Prompts (groups) consumed per learner step.")
     n_samples_per_prompt: int = knob(8, "Responses generated per prompt (a group, for GRPO).")
     global_batch_size: int = knob(0, "Samples per optimizer step; 0 = rollout_batch_size * n_samples_per_prompt / num_steps_per_rollout.")
@@ -81,9 +100,14 @@ class RolloutConfig:
 @dataclass
 class DataConfig:
     """Prompt data (dispensed by the hub, so generators never duplicate or skip a prompt)."""
-    prompt_data: str = knob("", "JSONL prompt file. Required.")
-    input_key: str = knob("input", "JSON key of the prompt text.")
-    label_key: str = knob("label", "JSON key of the label the reward is checked against.")
+    prompt_data: str = knob("", "Prompt file: JSONL (.jsonl/.json) or Parquet (.parquet). Required.")
+    input_key: str = knob("input", "Key of the prompt: a string, or OpenAI-style messages [{role, content}] with apply_chat_template.")
+    label_key: str = knob("label", "Key of the label the reward is checked against.")
+    metadata_key: str = knob("", "Key of per-prompt metadata (a map) passed along with the prompt; empty = none.")
+    tool_key: str = knob("", "Key of per-prompt tool specs (a list) for apply_chat_template(tools=...) and custom generate functions; empty = none.")
+    apply_chat_template: bool = knob(False, "Render each prompt with the tokenizer's chat template (input as messages, or a string taken as one user message), with add_generation_prompt.")
+    apply_chat_template_kwargs: str = knob("", "Extra keyword arguments of apply_chat_template as a YAML/JSON map, e.g. '{enable_thinking: false}'.")
+    rollout_max_prompt_len: int = knob(0, "Drop prompts longer than this many tokens when the data is loaded (the count is logged); 0 = keep all.")
     rollout_shuffle: bool = knob(True, "Shuffle prompts each epoch.")
     rollout_seed: int = knob(42, "Seed of the prompt shuffle.")
 
@@ -140,6 +164,10 @@ class OptimizerConfig:
     adam_beta2: float = knob(0.95, "Adam beta2 (slime's default).")
     adam_eps: float = knob(1e-8, "Adam epsilon.")
     clip_grad: float = knob(1.0, "Max global grad norm; 0 disables clipping.")
+    lr_decay_style: str = knob("constant", "megatron: learning-rate schedule after warmup over all optimizer steps (num_rollout * num_steps_per_rollout): `constant`, `linear`, `cosine` or `inverse-square-root` (down to min_lr).")
+    lr_warmup_iters: int = knob(0, "megatron: optimizer steps of linear warmup from 0 to lr.")
+    warmup_ratio: float = knob(0.0, "megatron: warmup as a fraction of all optimizer steps (instead of lr_warmup_iters).")
+    min_lr: float = knob(0.0, "megatron: learning rate at the end of a decaying schedule.")
 
 
 @dataclass
@@ -175,8 +203,21 @@ class LoggingConfig:
 @dataclass
 class TrainConfig:
     """The learner process."""
-    train_backend: str = knob("torch", "`torch` (HF model, CPU or GPU).")
+    train_backend: str = knob("torch", "`torch` (HF model, CPU or GPU) or `megatron` (megatron-core GPTModel built from the HF config, Llama/Qwen2/Qwen3; CUDA GPUs: `pip install -e .[megatron]`).")
     seed: int = knob(1234, "Seed of model-side randomness (learner and engines).")
+    actor_num_gpus_per_node: int = knob(1, "Learner processes (one per GPU) on this node; megatron: data parallel size = this / (tensor * pipeline * context parallel sizes). torch: 1.")
+    tensor_model_parallel_size: int = knob(1, "megatron: GPUs each layer's weights are split across (TP); must divide the attention and KV head counts.")
+    pipeline_model_parallel_size: int = knob(1, "megatron: pipeline stages (PP). Weight conversion and gathering support PP > 1; training does not yet (use TP).")
+    context_parallel_size: int = knob(1, "megatron: GPUs a sequence is split across (CP); needs Transformer Engine attention, so only 1 for now.")
+    sequence_parallel: bool = knob(False, "megatron: shard activations along the sequence within TP; needs Transformer Engine or apex layer norms, so only false for now.")
+    use_dynamic_batch_size: bool = knob(False, "megatron: form micro-batches by a token budget (max_tokens_per_gpu, padded tokens) instead of micro_batch_size samples; each micro-batch is cut to its longest row.")
+    max_tokens_per_gpu: int = knob(0, "megatron: token budget of one training micro-batch per GPU (rows x longest row) with use_dynamic_batch_size.")
+    log_probs_max_tokens_per_gpu: int = knob(0, "megatron: token budget of one logprob-recomputation micro-batch with use_dynamic_batch_size; 0 = max_tokens_per_gpu.")
+    balance_data: bool = knob(False, "megatron: deal each global batch's samples to data-parallel ranks so their token counts are balanced (equal sample counts), instead of in order.")
+    recompute_granularity: str = knob("", "megatron activation recomputation: `` (off), `full` (whole layers; recompute_method + recompute_num_layers) or `selective` (core attention only).")
+    recompute_method: str = knob("", "megatron, recompute_granularity=full: `uniform` (every recompute_num_layers layers as a unit) or `block` (the first recompute_num_layers layers of each stage).")
+    recompute_num_layers: int = knob(0, "megatron, recompute_granularity=full: layers per recompute unit (uniform) or layers recomputed (block).")
+    bf16: bool = knob(False, "megatron (GPU): bf16 parameters and activations with fp32 main weights, gradients and Adam states (Megatron's mixed-precision optimizer); false = fp32.")
 
 
 @dataclass

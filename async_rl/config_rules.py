@@ -1,6 +1,7 @@
 """Derived values and cross-field validation of a Config; each error names the field, the value and the fix."""
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def finalize(cfg: "Config") -> "Config":
     _optimizer_rules(cfg)
     _buffer_rules(cfg)
     _misc_rules(cfg)
+    _train_rules(cfg)
     return cfg
 
 
@@ -74,7 +76,62 @@ def _rollout_rules(cfg: "Config") -> None:
     if r.rollout_top_k == 0 or r.rollout_top_k < -1:
         raise _err(f"rollout.rollout_top_k={r.rollout_top_k}: must be -1 (off) or >= 1")
     _batch_sizes(r)
-    _one_of("rollout", r, "rollout_engine", ("embedded",), {"sglang": "arrives with the [engines] issue"})
+    _engine_rules(r)
+    _data_rules(cfg.data)
+
+
+def _engine_rules(r) -> None:
+    _one_of("rollout", r, "rollout_engine", ("embedded", "sglang"))
+    _one_of("rollout", r, "interrupt_mode", ("none", "in_place", "retract", "abort"))
+    for name in ("rollout_num_gpus", "rollout_health_check_first_wait"):
+        _at_least("rollout", r, name, 0)
+    for name in ("rollout_num_gpus_per_engine", "sglang_server_concurrency", "update_weight_buffer_size"):
+        _at_least("rollout", r, name, 1)
+    for name in ("weight_poll_interval", "rollout_health_check_interval", "rollout_health_check_timeout"):
+        if getattr(r, name) <= 0:
+            raise _err(f"rollout.{name}={getattr(r, name)}: must be > 0 seconds")
+    if r.rollout_num_gpus % r.rollout_num_gpus_per_engine:
+        raise _err(f"rollout.rollout_num_gpus={r.rollout_num_gpus}: must be a multiple of "
+                   f"rollout_num_gpus_per_engine={r.rollout_num_gpus_per_engine} (GPUs per SGLang server)")
+    if r.sglang_server_args and r.rollout_engine != "sglang":
+        raise _err(f"rollout.sglang_server_args={r.sglang_server_args}: only used with rollout_engine=sglang; "
+                   f"set it, or clear the list")
+    _sglang_args(r)
+    for addr in r.rollout_external_engine_addrs:
+        if not re.fullmatch(r"(https?://)?[\w.\-\[\]:]+:\d+/?", str(addr)):
+            raise _err(f"rollout.rollout_external_engine_addrs: {addr!r} is not host:port (or http://host:port)")
+    for name in ("custom_generate_function_path", "rollout_function_path"):
+        _dotted_path("rollout", r, name)
+    if r.custom_generate_function_path and r.rollout_function_path:
+        raise _err("rollout.custom_generate_function_path and rollout.rollout_function_path: set one; the rollout "
+                   "function replaces the whole rollout, including per-sample generation")
+
+
+# options the launcher sets itself (actors/sglang_engine.OWNED_OPTIONS; async_rl may not import actors/)
+_SGLANG_OWNED = ("--model-path", "--host", "--port", "--tp-size", "--tp", "--weight-version")
+
+
+def _sglang_args(r) -> None:
+    import shlex
+    for entry in r.sglang_server_args:
+        for word in shlex.split(str(entry)):
+            if word.split("=", 1)[0] in _SGLANG_OWNED:
+                raise _err(f"rollout.sglang_server_args sets {word.split('=', 1)[0]}: the launcher sets it (model "
+                           f"path from ckpt.hf_checkpoint, host from cluster.host, tp size from "
+                           f"rollout_num_gpus_per_engine); remove it from sglang_server_args")
+
+
+def _data_rules(d) -> None:
+    _at_least("data", d, "rollout_max_prompt_len", 0)
+    if d.apply_chat_template_kwargs:
+        import yaml
+        try:
+            kwargs = yaml.safe_load(d.apply_chat_template_kwargs)
+        except yaml.YAMLError as e:
+            raise _err(f"data.apply_chat_template_kwargs={d.apply_chat_template_kwargs!r}: not YAML/JSON ({e})") from None
+        if not isinstance(kwargs, dict):
+            raise _err(f"data.apply_chat_template_kwargs={d.apply_chat_template_kwargs!r}: must be a map, "
+                       "e.g. '{enable_thinking: false}'")
 
 
 # async_rl may not import actors/, so the rm hub's names are repeated here (a test keeps them equal)
@@ -179,6 +236,19 @@ def _optimizer_rules(cfg: "Config") -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(o, name) < 1:
             raise _err(f"optimizer.{name}={getattr(o, name)}: must be in [0, 1)")
+    _one_of("optimizer", o, "lr_decay_style", ("constant", "linear", "cosine", "inverse-square-root"))
+    _at_least("optimizer", o, "lr_warmup_iters", 0)
+    if not 0 <= o.warmup_ratio < 1:
+        raise _err(f"optimizer.warmup_ratio={o.warmup_ratio}: must be in [0, 1)")
+    if o.lr_warmup_iters and o.warmup_ratio:
+        raise _err(f"optimizer.lr_warmup_iters={o.lr_warmup_iters} and warmup_ratio={o.warmup_ratio}: set one "
+                   f"of them, the other to 0")
+    if not 0 <= o.min_lr <= o.lr:
+        raise _err(f"optimizer.min_lr={o.min_lr}: must be in [0, lr={o.lr}]")
+    steps = cfg.rollout.num_rollout * cfg.rollout.num_steps_per_rollout
+    if o.lr_warmup_iters >= steps:
+        raise _err(f"optimizer.lr_warmup_iters={o.lr_warmup_iters}: must be < the run's {steps} optimizer steps "
+                   f"(num_rollout * num_steps_per_rollout)")
 
 
 def _buffer_rules(cfg: "Config") -> None:
@@ -203,10 +273,90 @@ def _buffer_rules(cfg: "Config") -> None:
 
 def _misc_rules(cfg: "Config") -> None:
     _one_of("logging", cfg.logging, "wandb_mode", ("offline", "disabled", "online"))
-    _one_of("train", cfg.train, "train_backend", ("torch",), {"megatron": "arrives with the [megatron] issue"})
     _at_least("ckpt", cfg.ckpt, "keep_weight_versions", 1)
+    _at_least("ckpt", cfg.ckpt, "save_interval", 0)
+    _at_least("ckpt", cfg.ckpt, "keep_checkpoints", 1)
     _at_least("eval", cfg.eval, "eval_max_prompts", 1)
     _at_least("eval", cfg.eval, "eval_max_response_len", 0)
+
+
+def _train_rules(cfg: "Config") -> None:
+    t = cfg.train
+    _one_of("train", t, "train_backend", ("torch", "megatron"))
+    for name in ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size"):
+        _at_least("train", t, name, 1)
+    for name in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu", "recompute_num_layers"):
+        _at_least("train", t, name, 0)
+    _one_of("train", t, "recompute_granularity", ("", "full", "selective"))
+    _one_of("train", t, "recompute_method", ("", "uniform", "block"))
+    if t.train_backend == "torch":
+        _torch_backend_rules(cfg)
+    else:
+        _megatron_rules(cfg)
+
+
+_MEGATRON_ONLY = ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "context_parallel_size", "sequence_parallel", "use_dynamic_batch_size", "max_tokens_per_gpu",
+                  "log_probs_max_tokens_per_gpu", "balance_data", "recompute_granularity", "recompute_method",
+                  "recompute_num_layers", "bf16")
+
+
+def _torch_backend_rules(cfg: "Config") -> None:
+    from async_rl.config import OptimizerConfig, TrainConfig
+    default_t, default_o = TrainConfig(), OptimizerConfig()
+    for name in _MEGATRON_ONLY:
+        if getattr(cfg.train, name) != getattr(default_t, name):
+            raise _err(f"train.{name}={getattr(cfg.train, name)!r}: only train_backend=megatron uses it; set "
+                       f"train_backend=megatron, or {name}={getattr(default_t, name)!r}")
+    for name in ("lr_decay_style", "lr_warmup_iters", "warmup_ratio"):
+        if getattr(cfg.optimizer, name) != getattr(default_o, name):
+            raise _err(f"optimizer.{name}={getattr(cfg.optimizer, name)!r}: learning-rate schedules are applied "
+                       f"by train_backend=megatron only; set train_backend=megatron, or "
+                       f"{name}={getattr(default_o, name)!r}")
+
+
+def _megatron_rules(cfg: "Config") -> None:
+    t = cfg.train
+    model_parallel = t.tensor_model_parallel_size * t.pipeline_model_parallel_size * t.context_parallel_size
+    if t.actor_num_gpus_per_node % model_parallel:
+        raise _err(f"train.actor_num_gpus_per_node={t.actor_num_gpus_per_node}: must be a multiple of "
+                   f"tensor * pipeline * context parallel sizes = {model_parallel}")
+    unsupported = {
+        "pipeline_model_parallel_size": (t.pipeline_model_parallel_size > 1, "the learner's step does not run "
+                                         "Megatron's pipeline schedule yet (weights convert and gather at any PP); "
+                                         "shard with tensor_model_parallel_size, set 1"),
+        "context_parallel_size": (t.context_parallel_size > 1, "needs Transformer Engine attention, which the "
+                                  "local layer spec does not use; set 1"),
+        "sequence_parallel": (t.sequence_parallel, "needs Transformer Engine or apex layer norms, which the local "
+                              "layer spec does not use; set false"),
+    }
+    for name, (bad, why) in unsupported.items():
+        if bad:
+            raise _err(f"train.{name}={getattr(t, name)}: {why}")
+    if cfg.algo.advantage_estimator == "ppo":
+        raise _err("algo.advantage_estimator='ppo' with train_backend=megatron: the PPO critic runs on the torch "
+                   "backend only; use train_backend=torch or another estimator (grpo, gspo, reinforce_plus_plus)")
+    _megatron_batch_rules(cfg, t.actor_num_gpus_per_node // model_parallel)
+
+
+def _megatron_batch_rules(cfg: "Config", dp: int) -> None:
+    t, r = cfg.train, cfg.rollout
+    if r.global_batch_size % dp:
+        raise _err(f"rollout.global_batch_size={r.global_batch_size}: must split evenly over the {dp} data-parallel "
+                   f"ranks (actor_num_gpus_per_node / model-parallel size)")
+    if t.use_dynamic_batch_size and t.max_tokens_per_gpu == 0:
+        raise _err("train.use_dynamic_batch_size=True: needs max_tokens_per_gpu > 0 (e.g. 16384)")
+    if not t.use_dynamic_batch_size and (t.max_tokens_per_gpu or t.log_probs_max_tokens_per_gpu):
+        raise _err(f"train.max_tokens_per_gpu={t.max_tokens_per_gpu}, log_probs_max_tokens_per_gpu="
+                   f"{t.log_probs_max_tokens_per_gpu}: only used with use_dynamic_batch_size=true; set it, or 0")
+    full = t.recompute_granularity == "full"
+    if full and not (t.recompute_method and t.recompute_num_layers):
+        raise _err("train.recompute_granularity='full': needs recompute_method (uniform or block) and "
+                   "recompute_num_layers >= 1")
+    if not full and (t.recompute_method or t.recompute_num_layers):
+        raise _err(f"train.recompute_method={t.recompute_method!r}, recompute_num_layers={t.recompute_num_layers}: "
+                   f"only used with recompute_granularity=full; set it, or clear them")
 
 
 def check_paths(cfg: "Config") -> None:

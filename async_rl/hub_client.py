@@ -20,6 +20,9 @@ import zmq
 from async_rl import wire
 
 
+_SOCKETS = itertools.count()
+
+
 class HubError(RuntimeError):
     """The hub answered with an ERROR reply."""
 
@@ -53,7 +56,8 @@ class HubClient:
         self.sock = self._new_socket()
 
     def _new_socket(self) -> zmq.Socket:
-        identity = f"{self._name}-{os.getpid()}-{next(self._ids)}".encode()
+        # unique per socket, process-wide: two clients with one ROUTER identity steal each other's replies
+        identity = f"{self._name}-{os.getpid()}-{next(_SOCKETS)}".encode()
         return _socket(self.ctx, self.endpoint, identity, self.keys_dir)
 
     def reconnect(self) -> None:

@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,38 @@ def _wait(what: str, ready, procs: ProcessGroup, names: list[str], timeout: floa
         time.sleep(0.1)
 
 
+def _start_command(procs: ProcessGroup, name: str, cmd: list[str], cpus: list, threads: int, critical: bool):
+    """ProcessGroup.start for a full command line (an SGLang server runs under its own Python)."""
+    import os
+    import subprocess
+
+    from async_rl.procs import Child
+    log = procs.log_dir / f"{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    cores = [int(c) for c in cpus or []]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    procs.children[name] = child = Child(name, proc, log, critical)
+    return child
+
+
+def _split_words(args: list) -> list[str]:
+    import shlex
+    return [w for entry in args for w in shlex.split(str(entry))]
+
+
+def _wait_url(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _engine_ready(url):
+        if time.monotonic() > deadline:
+            raise LaunchError(f"external engine {url} (rollout.rollout_external_engine_addrs) not healthy after "
+                              f"{timeout:.0f}s (cluster.startup_timeout); is it running?")
+        time.sleep(0.5)
+
+
 def _engine_ready(url: str) -> bool:
     try:
         return requests.get(f"{url}/health_generate", timeout=5).status_code == 200
@@ -54,8 +87,10 @@ def _engine_ready(url: str) -> bool:
 
 
 class Launcher:
-    def __init__(self, cfg: config_mod.Config, run_dir: str | Path):
+    def __init__(self, cfg: config_mod.Config, run_dir: str | Path, resume: bool = False):
         self.cfg = cfg
+        self.resume = resume
+        self.stop_requested = False  # `async-rl stop` (SIGUSR1): drain, checkpoint, exit 0
         self.run_dir = Path(run_dir)
         self.cfg_path = self.run_dir / "config.yaml"
         self.procs = ProcessGroup(self.run_dir / "logs")
@@ -72,10 +107,17 @@ class Launcher:
             from async_rl.keys import create_keys
             self.keys_dir = create_keys(self.run_dir / "keys")
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "hub.endpoint"):
-            (self.run_dir / stale).unlink(missing_ok=True)
-        shutil.rmtree(self.run_dir / "hub", ignore_errors=True)  # a new run starts with an empty hub
+        (self.run_dir / "hub.endpoint").unlink(missing_ok=True)
+        if self.resume:
+            if not (self.run_dir / "hub").is_dir():
+                raise LaunchError(f"--resume: {self.run_dir} holds no hub state (run_dir/hub); launch it without --resume")
+        else:  # a new run starts with an empty hub and no metrics
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "hub", ignore_errors=True)
         config_mod.save(self.cfg, self.cfg_path)
+        with open(self.run_dir / "config_history.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), "event": "resume" if self.resume else "launch",
+                                "config": self.cfg.to_dict()}) + "\n")
         self.manifest = Manifest(self.run_dir, self.cfg.to_dict())
 
     def start_hub(self) -> None:
@@ -85,33 +127,82 @@ class Launcher:
         bind = f"tcp://{c.host}:{c.hub_port or free_port(c.host)}"
         args = ["--config", str(self.cfg_path), "--bind", bind, "--endpoint-file", str(endpoint_file),
                 "--state-dir", str(self.run_dir / "hub")]
-        self.procs.start("hub", "buffer.service", args + self.key_args(), cpus=c.engine_cpus)
+        # the hub answers everyone on the critical path: it must not queue behind a busy engine on its core
+        self.procs.start("hub", "buffer.service", args + self.key_args(), cpus=c.engine_cpus, nice=-5)
         _wait("hub", endpoint_file.exists, self.procs, ["hub"], c.startup_timeout)
         self.hub_endpoint = endpoint_file.read_text().strip()
+        if self.resume:  # the hub remembers the STOP that ended the run before; lift it
+            from async_rl.hub_client import HubClient
+            client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
+            client.request({"type": "START"}, timeout=c.startup_timeout)
+            client.close()
 
     def start_engines(self) -> None:
-        c = self.cfg.cluster
-        for i in range(c.num_engines):
+        """Start the engines (embedded, or SGLang servers with the forwarded sglang_server_args), or use
+        rollout_external_engine_addrs; wait for each to answer /health_generate (cluster.startup_timeout); a
+        server that exits or never gets ready fails the launch with the tail of its log. With
+        use_fault_tolerance, engines are not critical (their generator restarts them) and how each was started
+        is written to run_dir/engines.json for that."""
+        c, r = self.cfg.cluster, self.cfg.rollout
+        if r.rollout_external_engine_addrs:
+            self.engine_urls = [a if a.startswith("http") else f"http://{a}" for a in r.rollout_external_engine_addrs]
+            self.engine_urls = [u.rstrip("/") for u in self.engine_urls]
+            for url in self.engine_urls:
+                _wait_url(url, c.startup_timeout)
+            return
+        specs = []
+        for i in range(self._num_engines()):
             port = free_port(c.host)
-            self.procs.start(f"engine{i}", "actors.engine_server",
-                             ["--model-path", self.cfg.ckpt.hf_checkpoint, "--host", c.host, "--port", str(port),
-                              "--num-threads", str(c.engine_num_threads), "--seed", str(self.cfg.train.seed + i)],
-                             cpus=c.engine_cpus, threads=c.engine_num_threads)
-            self.engine_urls.append(f"http://{c.host}:{port}")
+            url = f"http://{c.host}:{port}"
+            cmd = self._engine_command(i, port)
+            child = _start_command(self.procs, f"engine{i}", cmd, c.engine_cpus, c.engine_num_threads,
+                                   critical=not r.use_fault_tolerance)
+            specs.append({"url": url, "cmd": cmd, "log": str(child.log), "pid": child.proc.pid,
+                          "owner": f"g{i}" if i < c.num_generators else "g0",
+                          "env": {"OMP_NUM_THREADS": str(c.engine_num_threads)}})
+            self.engine_urls.append(url)
+        (self.run_dir / "engines.json").write_text(json.dumps(specs, indent=1))
         for i, url in enumerate(self.engine_urls):
             _wait(f"engine{i}", lambda u=url: _engine_ready(u), self.procs, [f"engine{i}"], c.startup_timeout)
 
-    def start_workers(self) -> None:
+    def _num_engines(self) -> int:
+        r = self.cfg.rollout
+        if r.rollout_engine == "sglang" and r.rollout_num_gpus:
+            return r.rollout_num_gpus // r.rollout_num_gpus_per_engine
+        return self.cfg.cluster.num_engines
+
+    def _engine_command(self, i: int, port: int) -> list[str]:
+        c, r = self.cfg.cluster, self.cfg.rollout
+        if r.rollout_engine == "sglang":
+            return [r.sglang_python or sys.executable, "-m", "sglang.launch_server", "--model-path",
+                    self.cfg.ckpt.hf_checkpoint, "--host", c.host, "--port", str(port), "--tp-size",
+                    str(r.rollout_num_gpus_per_engine), "--weight-version", "0", "--random-seed",
+                    str(self.cfg.train.seed + i), *_split_words(r.sglang_server_args)]
+        return [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint,
+                "--host", c.host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
+                "--seed", str(self.cfg.train.seed + i)]
+
+    def start_generators(self, id_prefix: str = "g") -> None:
         c = self.cfg.cluster
         for i in range(c.num_generators):
             self.procs.start(f"generator{i}", "actors.generator",
                              ["--config", str(self.cfg_path), "--hub", self.hub_endpoint,
-                              "--engine-url", self.engine_urls[i % len(self.engine_urls)], "--generator-id", f"g{i}",
-                              *self.key_args()],
+                              "--engine-url", self.engine_urls[i % len(self.engine_urls)],
+                              "--generator-id", f"{id_prefix}{i}", *self.key_args()],
                              cpus=c.engine_cpus)
-        self.procs.start("learner", "learners.torch_learner",
-                         ["--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub", self.hub_endpoint,
-                          *self.key_args()],
+
+    def start_workers(self) -> None:
+        c = self.cfg.cluster
+        self.start_generators()
+        t = self.cfg.train
+        if t.train_backend == "megatron":  # one process per GPU, under torchrun (its own rendezvous port)
+            module, launch = "torch.distributed.run", ["--standalone", f"--nproc-per-node={t.actor_num_gpus_per_node}",
+                                                       "-m", "learners.megatron.learner"]
+        else:
+            module, launch = "learners.torch_learner", []
+        self.procs.start("learner", module,
+                         [*launch, "--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub",
+                          self.hub_endpoint, *self.key_args(), *(["--resume"] if self.resume else [])],
                          cpus=c.learner_cpus, threads=c.learner_num_threads)
 
     def evaluate(self, tag: str, weights: str) -> dict | None:
@@ -136,8 +227,13 @@ class Launcher:
 
     def monitor(self, progress: Progress) -> None:
         learner = self.procs.children["learner"]
+        stop_sent = False
         while True:
             progress.refresh()
+            if self.stop_requested and not stop_sent:  # the learner checkpoints and exits 0 on SIGTERM
+                print("async-rl: stop requested: the learner checkpoints and the run ends", flush=True)
+                learner.proc.send_signal(signal.SIGTERM)
+                stop_sent = True
             bad = self.procs.failed()
             if bad is not None:
                 raise LaunchError(f"{bad.name} died with exit code {bad.proc.returncode}; last lines of "
@@ -161,19 +257,25 @@ class Launcher:
             self.procs.stop(name)
 
 
-def launch(cfg: config_mod.Config, run_dir: str | Path) -> int:
-    """Run a whole job; returns the exit code. Never leaves a child process behind."""
-    launcher = Launcher(cfg, run_dir)
-    launcher.prepare()
+def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False) -> int:
+    """Run a whole job (or continue one, `resume`); returns the exit code. Never leaves a child process behind."""
+    launcher = Launcher(cfg, run_dir, resume)
+    try:
+        launcher.prepare()
+    except LaunchError as exc:
+        print(f"async-rl: {exc}", flush=True)
+        return 2
     progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, _raise_interrupt)
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(launcher, "stop_requested", True))
     code, status, evals = 1, "failed", {}
     try:
         launcher.start_hub()
         launcher.start_engines()
-        evals["start"] = launcher.evaluate("start", cfg.ckpt.hf_checkpoint)
+        if not resume:
+            evals["start"] = launcher.evaluate("start", cfg.ckpt.hf_checkpoint)
         launcher.start_workers()
         launcher.record("running")
         progress.start()
@@ -182,7 +284,7 @@ def launch(cfg: config_mod.Config, run_dir: str | Path) -> int:
         launcher.stop_workers()
         latest = sorted((launcher.run_dir / "weights").glob("v*"), key=lambda p: int(p.name[1:]))
         evals["end"] = launcher.evaluate("end", str(latest[-1]) if latest else cfg.ckpt.hf_checkpoint)
-        code, status = 0, "completed"
+        code, status = 0, "stopped" if launcher.stop_requested else "completed"
     except LaunchError as exc:
         progress.stop()
         print(f"async-rl: run failed: {exc}", flush=True)

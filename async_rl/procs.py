@@ -34,7 +34,7 @@ class ProcessGroup:
         self.children: dict[str, Child] = {}
 
     def start(self, name: str, module: str, args: list[str], cpus: list[int] | None = None,
-              threads: int = 1, critical: bool = True) -> Child:
+              threads: int = 1, critical: bool = True, nice: int = 0) -> Child:
         log = self.log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
                "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -43,6 +43,11 @@ class ProcessGroup:
         def pin():
             if cores:
                 os.sched_setaffinity(0, cores)
+            if nice:
+                try:
+                    os.nice(nice)
+                except PermissionError:  # raising priority needs privileges; run at normal priority
+                    pass
         with open(log, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=pin)

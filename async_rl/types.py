@@ -26,6 +26,10 @@ class Trajectory:
     reward: float = 0.0
     finish_reason: str = "stop"
     response_text: str = ""
+    # optional uint8 [R]: 1 = train on this response token, 0 = exclude it from the loss (tool / environment
+    # output in a multi-turn sample, or an older version's tokens with mask_offpolicy_in_partial_rollout).
+    # None = every response token counts. Absent on the wire when None.
+    loss_mask: np.ndarray | None = None
 
     @functools.cached_property
     def behavior_version(self) -> int:  # cached: the hub asks on every staleness check
@@ -35,20 +39,25 @@ class Trajectory:
         return {"prompt_ids": self.prompt_ids, "response_ids": self.response_ids,
                 "rollout_logprobs": self.rollout_logprobs, "token_versions": self.token_versions,
                 "reward": float(self.reward), "finish_reason": self.finish_reason,
-                "response_text": self.response_text}
+                "response_text": self.response_text,
+                **({} if self.loss_mask is None else {"loss_mask": np.asarray(self.loss_mask, np.uint8)})}
 
     @classmethod
     def from_wire(cls, d: dict) -> "Trajectory":
         try:
             arrays = {k: np.asarray(d[k], dtype=t) for k, t in _TRAJ_ARRAYS.items()}
+            mask = d.get("loss_mask")
             traj = cls(**arrays, reward=float(d["reward"]), finish_reason=str(d.get("finish_reason", "")),
-                       response_text=str(d.get("response_text", "")))
+                       response_text=str(d.get("response_text", "")),
+                       loss_mask=None if mask is None else np.asarray(mask, dtype=np.uint8))
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"malformed trajectory: {exc!r}") from None
         r = len(traj.response_ids)
         if r == 0 or len(traj.rollout_logprobs) != r or len(traj.token_versions) != r:
             raise WireError(f"trajectory arrays disagree: response_ids {r}, rollout_logprobs "
                             f"{len(traj.rollout_logprobs)}, token_versions {len(traj.token_versions)} (need equal, > 0)")
+        if traj.loss_mask is not None and len(traj.loss_mask) != r:
+            raise WireError(f"trajectory loss_mask has {len(traj.loss_mask)} entries for {r} response tokens")
         return traj
 
 

@@ -29,7 +29,8 @@ from buffer.rate_limiter import StalenessCredits
 from buffer.state import HubState
 
 Reply = tuple[bytes, dict]
-TYPES = ("ACQUIRE", "PUT", "DROP", "SAMPLE", "ACK", "PRIORITY", "VERSION", "SET", "STATS", "STOP", "HEARTBEAT")
+TYPES = ("ACQUIRE", "PUT", "DROP", "SAMPLE", "ACK", "PRIORITY", "VERSION", "SET", "STATS", "STOP", "START",
+         "HEARTBEAT")
 
 
 class Hub:
@@ -97,6 +98,9 @@ class Hub:
         return {"rid": msg.get("rid"), "version": self.state.version, "weights_path": self.state.weights_path,
                 **fields}
 
+    def _knobs(self, side: str) -> dict:
+        return {"knob_version": self.state.knob_version, "knobs": getattr(self.state, f"{side}_knobs")}
+
     def _seen(self, gid: str) -> None:
         self.state.generator(gid)["last_seen"] = time.time()
 
@@ -109,7 +113,7 @@ class Hub:
         self._seen(gid)
         last = self.state.last_grant.get(gid)
         if last is not None and seq >= 0 and last["acquire_seq"] == seq:
-            return [(ident, self._reply(msg, type="GRANT", prompts=last["prompts"]))]  # a resend
+            return [(ident, self._reply(msg, type="GRANT", prompts=last["prompts"], **self._knobs("generator")))]
         if self.state.done:
             return [(ident, self._reply(msg, type="DONE"))]
         int(msg.get("max_groups", 1))
@@ -129,10 +133,10 @@ class Hub:
             prompts = []
             for _ in range(n):
                 index, prompt = self.state.dispenser.next()
-                prompts.append({"prompt_index": index, "input": prompt["input"], "label": prompt["label"]})
+                prompts.append({"prompt_index": index, **prompt})  # input, label, and metadata / tools if any
             self.commit({"op": "grant", "gid": gid, "acquire_seq": int(msg.get("acquire_seq", -1)),
                          "prompts": prompts, "cursor": [self.state.dispenser.epoch, self.state.dispenser.position]})
-            out.append((ident, self._reply(msg, type="GRANT", prompts=prompts)))
+            out.append((ident, self._reply(msg, type="GRANT", prompts=prompts, **self._knobs("generator"))))
         return out
 
     def _check_group(self, group: Group) -> None:
@@ -216,6 +220,7 @@ class Hub:
                     sampled)
         flight = self.state.in_flight[learner]
         reply = self._reply(msg, type="BATCH", lease=lease, groups=[g.to_wire() for g in flight["groups"]],
+                            **self._knobs("learner"),
                             stats=self.stats())
         return [(ident, reply)] + self._serve_acquires()
 
@@ -237,15 +242,29 @@ class Hub:
         return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
 
     def _on_set(self, ident: bytes, msg: dict) -> list[Reply]:
-        knobs = dict(msg["knobs"])
-        error = _check_knobs(knobs, self.state.table.alpha is not None)
+        """Live knobs: `knobs` are the hub's (checked here); `learner` / `generator` map dotted config paths to
+        values that `async-rl set` already validated against the run's config, passed on to those processes."""
+        knobs, learner, generator = (dict(msg.get(k) or {}) for k in ("knobs", "learner", "generator"))
+        error = _check_knobs(knobs, self.state.table.alpha is not None) if knobs else None
+        if not (knobs or learner or generator):
+            error = "SET: no knobs given"
         if error:
             return [(ident, self._error(msg, error))]
-        self.commit({"op": "set", "knobs": knobs})
-        return [(ident, self._reply(msg, type="OK", knobs=knobs))] + self._serve_sample() + self._serve_acquires()
+        self.commit({"op": "set", "knobs": knobs, "learner": learner, "generator": generator})
+        return [(ident, self._reply(msg, type="OK", knob_version=self.state.knob_version))] + \
+            self._serve_sample() + self._serve_acquires()
 
     def _on_stats(self, ident: bytes, msg: dict) -> list[Reply]:
         return [(ident, self._reply(msg, type="STATS", stats=self.stats()))]
+
+    def _on_start(self, ident: bytes, msg: dict) -> list[Reply]:
+        """A resumed run: generators may acquire work again after an earlier STOP."""
+        if self.state.done:
+            self.commit({"op": "start"})
+        for gid, gen in self.state.generators.items():  # every generator of the last run is gone
+            if gen["running"] > 0:
+                self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
+        return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
 
     def _on_stop(self, ident: bytes, msg: dict) -> list[Reply]:
         if not self.state.done:
@@ -273,6 +292,8 @@ class Hub:
             "staleness_hist": {str(k): v for k, v in t.staleness_hist().items()},
             "gen_tokens": sum(g["gen_tokens"] for g in gens), "gen_busy_s": sum(g["busy_s"] for g in gens),
             "num_generators": len(s.generators), "prompt_epoch": s.dispenser.epoch,
+            "generators": {gid: {k: g[k] for k in ("groups", "running", "dropped", "gen_tokens")} | {
+                "alive": time.time() - g["last_seen"] < self.cfg.buffer.generator_timeout} for gid, g in s.generators.items()},
             "uptime_s": time.time() - self.started, "recovered_records": self.recovered_records,
             "wal_lsn": self.log.lsn if self.log else None, "done": s.done,
         }
@@ -281,7 +302,7 @@ class Hub:
 def _check_knobs(knobs: dict, prioritized: bool) -> str | None:
     """The error message for a bad live knob, or None (checked before logging: a logged record must apply)."""
     allowed = {"max_staleness", "alpha", "capacity"}
-    if not knobs or set(knobs) - allowed:
+    if set(knobs) - allowed:
         return f"knobs={sorted(knobs)}: the hub's live knobs are {sorted(allowed)}"
     for name in ("max_staleness", "capacity"):
         v = knobs.get(name, 0)

@@ -17,7 +17,7 @@ import zmq
 
 from async_rl import config as config_mod
 from async_rl import wire
-from async_rl.data import load_prompts
+from async_rl.data import load_prompt_data
 from buffer.durable import DurableLog
 from buffer.hub import Hub
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keys", default=None, help="CURVE keys dir (async_rl.keys); none = no auth")
     args = ap.parse_args(argv)
     cfg = config_mod.load(args.config)
-    prompts = load_prompts(cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key)
+    prompts = load_prompt_data(cfg.data, cfg.ckpt.hf_checkpoint)
     log = DurableLog(args.state_dir, cfg.buffer.fsync, cfg.buffer.keep_snapshots) if args.state_dir else None
     bind = args.bind[:-2] + ":*" if args.bind.endswith(":0") else args.bind
     serve(Hub(cfg, prompts, log), bind, args.endpoint_file, args.keys)

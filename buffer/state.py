@@ -42,6 +42,9 @@ class HubState:
         self.last_grant: dict[str, dict] = {}      # gid -> {"acquire_seq", "prompts"} for idempotent ACQUIRE
         self.in_flight: dict[str, dict] = {}       # learner_id -> {"lease", "keys", "groups"}
         self.done = False
+        self.knob_version = 0
+        self.learner_knobs: dict = {}    # dotted config path -> value, set live by `async-rl set`
+        self.generator_knobs: dict = {}
 
     @property
     def version(self) -> int:
@@ -144,7 +147,12 @@ class HubState:
         self.counters["reclaimed"] += self._release_credits(rec["gid"], int(rec["n"]))
 
     def _apply_set(self, rec: dict, _=None) -> None:
-        knobs = rec["knobs"]
+        """Live knobs: the hub's own apply here; the learner's and generators' are kept and handed out with
+        every BATCH / GRANT (with `knob_version`) until each side has applied them."""
+        self.knob_version += 1
+        self.learner_knobs.update(rec.get("learner") or {})
+        self.generator_knobs.update(rec.get("generator") or {})
+        knobs = rec.get("knobs") or {}
         if "max_staleness" in knobs:
             self.table.set_max_staleness(int(knobs["max_staleness"]))
         if "alpha" in knobs:
@@ -155,6 +163,9 @@ class HubState:
     def _apply_stop(self, rec: dict, _=None) -> None:
         self.done = True
 
+    def _apply_start(self, rec: dict, _=None) -> None:
+        self.done = False
+
     # ---- snapshots -------------------------------------------------------------------------------
     def to_snapshot(self) -> dict:
         return {
@@ -163,6 +174,7 @@ class HubState:
             "table": pickle.dumps(self.table, protocol=pickle.HIGHEST_PROTOCOL),  # our own file in the run dir
             "dropped_keys": [list(k) for k in self.dropped_keys], "counters": dict(self.counters),
             "generators": self.generators, "last_grant": self.last_grant,
+            "knobs": [self.knob_version, self.learner_knobs, self.generator_knobs],
             "in_flight": {lid: {"lease": f["lease"], "keys": [list(k) for k in f["keys"]],
                                 "groups": [g.to_wire() for g in f["groups"]]} for lid, f in self.in_flight.items()},
         }
@@ -175,6 +187,7 @@ class HubState:
         self.dropped_keys = {gkey(k) for k in snap["dropped_keys"]}
         self.counters = collections.Counter(snap["counters"])
         self.generators, self.last_grant = snap["generators"], snap["last_grant"]
+        self.knob_version, self.learner_knobs, self.generator_knobs = snap.get("knobs", [0, {}, {}])
         self.in_flight = {lid: {"lease": f["lease"], "keys": [gkey(k) for k in f["keys"]],
                                 "groups": [Group.from_wire(g) for g in f["groups"]]}
                           for lid, f in snap["in_flight"].items()}

@@ -61,7 +61,9 @@ def build_batch(groups: list[Group], pad_id: int) -> TrainBatch:
         input_ids[i, :p] = torch.from_numpy(t.prompt_ids.astype("int64"))
         input_ids[i, p:p + r] = torch.from_numpy(t.response_ids.astype("int64"))
         attention[i, :p + r] = 1
-        mask[i, p - 1:p - 1 + r] = 1.0
+        # a trajectory may exclude tokens from the loss (tool output, or tokens of an older policy version
+        # under mask_offpolicy_in_partial_rollout): every loss, KL, entropy and TIS statistic uses this mask
+        mask[i, p - 1:p - 1 + r] = 1.0 if t.loss_mask is None else torch.from_numpy(t.loss_mask.astype("float32"))
         rollout_lp[i, p - 1:p - 1 + r] = torch.from_numpy(t.rollout_logprobs.astype("float32"))
         versions[i, p - 1:p - 1 + r] = torch.from_numpy(t.token_versions.astype("int64"))
     rewards = torch.tensor([[t.reward for t in g.trajectories] for g in groups], dtype=torch.float32)

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from async_rl import config as config_mod
+from async_rl import knobs as knobs_mod
 from async_rl.hub_client import HubClient, HubTimeout
 from async_rl.metrics import MetricsWriter
 from async_rl.types import Group
 from async_rl.plugins import PluginError
-from learners import losses, offpolicy
+from learners import checkpoint, losses, offpolicy
 from learners.advantages import compute_advantages, pass_at_k
 from learners.batch import TrainBatch, build_batch
 from learners.critic import Critic
@@ -57,29 +58,54 @@ def _mean(steps: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+# the hub's counters logged every step: accepted == consumed + evicted_stale + evicted_capacity + size + in_flight
+BUFFER_KEYS = ("size", "in_flight", "accepted", "consumed", "evicted_stale", "evicted_capacity", "duplicates",
+               "running", "dropped_filtered", "reclaimed", "malformed", "credits_available", "max_staleness")
+
+
 class TorchLearner:
     def __init__(self, cfg: config_mod.Config, run_dir: str | Path, hub_endpoint: str | None,
                  keys_dir: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.plugins = load_algo_plugins(cfg.algo)  # first, so a bad plug-in fails before any model loads
         torch.manual_seed(cfg.train.seed)
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.ckpt.hf_checkpoint, dtype=torch.float32)
-        self.model.train()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.ckpt.hf_checkpoint)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.model, self.optimizer = self._build_policy()
         self.ref = self._load_reference() if needs_reference(cfg.algo) else None
         self.critic = (Critic(cfg.ckpt.hf_checkpoint, cfg.algo, cfg.optimizer)
                        if cfg.algo.advantage_estimator == "ppo" else None)
         self.hub = (HubClient(hub_endpoint, identity="learner", keys_dir=keys_dir,
                               resend_after=cfg.buffer.put_timeout) if hub_endpoint else None)
         self.lease = None  # the batch being trained on; acked with the next SAMPLE, redelivered if we die
+        self.knob_version = 0
         self.version = 0
         self.steps_done = 0  # learner steps trained (num_critic_only_steps, ref_update_interval)
         self.stopping = False
+
+    # ---- what a backend provides (learners.megatron overrides these) ------------------------------
+    def _build_policy(self):
+        """(policy model in train mode, its optimizer)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.hf_checkpoint, dtype=torch.float32)
+        model.train()
+        return model, build_optimizer(model, self.cfg.optimizer)
+
+    def _batch_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        """Logprobs of every target of the batch under `model` (no grad), micro-batch by micro-batch."""
+        r = self.cfg.rollout
+        return torch.cat([forward_logprobs(model, batch.select(sl), r.rollout_temperature)
+                          for sl in micro_slices(0, len(batch.input_ids), r.micro_batch_size)])
+
+    def _refresh_reference(self) -> None:
+        self.ref.load_state_dict(self.model.state_dict())
+
+    def _writer(self) -> MetricsWriter:
+        return MetricsWriter(self.run_dir, self.cfg)
 
     def _load_reference(self):
         from transformers import AutoModelForCausalLM
@@ -112,21 +138,17 @@ class TorchLearner:
         self.steps_done += 1
         interval = self.cfg.ckpt.ref_update_interval
         if self.ref is not None and interval and self.steps_done % interval == 0:
-            self.ref.load_state_dict(self.model.state_dict())
+            self._refresh_reference()
         return self._metrics(batch, kl, iw, steps)
 
     @torch.no_grad()
     def _score(self, batch: TrainBatch) -> None:
         """logp_old (proximal policy), reference logprobs and critic values, before any update."""
         r = self.cfg.rollout
-
-        def logprobs(model) -> torch.Tensor:
-            return torch.cat([forward_logprobs(model, batch.select(sl), r.rollout_temperature)
-                              for sl in micro_slices(0, len(batch.input_ids), r.micro_batch_size)])
         batch.logp_old = (batch.rollout_logprobs.clone() if self.cfg.algo.use_rollout_logprobs
-                          else logprobs(self.model))
+                          else self._batch_logprobs(self.model, batch))
         if self.ref is not None:
-            batch.ref_logp = logprobs(self.ref)
+            batch.ref_logp = self._batch_logprobs(self.ref, batch)
         if self.critic is not None:
             batch.values = self.critic.values(batch, r.micro_batch_size)
 
@@ -193,32 +215,72 @@ class TorchLearner:
         self.version += 1
         self.hub.request({"type": "VERSION", "version": self.version, "weights_path": str(path)}, timeout=30)
 
-    def run(self) -> None:
-        r = self.cfg.rollout
-        writer = MetricsWriter(self.run_dir, self.cfg)
+    def resume(self) -> int:
+        """Load the newest complete checkpoint, if any; returns the learner step to continue from."""
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            return 0
+        state = checkpoint.load(self, path)
+        if self.lease:  # that batch is in the checkpoint's weights: the hub may count it consumed
+            self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=60)
+            self.lease = None
+        print(f"learner: resumed from {path} (step {state['step']}, version {self.version})", flush=True)
+        return int(state["step"])
+
+    def save_checkpoint(self, step: int) -> None:
+        path = checkpoint.save(self, step, self.cfg.ckpt.keep_checkpoints)
+        print(f"learner: checkpoint {path}", flush=True)
+
+    def apply_knobs(self, reply: dict) -> None:
+        """Live knobs (`async-rl set`) arrive with batches; apply each new set once."""
+        if int(reply.get("knob_version", 0)) <= self.knob_version:
+            return
+        changed = knobs_mod.apply(self.cfg, reply.get("knobs") or {})
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optimizer.lr
+        self.knob_version = int(reply["knob_version"])
+        print(f"learner: live knobs v{self.knob_version} applied: {changed}", flush=True)
+
+    def sample(self) -> dict | None:
+        """The next batch (acking the previous one), or None when asked to stop while waiting."""
+        try:
+            reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner",
+                                      "num_groups": self.cfg.rollout.rollout_batch_size, "version": self.version,
+                                      "ack_lease": self.lease}, timeout=None, should_stop=lambda: self.stopping)
+        except HubTimeout:
+            return None
+        self.lease = reply["lease"]
+        return reply
+
+    def run(self, start_step: int = 0) -> None:
+        """Train from `start_step` to num_rollout (or until stopped), then checkpoint and ack the last batch."""
+        r, interval = self.cfg.rollout, self.cfg.ckpt.save_interval
+        writer = self._writer()
         t_start = last = time.time()
         prev_stats = {"gen_tokens": 0, "gen_busy_s": 0.0}
+        step = start_step
         try:
-            for step in range(r.num_rollout):
-                reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner", "num_groups": r.rollout_batch_size,
-                                          "version": self.version, "ack_lease": self.lease},
-                                         timeout=None, should_stop=lambda: self.stopping)
-                self.lease = reply["lease"]
-                groups = [Group.from_wire(g) for g in reply["groups"]]
+            while step < r.num_rollout and not self.stopping:
+                reply = self.sample()
+                if reply is None:
+                    break
+                self.apply_knobs(reply)
                 t0 = time.time()
-                metrics = self.train_step(groups)
+                metrics = self.train_step([Group.from_wire(g) for g in reply["groups"]])
+                metrics["knob_version"] = self.knob_version
                 if (step + 1) % r.update_weights_interval == 0:
                     self.publish_next()
                 now = time.time()
-                wall, stats = now - last, reply["stats"]
-                metrics.update(self._perf(step, now, t_start, wall, now - t0, stats, prev_stats,
-                                           metrics["train_tokens"]))
+                metrics.update(self._perf(step, now, t_start, now - last, now - t0, reply["stats"], prev_stats,
+                                          metrics["train_tokens"]))
                 writer.log(metrics)
-                last, prev_stats = now, stats
-            if self.lease:  # the last batch is trained on: let the hub count it consumed
+                last, prev_stats, step = now, reply["stats"], step + 1
+                if interval and step % interval == 0:
+                    self.save_checkpoint(step)
+            if step > start_step and not (interval and step % interval == 0):
+                self.save_checkpoint(step)  # the final (or stopped) state is always resumable
+            if self.lease:  # the last batch is in the weights now: let the hub count it consumed
                 self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=30)
-        except HubTimeout:
-            print("learner: stopped while waiting for a batch", flush=True)
         finally:
             writer.close()
 
@@ -230,8 +292,7 @@ class TorchLearner:
             "perf/train_tokens_per_s": tokens / max(wall, 1e-9),
             "perf/gen_tokens_per_s": (stats["gen_tokens"] - prev["gen_tokens"]) / max(wall, 1e-9),
             "perf/gen_busy_frac": min(1.0, (stats["gen_busy_s"] - prev["gen_busy_s"]) / max(wall, 1e-9) / gens),
-            **{f"buffer/{k}": stats[k] for k in ("size", "accepted", "consumed", "evicted_stale", "duplicates",
-                                                 "running")},
+            **{f"buffer/{k}": stats.get(k) for k in BUFFER_KEYS},
         }
 
 
@@ -241,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--hub", required=True, help="hub endpoint")
     ap.add_argument("--keys", default=None, help="CURVE keys dir of the run (none = no auth)")
+    ap.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints (newest complete)")
     args = ap.parse_args(argv)
     cfg = config_mod.load(args.config)
     torch.set_num_threads(cfg.cluster.learner_num_threads)
@@ -253,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     def stop(*_):
         learner.stopping = True
     signal.signal(signal.SIGTERM, stop)
-    learner.run()
+    learner.run(learner.resume() if args.resume else 0)
     return 0
 
 

@@ -5,7 +5,7 @@
 
 Payload: one group of one 2k-token trajectory (100 prompt + 2000 response ids, logprobs, versions:
 ~25 kB raw). Every path is one request in flight at a time (round-trip bound), client and server pinned
-to different cores:
+to different cores, the client encoding every message the same way:
 - raw: a bare ROUTER that answers every message with a small reply (the floor of the transport)
 - PUT+ACK: the hub storing the group (in memory; and with the WAL at each fsync policy)
 - SAMPLE+ACK: the hub handing one stored group to a learner and taking the ack of the previous one
@@ -89,10 +89,10 @@ def bench_raw(seconds: float) -> float:
     proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, endpoint])
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(endpoint)
-    payloads = [wire.encode({"type": "PUT", "group": make_group(i), "stats": {}}) for i in range(64)]
+    groups = [make_group(i) for i in range(64)]
 
-    def one(i):
-        sock.send(payloads[i % 64])
+    def one(i):  # the same client work as a hub PUT (encode the group), minus the hub
+        sock.send(wire.encode({"type": "PUT", "group": {**groups[i % 64], "seq": i}, "stats": {}, "rid": str(i)}))
         sock.recv()
     try:
         rate(one, 0.5)

@@ -145,3 +145,98 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_world):
     assert proc.returncode == 130, out
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert_no_orphans(run_dir)
+
+
+def test_stop_then_resume_continues_exactly(tmp_path, tiny_world):
+    cfg = write_config(tmp_path, tiny_world, num_rollout=60)
+    run_dir = tmp_path / "run"
+    proc = cli("launch", str(cfg), "save_interval=4", "--run-dir", str(run_dir))
+    deadline = time.time() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 6):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    stop = subprocess.run([sys.executable, "-m", "async_rl.cli", "stop", "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    out, _ = proc.communicate(timeout=60)
+    assert stop.returncode == 0 and proc.returncode == 0, (stop.stdout, stop.stderr, out)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
+    before = read_rows(run_dir)
+    assert 6 <= len(before) < 60
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert ckpts[-1].name == f"step_{len(before)}" and (ckpts[-1] / "DONE").exists()
+    assert_no_orphans(run_dir)
+
+    resumed = cli("launch", str(cfg), "save_interval=4", "--run-dir", str(run_dir), "--resume")
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(60))  # no step lost, none repeated
+    assert rows[len(before)]["version"] == before[-1]["version"] + 1  # weights continue where they stopped
+    last = rows[-1]
+    assert last["buffer/consumed"] == 59 * 4 and last["buffer/in_flight"] == 4  # every batch trained once
+    assert last["buffer/accepted"] == (last["buffer/consumed"] + last["buffer/evicted_stale"]
+                                       + last["buffer/evicted_capacity"] + last["buffer/size"] + last["buffer/in_flight"])
+    history = [json.loads(line)["event"] for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert history == ["launch", "resume"]
+    assert_no_orphans(run_dir)
+
+
+def test_live_knobs_reach_hub_learner_and_generators(tmp_path, tiny_world):
+    proc, run_dir = _start_and_wait_running(tmp_path, tiny_world)
+    try:
+        bad = subprocess.run([sys.executable, "-m", "async_rl.cli", "set", "--run-dir", str(run_dir), "n_samples_per_prompt=2"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "not a live knob" in bad.stderr
+        bad = subprocess.run([sys.executable, "-m", "async_rl.cli", "set", "--run-dir", str(run_dir), "tis_clip=0"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "algo.tis_clip=0.0: must be > tis_clip_low" in bad.stderr
+        ok = subprocess.run([sys.executable, "-m", "async_rl.cli", "set", "--run-dir", str(run_dir), "max_staleness=0",
+                             "tis_clip=1.5", "rollout_temperature=0.7"], capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        deadline = time.time() + 60
+        while not any(r.get("knob_version", 0) >= 1 for r in read_rows(run_dir)[-3:]):
+            assert time.time() < deadline, "the learner never applied the knobs"
+            time.sleep(0.2)
+        n = len(read_rows(run_dir))
+        while len(read_rows(run_dir)) < n + 5:
+            assert time.time() < deadline + 60
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    after = [r for r in read_rows(run_dir) if r.get("knob_version", 0) >= 1]
+    assert after and all(r["staleness/max"] == 0 for r in after)  # the invariant follows the new bound
+    assert all(r["buffer/max_staleness"] == 0 for r in after)
+    assert "live knobs v1 applied" in (run_dir / "logs" / "learner.log").read_text()
+    assert "'rollout.rollout_temperature': 0.7" in (run_dir / "logs" / "generator0.log").read_text()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["algo"]["tis_clip"] == 1.5
+    assert_no_orphans(run_dir)
+
+
+def test_attach_adds_a_generator_whose_groups_are_trained_and_detach_drains_it(tmp_path, tiny_world):
+    proc, run_dir = _start_and_wait_running(tmp_path, tiny_world)
+    try:
+        attached = cli("attach", "--run-dir", str(run_dir), "--engines", "1")
+        deadline = time.time() + 90
+        mine = {}
+        while not any(g["groups"] > 0 for g in mine.values()):
+            assert attached.poll() is None, attached.communicate()[0]
+            assert time.time() < deadline, "the attached generator never delivered"
+            time.sleep(0.5)
+            st = json.loads(subprocess.run([sys.executable, "-m", "async_rl.cli", "status", "--run-dir", str(run_dir),
+                                            "--json"], capture_output=True, text=True, check=True).stdout)
+            mine = {k: v for k, v in st["hub"]["generators"].items() if k.startswith(f"a{attached.pid}-")}
+        consumed_before = read_rows(run_dir)[-1]["buffer/consumed"]
+        detach = subprocess.run([sys.executable, "-m", "async_rl.cli", "detach", "--run-dir", str(run_dir)],
+                                capture_output=True, text=True, timeout=90)
+        assert detach.returncode == 0, detach.stdout + detach.stderr
+        attached.communicate(timeout=30)
+        assert attached.returncode == 0
+        time.sleep(2)
+        assert proc.poll() is None, "detaching must not disturb the run"
+        assert read_rows(run_dir)[-1]["buffer/consumed"] > consumed_before  # the run goes on without it
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert not list((run_dir / "attached").glob("*.json"))
+    assert_no_orphans(run_dir)

@@ -158,7 +158,8 @@ def test_generator_drops_flat_groups_and_the_hub_gets_their_credits_back(world):
     EngineClient(world["engine_url"]).wait_ready(60, proc=world["procs"][0])
     gen = Generator(world["cfg"], "g0", world["hub"], world["engine_url"])
     assert gen.acquire_max_groups == 4  # over_sampling_batch_size, not groups_per_engine_call
-    grant = gen.hub.request({"type": "ACQUIRE", "generator_id": "g0", "acquire_seq": 0,
+    assert gen.generator_id.startswith("g0-")  # an incarnation id: a restart never reuses old keys
+    grant = gen.hub.request({"type": "ACQUIRE", "generator_id": gen.generator_id, "acquire_seq": 0,
                              "max_groups": gen.acquire_max_groups}, timeout=30)
     assert [p["label"] for p in grant["prompts"]] == ["0", "1", "2", "3"]
     credits_before = gen.hub.stats()["credits_available"]

@@ -41,11 +41,11 @@ def test_yaml_file_roundtrip(tmp_path):
     (["tis_clip=0.5", "tis_clip_low=1.0"], "algo.tis_clip=0.5: must be > tis_clip_low=1.0"),
     (["rollout_top_p=0"], "rollout.rollout_top_p=0.0: must be in (0, 1]"),
     (["advantage_estimator=a2c"], "algo.advantage_estimator='a2c': must be one of"),
-    (["train_backend=megatron"], "not available yet"),
+    (["tensor_model_parallel_size=2"], "train.tensor_model_parallel_size=2: only train_backend=megatron uses it"),
     (["use_tis=maybe"], "must be true or false"),
     (["n_sample_per_prompt=2"], "did you mean"),
     (["nonsense"], "key=value"),
-    (["train_backend=megatron"], "[megatron]"),
+    (["train_backend=megatron", "tensor_model_parallel_size=2"], "train.actor_num_gpus_per_node=1: must be a multiple"),
 ])
 def test_bad_values_name_field_value_and_fix(words, needle):
     with pytest.raises(C.ConfigError) as err:

@@ -39,3 +39,10 @@ def test_recomputed_logprobs_equal_direct_forward(tiny_world):
             lp = torch.log_softmax(logits, -1)
             want += [lp[len(p) - 1 + j, tok].item() for j, tok in enumerate(r)]
     assert torch.allclose(got, torch.tensor(want), atol=1e-5)
+
+
+def test_trajectory_loss_mask_removes_tokens_from_the_loss():
+    t = _traj([4, 5], [7, 8, 9])
+    t.loss_mask = np.array([1, 0, 1], np.uint8)  # e.g. the middle token came from a tool
+    b = build_batch([Group("g", 0, 0, "x", [t])], pad_id=0)
+    assert b.mask.tolist() == [[0, 1, 0, 1]]
