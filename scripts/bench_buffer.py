@@ -84,6 +84,42 @@ def rate(fn, seconds: float, max_calls: int | None = None) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def bench_raw_batched(seconds: float, per_msg: int) -> float:
+    """Raw round trips carrying `per_msg` groups each (the generator's multi-group PUT), in groups/s."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, endpoint])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    groups = [make_group(i) for i in range(64)]
+
+    def one(i):
+        sock.send(wire.encode({"type": "PUT", "groups": [{**groups[(i + j) % 64], "seq": i * per_msg + j}
+                                                         for j in range(per_msg)], "stats": {}, "rid": str(i)}))
+        sock.recv()
+    try:
+        rate(one, 0.5)
+        return rate(one, seconds) * per_msg
+    finally:
+        sock.close()
+        proc.kill()
+
+
+def bench_hub_batched(seconds: float, per_msg: int, tmp: Path) -> float:
+    proc, endpoint = start_hub(tmp, None, "never")
+    client = HubClient(endpoint, "bench")
+    groups = [make_group(i) for i in range(64)]
+
+    def one(i):
+        client.request({"type": "PUT", "groups": [{**groups[(i + j) % 64], "seq": i * per_msg + j}
+                                                  for j in range(per_msg)], "stats": {}}, timeout=30)
+    try:
+        return rate(one, seconds) * per_msg
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait()
+
+
 def bench_raw(seconds: float) -> float:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, endpoint])
@@ -161,11 +197,15 @@ def main() -> int:
         put, sample = bench_hub(args.seconds, str(tmp / state) if state else None, fsync, tmp)
         rows.append((f"{label}: PUT+ACK", put, None))
         rows.append((f"{label}: SAMPLE+ACK", sample, None))
+    raw8 = bench_raw_batched(args.seconds, 8)
+    hub8 = bench_hub_batched(args.seconds, 8, tmp)
     mem = bench_memory(args.memory_groups, tmp)
     print(f"payload: 1 trajectory, 2k tokens, {RAW_BYTES} raw bytes; one request in flight\n")
     print("| path | msgs/s | vs raw |\n|---|---|---|")
     for label, value, _ in rows:
         print(f"| {label} | {value:,.0f} | {value / raw:.0%} |")
+    print(f"| raw, 8 groups per message (groups/s) | {raw8:,.0f} | 100% |")
+    print(f"| hub, in memory: PUT of 8 groups per message, as generators send (groups/s) | {hub8:,.0f} | {hub8 / raw8:.0%} |")
     print(f"\nhub memory per stored group: {mem:.2f}x its raw array bytes ({args.memory_groups} groups)")
     return 0
 

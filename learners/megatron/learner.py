@@ -1,0 +1,243 @@
+"""Megatron learner (`train_backend: megatron`): the torch learner's loop and RL math (`TorchLearner`:
+SAMPLE -> logp_old -> advantages -> actor loss x TIS -> step -> publish v+1), with a megatron-core GPTModel
+sharded over TP ranks and replicated over DP ranks, Megatron DDP and Megatron's optimizer on GPUs.
+
+    torchrun --nproc-per-node N -m learners.megatron.learner --config C --run-dir D --hub H [--keys K]
+
+Invariants: global rank 0 alone talks to the hub and writes the run directory; it broadcasts each batch
+(or the decision to stop) so every rank runs the same steps and collectives in the same order. Every rank
+builds the same TrainBatch from the broadcast groups; logprobs are computed on each DP rank's rows and
+summed over DP (disjoint rows, so exactly the whole batch's); each mini-batch's rows are split evenly
+over DP ranks. The version is the number of publications, as for the torch learner.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from async_rl import config as config_mod
+from async_rl.hub_client import HubTimeout
+from async_rl.plugins import PluginError
+from learners import checkpoint as common_checkpoint
+from learners import losses
+from learners.batch import TrainBatch
+from learners.megatron import batching, checkpoint, parallel
+from learners.megatron.model import build_stage, forward_logits, shape_from_hf, transformer_config
+from learners.megatron.optim import Stepper, wrap_ddp
+from learners.megatron.weights import HFExport, gather_hf, load_hf, read_hf_checkpoint, unwrap
+from learners.objective import actor_loss
+from learners.torch_learner import TorchLearner
+from learners.weights import publish
+
+
+def check_hardware(train, on_gpu: bool) -> None:
+    """Options this machine cannot honour, named with their fix (config_rules checks the rest)."""
+    if not on_gpu and not getattr(torch.cuda, "_async_rl_cpu_shim", False):
+        raise config_mod.ConfigError("train.train_backend='megatron': megatron-core needs CUDA GPUs and this "
+                                     "machine has none; use train_backend=torch on CPU")
+    if train.bf16 and not on_gpu:
+        raise config_mod.ConfigError("train.bf16=True: Megatron's mixed-precision optimizer needs CUDA GPUs; set "
+                                     "bf16=false on CPU")
+
+
+class _NoMetrics:
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MegatronLearner(TorchLearner):
+    def __init__(self, cfg: config_mod.Config, run_dir: str | Path, hub_endpoint: str | None,
+                 keys_dir: str | None = None):
+        from transformers import AutoConfig
+
+        check_hardware(cfg.train, torch.cuda.is_available())
+        self.layout = parallel.init(cfg.train)
+        self.hf_config = AutoConfig.from_pretrained(cfg.ckpt.hf_checkpoint)
+        self.shape = shape_from_hf(self.hf_config, cfg.train.tensor_model_parallel_size)
+        self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.layout.on_gpu else torch.device("cpu")
+        self._stop_requested = False
+        super().__init__(cfg, run_dir, hub_endpoint if self.layout.rank == 0 else None, keys_dir)
+
+    # Ranks stop together: the loop's own check never fires; rank 0 turns a stop request into a broadcast
+    # "no batch" in sample(), and every rank leaves the loop there.
+    @property
+    def stopping(self) -> bool:
+        return False
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._stop_requested = value
+
+    # ---- model, optimizer, forward ---------------------------------------------------------------
+    def _stage(self, checkpoint_dir: str):
+        config = transformer_config(self.shape, self.cfg.train, self.dtype)
+        config.calculate_per_token_loss = self.cfg.algo.calculate_per_token_loss  # DDP sums instead of averaging
+        model = build_stage(self.shape, config)
+        load_hf(model, read_hf_checkpoint(checkpoint_dir), self.shape, self.layout.tp_rank, self.layout.tp)
+        return model, config
+
+    def _build_policy(self):
+        model, config = self._stage(self.cfg.ckpt.hf_checkpoint)
+        ddp = wrap_ddp(model, config, self.layout.dp, distributed_optimizer=self.layout.on_gpu)
+        ddp.train()
+        r = self.cfg.rollout
+        stepper = Stepper(ddp, self.cfg.optimizer, r.num_rollout * r.num_steps_per_rollout, self.layout.on_gpu,
+                          self.cfg.train.bf16)
+        return ddp, stepper
+
+    def _load_reference(self):
+        model, _ = self._stage(self.cfg.ckpt.ref_load or self.cfg.ckpt.hf_checkpoint)
+        return model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _refresh_reference(self) -> None:
+        for ref_p, p in zip(unwrap(self.ref).parameters(), unwrap(self.model).parameters()):
+            ref_p.copy_(p)
+
+    def _logits(self, model, rows: dict) -> torch.Tensor:
+        return forward_logits(model, rows["input_ids"], self.shape.vocab)
+
+    @torch.no_grad()
+    def _batch_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        t, r, lay = self.cfg.train, self.cfg.rollout, self.layout
+        lengths = batching.row_lengths(batch)
+        rows = batching.dp_rows(0, len(lengths), lay.dp, lay.dp_rank, lengths, balance=False)
+        budget = (t.log_probs_max_tokens_per_gpu or t.max_tokens_per_gpu) if t.use_dynamic_batch_size else 0
+        out = torch.zeros_like(batch.mask)
+        model.eval()
+        done = []  # results stay on the device until the end: no sync per micro-batch, so the host queues the
+        for micro in batching.micro_batches(rows, lengths, r.micro_batch_size, budget):  # next one meanwhile
+            part = batching.take(batch, micro, self.device)
+            done.append((micro, losses.token_logprobs(self._logits(model, part), part["targets"],
+                                                      r.rollout_temperature).float()))
+        for micro, logp in done:
+            out[micro, :logp.shape[1]] = logp.cpu()
+        if model is self.model:
+            model.train()
+        if lay.dp > 1:  # each rank filled its own rows, the rest are 0: the sum is the whole batch
+            from megatron.core import parallel_state as ps
+            torch.distributed.all_reduce(out, group=ps.get_data_parallel_group_gloo())
+        return out
+
+    # ---- one optimizer step over this DP rank's rows of a mini-batch -----------------------------------
+    def _policy_step(self, batch: TrainBatch, start: int) -> dict:
+        r, a, t, lay = self.cfg.rollout, self.cfg.algo, self.cfg.train, self.layout
+        size = r.global_batch_size
+        token_denom = float(batch.mask[start:start + size].sum().clamp(min=1.0))
+        lengths = batching.row_lengths(batch)
+        rows = batching.dp_rows(start, size, lay.dp, lay.dp_rank, lengths, t.balance_data)
+        micros = batching.micro_batches(rows, lengths, r.micro_batch_size,
+                                        t.max_tokens_per_gpu if t.use_dynamic_batch_size else 0)
+        self.optimizer.zero_grad()
+        total, metrics = 0.0, {}
+        for micro in micros:
+            part = batching.take(batch, micro, self.device)
+            loss, m = actor_loss(self._logits(self.model, part), part, a, r.rollout_temperature, token_denom,
+                                 self.plugins.custom_loss)
+            share = len(micro) / len(rows)  # per-sample losses are means over the micro-batch's rows
+            scale = 1.0 if a.calculate_per_token_loss else share
+            total += loss.item() * scale  # before backward: the host then queues the next micro-batch's
+            (loss * scale).backward()     # forward while the device still runs this backward
+            for key, value in m.items():
+                metrics[key] = metrics.get(key, 0.0) + value * (scale if key.startswith("loss/") else share)
+        out = {"loss": total, **metrics}
+        if lay.dp > 1:
+            out = self._reduce_over_dp(out)
+        return {**out, "grad_norm": self.optimizer.step(), "lr": self.optimizer.lr}
+
+    def _reduce_over_dp(self, values: dict) -> dict:
+        """Per-token losses are partial sums (summed over DP); everything else is averaged."""
+        from megatron.core import parallel_state as ps
+        group = ps.get_data_parallel_group_gloo()
+        mean = parallel.all_reduce_mean(values, group)
+        if self.cfg.algo.calculate_per_token_loss:
+            dp = self.layout.dp
+            mean.update({k: v * dp for k, v in mean.items() if k == "loss" or k.startswith("loss/")})
+        return mean
+
+    # ---- loop hooks: rank 0 speaks for everyone ---------------------------------------------------------
+    def sample(self) -> dict | None:
+        reply = None
+        if self.layout.rank == 0 and not self._stop_requested:
+            try:
+                reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner",
+                                          "num_groups": self.cfg.rollout.rollout_batch_size, "version": self.version,
+                                          "ack_lease": self.lease}, timeout=None,
+                                         should_stop=lambda: self._stop_requested)
+                self.lease = reply["lease"]
+            except HubTimeout:
+                reply = None
+        shared = parallel.broadcast_object(None if reply is None else {k: v for k, v in reply.items() if k != "lease"})
+        return reply if self.layout.rank == 0 else shared
+
+    def apply_knobs(self, reply: dict) -> None:
+        before = self.knob_version
+        super().apply_knobs(reply)  # every rank gets the same reply, so every rank applies the same knobs
+        if self.knob_version != before:
+            self.optimizer.set_lr(self.cfg.optimizer.lr)
+
+    def publish_next(self) -> None:
+        state = gather_hf(self.model, self.shape, self.layout)  # collective
+        if self.layout.rank == 0:
+            export = HFExport(state, self.hf_config, self.cfg.ckpt.hf_checkpoint)
+            path = publish(export, self.tokenizer, self.run_dir, self.version + 1, self.cfg.ckpt.keep_weight_versions)
+            self.hub.request({"type": "VERSION", "version": self.version + 1, "weights_path": str(path)}, timeout=30)
+        self.version += 1
+
+    def save_checkpoint(self, step: int) -> None:
+        path = checkpoint.save(self, step, self.cfg.ckpt.keep_checkpoints)
+        if self.layout.rank == 0:
+            print(f"learner: checkpoint {path}", flush=True)
+
+    def resume(self) -> int:
+        path = common_checkpoint.latest(self.run_dir)
+        if path is None:
+            return 0
+        state = checkpoint.load(self, path)
+        if self.layout.rank == 0 and self.lease:  # that batch is in the checkpoint's weights
+            self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=60)
+        self.lease = None
+        if self.layout.rank == 0:
+            print(f"learner: resumed from {path} (step {state['step']}, version {self.version})", flush=True)
+        return int(state["step"])
+
+    def _writer(self):
+        return super()._writer() if self.layout.rank == 0 else _NoMetrics()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="async-rl megatron learner (one process per GPU, under torchrun)")
+    ap.add_argument("--config", required=True, help="resolved config.yaml of the run")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--hub", required=True, help="hub endpoint")
+    ap.add_argument("--keys", default=None, help="CURVE keys dir of the run (none = no auth)")
+    ap.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints (newest complete)")
+    args = ap.parse_args(argv)
+    cfg = config_mod.load(args.config)
+    torch.set_num_threads(cfg.cluster.learner_num_threads)
+    try:
+        learner = MegatronLearner(cfg, args.run_dir, args.hub, args.keys)
+    except (PluginError, config_mod.ConfigError, ValueError) as exc:
+        print(f"learner: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    def stop(*_):
+        learner.stopping = True
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        learner.run(learner.resume() if args.resume else 0)
+    finally:
+        parallel.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
