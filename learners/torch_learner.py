@@ -296,8 +296,10 @@ class TorchLearner:
         }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="async-rl torch learner")
+def main(argv: list[str] | None = None, learner_cls=None, description: str = "async-rl torch learner",
+         errors: tuple = (PluginError,), on_exit=None) -> int:
+    """The learner process (shared by every backend: `learner_cls` and `errors` differ)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", required=True, help="resolved config.yaml of the run")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--hub", required=True, help="hub endpoint")
@@ -307,15 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_mod.load(args.config)
     torch.set_num_threads(cfg.cluster.learner_num_threads)
     try:
-        learner = TorchLearner(cfg, args.run_dir, args.hub, args.keys)
-    except PluginError as exc:
-        print(f"learner: plug-in error: {exc}", file=sys.stderr, flush=True)
+        learner = (learner_cls or TorchLearner)(cfg, args.run_dir, args.hub, args.keys)
+    except errors as exc:
+        print(f"learner: {exc}", file=sys.stderr, flush=True)
         return 2
 
     def stop(*_):
         learner.stopping = True
     signal.signal(signal.SIGTERM, stop)
-    learner.run(learner.resume() if args.resume else 0)
+    try:
+        learner.run(learner.resume() if args.resume else 0)
+    finally:
+        if on_exit is not None:
+            on_exit()
     return 0
 
 

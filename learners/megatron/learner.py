@@ -12,8 +12,6 @@ over DP ranks. The version is the number of publications, as for the torch learn
 """
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from learners.megatron.model import build_stage, forward_logits, shape_from_hf, 
 from learners.megatron.optim import Stepper, wrap_ddp
 from learners.megatron.weights import HFExport, gather_hf, load_hf, read_hf_checkpoint, unwrap
 from learners.objective import actor_loss
+from learners import torch_learner
 from learners.torch_learner import TorchLearner
 from learners.weights import publish
 
@@ -214,29 +213,8 @@ class MegatronLearner(TorchLearner):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="async-rl megatron learner (one process per GPU, under torchrun)")
-    ap.add_argument("--config", required=True, help="resolved config.yaml of the run")
-    ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--hub", required=True, help="hub endpoint")
-    ap.add_argument("--keys", default=None, help="CURVE keys dir of the run (none = no auth)")
-    ap.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints (newest complete)")
-    args = ap.parse_args(argv)
-    cfg = config_mod.load(args.config)
-    torch.set_num_threads(cfg.cluster.learner_num_threads)
-    try:
-        learner = MegatronLearner(cfg, args.run_dir, args.hub, args.keys)
-    except (PluginError, config_mod.ConfigError, ValueError) as exc:
-        print(f"learner: {exc}", file=sys.stderr, flush=True)
-        return 2
-
-    def stop(*_):
-        learner.stopping = True
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        learner.run(learner.resume() if args.resume else 0)
-    finally:
-        parallel.shutdown()
-    return 0
+    return torch_learner.main(argv, MegatronLearner, "async-rl megatron learner (one process per GPU, under torchrun)",
+                              (PluginError, config_mod.ConfigError, ValueError), on_exit=parallel.shutdown)
 
 
 if __name__ == "__main__":
