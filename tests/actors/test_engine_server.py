@@ -4,7 +4,6 @@ change outputs, stops and weight updates behave like SGLang, bad requests get 40
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,30 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine_client import EngineClient, EngineError
-from async_rl import tiny
+from tests.actors.engine_servers import build_checkpoint, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["1+2=", "17+5=", "3+14=", "20+20=", "7+7= 9", "12+"]
-
-
-def build_checkpoint(out_dir: Path, seed: int, **kwargs) -> Path:
-    """A tiny checkpoint with weights drawn wide enough that logits are far from uniform (so greedy
-    outputs differ between seeds and top-k/top-p actually cut)."""
-    tiny.build_model(out_dir, seed=seed, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.3, generator=gen)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(model_path: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, EngineClient]:
