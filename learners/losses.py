@@ -24,13 +24,140 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                          with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log pi(target), entropy of pi) per position, pi = softmax(logits / temperature); one log_softmax."""
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(dim=-1) if with_entropy else None
+    """(log pi(target), entropy of pi) per position, pi = softmax(logits / temperature).
+
+    Computed in blocks of positions (`_VocabLogprobs`): no [B, T, V] float32 copy of the logits is ever
+    made, in the forward or the backward; a block's float32 work is ~`_CHUNK_ELEMENTS` elements (on a GPU
+    one fused kernel per block). Results are float32 (float64 for float64 logits), as a float32
+    log_softmax over the whole vocabulary would give.
+    """
+    inv_temp = 1.0 / temperature if temperature > 0 and temperature != 1.0 else 1.0
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logp, entropy = _VocabLogprobs.apply(logits, targets, inv_temp)
+        return logp, entropy if with_entropy else None
+    logp, _, entropy = _blockwise_forward(logits, targets, inv_temp, with_entropy)
     return logp, entropy
+
+
+# One block of positions: ~2**27 elements (eager: 512 MiB per float32 temporary; 880 positions at V=152k).
+_CHUNK_ELEMENTS = 1 << 27
+_COMPILE_ENV = "ASYNC_RL_COMPILE_LOGPROBS"  # "0": eager blocks on the GPU too (debugging, A/B timing)
+_compiled: dict = {}
+
+
+def _block_forward(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool):
+    """z [n, V] -> (logp [n], log-normaliser [n], entropy [n] or None), all in float32 or wider."""
+    x = z.to(torch.promote_types(z.dtype, torch.float32)) * inv_temp
+    m = x.amax(dim=-1, keepdim=True)
+    xs = x - m
+    lse = torch.logsumexp(xs, dim=-1)
+    logp = xs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:  # H = -sum p log p = lse - sum p * xs, with p = exp(xs - lse)
+        entropy = lse - (torch.exp(xs - lse.unsqueeze(-1)) * xs).sum(dim=-1)
+    return logp, lse + m.squeeze(-1), entropy
+
+
+def _block_backward(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                    g_logp: torch.Tensor, g_entropy: torch.Tensor, inv_temp: float, with_logp: bool,
+                    with_entropy: bool) -> torch.Tensor:
+    """Gradient w.r.t. z [n, V] (in z's dtype): d logp_t / dx_j = [j = t] - p_j, dH / dx_j = -p_j (log p_j + H)."""
+    x = z.to(lse.dtype) * inv_temp
+    log_p = x - lse.unsqueeze(-1)
+    p = torch.exp(log_p)
+    grad = torch.zeros_like(x)
+    if with_logp:
+        hit = torch.arange(z.shape[-1], device=z.device).unsqueeze(0) == targets.unsqueeze(-1)
+        grad = g_logp.unsqueeze(-1) * (hit.to(x.dtype) - p)
+    if with_entropy:
+        grad = grad - g_entropy.unsqueeze(-1) * p * (log_p + entropy.unsqueeze(-1))
+    return (grad * inv_temp).to(z.dtype)
+
+
+def _kernel(name: str, fn, device: torch.device):
+    """`fn` compiled by torch.compile (one fused kernel per block) on CUDA; `fn` itself elsewhere or if that
+    fails (the failure is printed once)."""
+    import os
+
+    if device.type != "cuda" or os.environ.get(_COMPILE_ENV, "1") == "0" or _compiled.get("failed"):
+        return fn
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    compiled = _compiled[name]
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as exc:  # noqa: BLE001 (no compiler or Triton there: eager blocks are still right)
+            if _compiled.get("failed"):
+                raise
+            _compiled["failed"] = True
+            print(f"learners.losses: torch.compile of the logprob kernels failed ({type(exc).__name__}: "
+                  f"{str(exc)[:200]}); using eager blocks (set {_COMPILE_ENV}=0 to skip compiling)", flush=True)
+            return fn(*args)
+    return run
+
+
+def _as_3d(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """A tensor with `lead` position dims as [B, T, ...]: itself (no copy, views too) when lead == 2."""
+    return t if lead == 2 else t.reshape((1, -1) + t.shape[lead:])
+
+
+def _blocks(shape3: torch.Size):
+    """(b, positions) index pairs over [B, T, V], ~_CHUNK_ELEMENTS elements each, every position once."""
+    b, t, v = shape3
+    rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    for i in range(b):
+        for start in range(0, t, rows):
+            yield i, slice(start, min(t, start + rows))
+
+
+def _blockwise_forward(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool):
+    lead = logits.dim() - 1
+    x3, t3 = _as_3d(logits, lead), _as_3d(targets, lead)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logp = torch.empty(x3.shape[:-1], dtype=dtype, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    fwd = _kernel("fwd_h" if with_entropy else "fwd", _block_forward, logits.device)
+    for i, pos in _blocks(x3.shape):
+        lp, norm, ent = fwd(x3[i, pos], t3[i, pos], inv_temp, with_entropy)
+        logp[i, pos], lse[i, pos] = lp, norm
+        if with_entropy:
+            entropy[i, pos] = ent
+    shape = logits.shape[:-1]
+    return logp.reshape(shape), lse.reshape(shape), entropy.reshape(shape) if with_entropy else None
+
+
+class _VocabLogprobs(torch.autograd.Function):
+    """(logp, entropy) of softmax(logits * inv_temp), blockwise; saves the logits (their own dtype) and two
+    floats per position, and rebuilds each block's softmax in the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temp):
+        logp, lse, entropy = _blockwise_forward(logits, targets, inv_temp, True)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.inv_temp = inv_temp
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if g_logp is None and g_entropy is None:
+            return None, None, None
+        lead = logits.dim() - 1
+        x3, t3 = _as_3d(logits, lead), _as_3d(targets, lead)
+        lse3, ent3 = _as_3d(lse, lead), _as_3d(entropy, lead)
+        zeros = torch.zeros_like(lse3)
+        g_lp3 = _as_3d(g_logp, lead) if g_logp is not None else zeros
+        g_ent3 = _as_3d(g_entropy, lead) if g_entropy is not None else zeros
+        grad = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
+        bwd = _kernel(f"bwd{int(g_logp is not None)}{int(g_entropy is not None)}", _block_backward, logits.device)
+        for i, pos in _blocks(x3.shape):
+            grad[i, pos] = bwd(x3[i, pos], t3[i, pos], lse3[i, pos], ent3[i, pos], g_lp3[i, pos], g_ent3[i, pos],
+                               ctx.inv_temp, g_logp is not None, g_entropy is not None)
+        return grad.reshape(logits.shape), None, None
 
 
 def tis_weights(logp_old: torch.Tensor, logp_behavior: torch.Tensor, clip: float, clip_low: float) -> torch.Tensor:

@@ -7,6 +7,8 @@ columns (mask 0 there), so losses and logprobs are those of the uncut rows.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from learners.batch import TrainBatch
@@ -51,8 +53,21 @@ def micro_batches(rows: list[int], lengths: list[int], micro_size: int, max_toke
     return out + ([cur] if cur else [])
 
 
-def take(batch: TrainBatch, rows: list[int], device) -> dict:
-    """`batch.select` of `rows`, cut to the longest of them and moved to `device`."""
-    picked = batch.select(torch.tensor(rows, dtype=torch.long))
-    length = int(picked["attention_mask"].sum(-1).max())
-    return {k: (v[:, :length] if k in _PER_SAMPLE else v[:, :length - 1]).to(device) for k, v in picked.items()}
+def to_device(batch: TrainBatch, device) -> TrainBatch:
+    """The batch's tensors on `device`, copied without waiting for the device's queued work (a blocking
+    copy would idle the device while the host then issues the next forward pass)."""
+    if torch.device(device).type == "cpu":
+        return batch
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                                         for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def take(batch: TrainBatch, rows: list[int], device, lengths: list[int] | None = None) -> dict:
+    """`batch.select` of `rows`, cut to the longest of them and moved to `device`. With `lengths`
+    (`row_lengths` of the batch) and a batch already on `device` (`to_device`), nothing waits for the device."""
+    idx = torch.tensor(rows, dtype=torch.long).to(batch.input_ids.device, non_blocking=True)
+    picked = batch.select(idx)
+    length = max(lengths[i] for i in rows) if lengths is not None else int(picked["attention_mask"].sum(-1).max())
+    return {k: (v[:, :length] if k in _PER_SAMPLE else v[:, :length - 1]).to(device, non_blocking=True)
+            for k, v in picked.items()}

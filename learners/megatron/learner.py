@@ -112,9 +112,10 @@ class MegatronLearner(TorchLearner):
         budget = (t.log_probs_max_tokens_per_gpu or t.max_tokens_per_gpu) if t.use_dynamic_batch_size else 0
         out = torch.zeros_like(batch.mask)
         model.eval()
+        on_device = batching.to_device(batch, self.device)
         done = []  # results stay on the device until the end: no sync per micro-batch, so the host queues the
         for micro in batching.micro_batches(rows, lengths, r.micro_batch_size, budget):  # next one meanwhile
-            part = batching.take(batch, micro, self.device)
+            part = batching.take(on_device, micro, self.device, lengths)
             done.append((micro, losses.token_logprobs(self._logits(model, part), part["targets"],
                                                       r.rollout_temperature).float()))
         for micro, logp in done:
@@ -136,18 +137,19 @@ class MegatronLearner(TorchLearner):
         micros = batching.micro_batches(rows, lengths, r.micro_batch_size,
                                         t.max_tokens_per_gpu if t.use_dynamic_batch_size else 0)
         self.optimizer.zero_grad()
-        total, metrics = 0.0, {}
+        on_device = batching.to_device(batch, self.device)
+        total, metrics = torch.zeros((), device=self.device), {}
         for micro in micros:
-            part = batching.take(batch, micro, self.device)
+            part = batching.take(on_device, micro, self.device, lengths)
             loss, m = actor_loss(self._logits(self.model, part), part, a, r.rollout_temperature, token_denom,
                                  self.plugins.custom_loss)
             share = len(micro) / len(rows)  # per-sample losses are means over the micro-batch's rows
             scale = 1.0 if a.calculate_per_token_loss else share
-            total += loss.item() * scale  # before backward: the host then queues the next micro-batch's
-            (loss * scale).backward()     # forward while the device still runs this backward
+            total += loss.detach() * scale  # read once per step: the host queues the next micro-batch's
+            (loss * scale).backward()       # forward while the device still runs this backward
             for key, value in m.items():
                 metrics[key] = metrics.get(key, 0.0) + value * (scale if key.startswith("loss/") else share)
-        out = {"loss": total, **metrics}
+        out = {"loss": float(total), **metrics}
         if lay.dp > 1:
             out = self._reduce_over_dp(out)
         return {**out, "grad_norm": self.optimizer.step(), "lr": self.optimizer.lr}
