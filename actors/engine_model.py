@@ -9,6 +9,8 @@ Invariants:
   sequences (merge), finished ones leaving (select) and a retract never change any row's outputs, only
   padding, so batching is invisible in the results (tests compare with one-at-a-time greedy).
 - Weight loads are all-or-nothing: a refused update leaves weights, `model_path` and `weight_version`.
+- On CUDA (or with kv_cache=static) batches live in a preallocated arena and decode steps may replay CUDA
+  graphs (actors/engine_static.py); the invariants above hold on both paths (tests/actors/test_engine_static.py).
 """
 from __future__ import annotations
 
@@ -22,18 +24,19 @@ from actors.engine_protocol import Sequence
 
 
 def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor) -> torch.Tensor:
+                   top_p: torch.Tensor, cut_top_k: bool | None = None, cut_top_p: bool | None = None) -> torch.Tensor:
     """Log-probs of the sampling distribution per row: raw log_softmax where temperature == 0, else
-    logits/temperature, then top-k (k > 0), then top-p (p < 1), renormalized."""
+    logits/temperature, then top-k (k > 0), then top-p (p < 1), renormalized. `cut_top_k`/`cut_top_p`
+    say whether any row needs that cut (None: look, which costs a host sync; the static path knows)."""
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     vocab = logits.shape[-1]
     k = torch.where((top_k > 0) & ~greedy, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    if bool((k < vocab).any()):
+    if bool((k < vocab).any()) if cut_top_k is None else cut_top_k:
         kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     p = torch.where(greedy, torch.ones_like(top_p), top_p)
-    if bool((p < 1).any()):
+    if bool((p < 1).any()) if cut_top_p is None else cut_top_p:
         probs, order = scaled.softmax(-1).sort(dim=-1, descending=True)
         drop_sorted = (probs.cumsum(-1) - probs) > p[:, None]  # the top token is never dropped
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
@@ -98,15 +101,27 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 class Engine:
     """The model, its weights' identity (`model_path`, `weight_version`) and the batch operations."""
 
-    def __init__(self, model_path: str, weight_version: int, device: str = "cpu"):
+    def __init__(self, model_path: str, weight_version: int, device: str = "cpu", dtype: str = "auto",
+                 kv_cache: str = "auto", cuda_graph: bool = True, max_batch_size: int = 64):
+        """dtype: auto (bfloat16 on CUDA, float32 elsewhere) or a DTYPES name; kv_cache: dynamic (HF cache),
+        static (actors/engine_static.py; CUDA graphs there when cuda_graph) or auto (static on CUDA)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from actors.engine_protocol import DTYPES
+
         self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"engine dtype={dtype!r}: must be auto or one of {sorted(DTYPES)}")
+        if kv_cache not in ("auto", "dynamic", "static"):
+            raise ValueError(f"engine kv_cache={kv_cache!r}: must be auto, dynamic or static")
+        torch_dtype = DTYPES[dtype] if dtype != "auto" else torch.bfloat16 if on_cuda else torch.float32
         self.model_path, self.weight_version = str(model_path), int(weight_version)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.tokenizer_lock = threading.Lock()  # the scheduler and HTTP threads share one Rust tokenizer
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)
         self.model.to(self.device).eval()
+        self.static = self._static_decoder(kv_cache, on_cuda, cuda_graph, max_batch_size)
         cfg = self.model.config
         self.vocab_size, self.max_positions = cfg.vocab_size, cfg.max_position_embeddings
         eos = self.model.generation_config.eos_token_id
@@ -114,12 +129,25 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def _static_decoder(self, kv_cache: str, on_cuda: bool, cuda_graph: bool, max_batch_size: int):
+        from actors import engine_static
+
+        reason = engine_static.unsupported_reason(self.model)
+        if kv_cache == "static" and reason:
+            raise ValueError(f"engine kv_cache=static: cannot serve {self.model_path}: {reason}; use kv_cache=dynamic")
+        if kv_cache == "dynamic" or (kv_cache == "auto" and (not on_cuda or reason)):
+            return None
+        return engine_static.StaticDecoder(self, max_batch_size, cuda_graph)
+
     # ---- generation ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> tuple[Batch | None, int]:
         """Run the contexts (prompt + output so far) of `seqs` and sample one token each; returns the batch
         of those still running (None when all finished) and the number of tokens generated."""
         from transformers import DynamicCache
+
+        if self.static is not None:
+            return self.static.prefill(seqs)
 
         contexts = [s.context_ids() for s in seqs]
         width = max(map(len, contexts))
@@ -143,6 +171,8 @@ class Engine:
     @torch.inference_mode()
     def step(self, batch: Batch) -> tuple[Batch | None, int]:
         """One decode step of every row; returns the rows still running (None when none) and tokens made."""
+        if self.static is not None:
+            return self.static.step(batch)
         mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
         logits = self.model(input_ids=batch.next_ids[:, None], attention_mask=mask,
                             position_ids=batch.positions[:, None], past_key_values=batch.cache,
@@ -218,7 +248,8 @@ class Engine:
         if missing or problem:
             return False, (f"model_path={model_path!r}: weights do not match the served model "
                            f"(missing {missing[:5]}{'; ' + problem if problem else ''})")
-        self.model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+        # copies into the existing parameter storage (never new tensors): captured CUDA graphs stay valid
+        self.model.load_state_dict({k: v.to(current[k].dtype) for k, v in state.items()}, strict=True)
         message = self._bump_version(weight_version)
         self.model_path = str(model_path)
         return True, f"loaded {len(files)} file(s) from {model_path}; {message}"
