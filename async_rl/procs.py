@@ -2,6 +2,8 @@
 race the launcher's own shutdown), logging to `run_dir/logs/NAME.log`, optionally pinned to CPU cores.
 
 `ProcessGroup.stop_all` guarantees no orphans: SIGTERM, a grace period, then SIGKILL of each process group.
+`ProcessGroup.respawn` starts a dead child again with the command line, cores and priority it first had (the
+launcher's supervisor decides when; `RestartPolicy` how often and after what backoff).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -20,6 +22,11 @@ class Child:
     proc: subprocess.Popen
     log: Path
     critical: bool = True  # its unexpected exit fails the run
+    argv: list[str] = field(default_factory=list)  # how it was started, so respawn can do it again
+    cpus: list[int] = field(default_factory=list)
+    threads: int = 1
+    nice: int = 0
+    restarts: int = 0
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -35,10 +42,31 @@ class ProcessGroup:
 
     def start(self, name: str, module: str, args: list[str], cpus: list[int] | None = None,
               threads: int = 1, critical: bool = True, nice: int = 0) -> Child:
-        log = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
-               "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        cores = [int(c) for c in cpus or []]
+        return self.start_command(name, [sys.executable, "-m", module, *args], cpus, threads, critical, nice)
+
+    def start_command(self, name: str, argv: list[str], cpus: list | None = None, threads: int = 1,
+                      critical: bool = True, nice: int = 0) -> Child:
+        """Start `argv` as child `name` (a full command line: an SGLang server runs under its own Python)."""
+        child = Child(name, None, self.log_dir / f"{name}.log", critical, list(argv),  # type: ignore[arg-type]
+                      [int(c) for c in cpus or []], threads, nice)
+        child.proc = self._popen(child)
+        self.children[name] = child
+        return child
+
+    def respawn(self, name: str, extra_args: list[str] = ()) -> Child:
+        """Start the (dead) child `name` again the way it was first started, plus `extra_args`."""
+        child = self.children[name]
+        self._signal(child, signal.SIGKILL)  # whatever the dead leader left in its process group
+        child.argv = child.argv + [a for a in extra_args if a not in child.argv]
+        child.restarts += 1
+        child.proc = self._popen(child)
+        return child
+
+    @staticmethod
+    def _popen(child: Child) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(child.threads),
+               "MKL_NUM_THREADS": str(child.threads), "TOKENIZERS_PARALLELISM": "false"}
+        cores, nice = child.cpus, child.nice
 
         def pin():
             if cores:
@@ -48,12 +76,9 @@ class ProcessGroup:
                     os.nice(nice)
                 except PermissionError:  # raising priority needs privileges; run at normal priority
                     pass
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=pin)
-        child = Child(name, proc, log, critical)
-        self.children[name] = child
-        return child
+        with open(child.log, "ab") as out:
+            return subprocess.Popen(child.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True, preexec_fn=pin)
 
     def failed(self) -> Child | None:
         """The first critical child that exited with a non-zero code (or was killed)."""
@@ -92,3 +117,18 @@ class ProcessGroup:
                 child.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+@dataclass
+class RestartPolicy:
+    """How often a dead process is started again: at most `max_restarts` times over the run (-1 = always),
+    the k-th restart `backoff * 2**(k-1)` seconds after the death is seen (capped at `backoff_max`)."""
+    max_restarts: int
+    backoff: float
+    backoff_max: float = 30.0
+
+    def allows(self, restarts_so_far: int) -> bool:
+        return self.max_restarts < 0 or restarts_so_far < self.max_restarts
+
+    def delay(self, restarts_so_far: int) -> float:
+        return min(self.backoff_max, self.backoff * 2 ** restarts_so_far)

@@ -114,10 +114,10 @@ def test_max_staleness_zero_is_synchronous_on_policy(tmp_path, tiny_world):
     assert_no_orphans(run_dir)
 
 
-def _start_and_wait_running(tmp_path, world) -> tuple[subprocess.Popen, Path]:
+def _start_and_wait_running(tmp_path, world, *overrides) -> tuple[subprocess.Popen, Path]:
     cfg = write_config(tmp_path, world, num_rollout=100000)
     run_dir = tmp_path / "run"
-    proc = cli("launch", str(cfg), "--run-dir", str(run_dir), start_new_session=True)
+    proc = cli("launch", str(cfg), *overrides, "--run-dir", str(run_dir), start_new_session=True)
     deadline = time.time() + 120
     while True:
         assert proc.poll() is None, proc.communicate()[0]
@@ -128,7 +128,7 @@ def _start_and_wait_running(tmp_path, world) -> tuple[subprocess.Popen, Path]:
 
 
 def test_a_dying_engine_fails_the_run_with_its_log_and_no_orphans(tmp_path, tiny_world):
-    proc, run_dir = _start_and_wait_running(tmp_path, tiny_world)
+    proc, run_dir = _start_and_wait_running(tmp_path, tiny_world, "max_restarts=0")  # no supervisor restarts
     manifest = json.loads((run_dir / "run.json").read_text())
     os.kill(manifest["processes"]["engine0"]["pid"], signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)

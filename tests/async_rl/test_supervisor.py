@@ -1,0 +1,95 @@
+"""The launcher's supervisor with real processes: during a short run, SIGKILL one process (a generator, an
+engine, the learner, the hub) and check that the run still finishes (exit 0), the process was restarted
+once, and the hub's accounting shows no acked group lost or trained twice while the learner's steps and
+versions stay contiguous. The restart policy itself (budget, backoff) is checked without processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from async_rl.procs import RestartPolicy
+from tests.test_e2e import assert_no_orphans, cli, read_rows, write_config
+
+BATCH = 4  # write_config's rollout_batch_size
+STEPS = 30
+# fast recovery: clients resend after 2 s, a dead generator's credits return after 5 s, restarts after 0.5 s
+FAST = ["save_interval=1", "put_timeout=2", "generator_timeout=5", "heartbeat_interval=1", "restart_backoff=0.5",
+        "max_staleness=2"]
+
+
+def _launch(tmp_path: Path, world: dict, *overrides: str):
+    cfg = write_config(tmp_path, world, num_rollout=STEPS)
+    run_dir = tmp_path / "run"
+    proc = cli("launch", str(cfg), *FAST, *overrides, "--run-dir", str(run_dir), start_new_session=True)
+    return proc, run_dir
+
+
+def _wait_rows(proc, run_dir: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= n):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the run never got to step {n}: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.1)
+
+
+def assert_exact_accounting(rows: list[dict]) -> None:
+    """Every step once and in order; every batch acked once; the hub's books balance."""
+    assert [r["step"] for r in rows] == list(range(STEPS)), [r["step"] for r in rows]
+    assert [r["version"] for r in rows] == list(range(STEPS))  # one publication per step, none repeated
+    last = rows[-1]
+    # the stats come with the last batch: every earlier batch acked exactly once, the last one in flight
+    assert last["buffer/consumed"] == (STEPS - 1) * BATCH and last["buffer/in_flight"] == BATCH
+    assert last["buffer/accepted"] == (last["buffer/consumed"] + last["buffer/evicted_stale"]
+                                       + last["buffer/evicted_capacity"] + last["buffer/size"]
+                                       + last["buffer/in_flight"])
+    assert all(r["staleness/max"] <= 2 for r in rows)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("victim", ["generator0", "engine0", "learner", "hub"])
+def test_sigkill_one_process_the_run_finishes_exactly(tmp_path, tiny_world, victim):
+    proc, run_dir = _launch(tmp_path, tiny_world)
+    try:
+        _wait_rows(proc, run_dir, 5)
+        pid = json.loads((run_dir / "run.json").read_text())["processes"][victim]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"{victim} died with exit code -9; restart 1" in out and f"{victim} restarted (restart 1" in out, out[-3000:]
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["processes"][victim]["restarts"] == 1
+    assert manifest["processes"][victim]["pid"] != pid
+    events = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert [e["process"] for e in events if e["process"] == victim] == [victim]
+    assert_exact_accounting(read_rows(run_dir))
+    assert_no_orphans(run_dir)
+
+
+@pytest.mark.e2e
+def test_a_learner_without_a_current_checkpoint_fails_the_run_clearly(tmp_path, tiny_world):
+    """save_interval=0: the updates since the start would be lost, so the supervisor refuses to restart it."""
+    proc, run_dir = _launch(tmp_path, tiny_world, "save_interval=0")
+    _wait_rows(proc, run_dir, 5)
+    os.kill(json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "newest checkpoint is step_0" in out and "set ckpt.save_interval=1" in out, out[-3000:]
+    assert_no_orphans(run_dir)
+
+
+def test_restart_policy_budget_and_backoff():
+    policy = RestartPolicy(max_restarts=3, backoff=0.5, backoff_max=3.0)
+    assert [policy.allows(n) for n in range(5)] == [True, True, True, False, False]
+    assert [policy.delay(n) for n in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert not RestartPolicy(0, 1.0).allows(0)
+    assert RestartPolicy(-1, 1.0).allows(10 ** 6)
