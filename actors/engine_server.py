@@ -1,7 +1,8 @@
 """The embedded engine: an HTTP server speaking the subset of SGLang's native API that async-rl uses.
 
 Run: `python -m actors.engine_server --model-path DIR --host 127.0.0.1 --port PORT [--num-threads N]
-[--max-batch-size 64] [--weight-version 0] [--seed 0] [--device cpu]`.
+[--max-batch-size 64] [--weight-version 0] [--seed 0] [--device cpu] [--dtype auto] [--kv-cache auto]
+[--no-cuda-graph]` (the last three: actors/engine_model.py's Engine).
 
 Endpoints (SGLang's names, bodies and status codes): `/generate`, `/health`, `/health_generate`,
 `/get_model_info` (`/model_info`), `/flush_cache`, `/pause_generation {mode: abort|in_place|retract}`,
@@ -239,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-version", type=int, default=0, help="version of the weights at model-path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling RNG")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32) or a dtype name")
+    parser.add_argument("--kv-cache", default="auto", choices=["auto", "dynamic", "static"],
+                        help="static: preallocated KV arena (actors/engine_static.py); auto: static on CUDA")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="static path on CUDA: decode eagerly")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size={args.max_batch_size}: must be >= 1")
@@ -249,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    scheduler = Scheduler(Engine(args.model_path, args.weight_version, args.device), args.max_batch_size)
+    engine = Engine(args.model_path, args.weight_version, args.device, dtype=args.dtype, kv_cache=args.kv_cache,
+                    cuda_graph=not args.no_cuda_graph, max_batch_size=args.max_batch_size)
+    scheduler = Scheduler(engine, args.max_batch_size)
     server = make_server(scheduler, args.host, args.port)
     scheduler.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()

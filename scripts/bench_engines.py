@@ -9,6 +9,14 @@ Part 1: the embedded engine as a real server (1 torch thread), one /generate of 
 do_sample, the same B x N). Part 2: `async-rl launch configs/quickstart.yaml num_rollout=STEPS` once per
 interrupt_mode (none, in_place, abort) and the run's generated tokens/s and staleness from its summary.json.
 Prints one table per part.
+
+    python3 scripts/bench_engines.py --device cuda [--batches 1,8,32,64,128] [--new-tokens 256] [--prompt-len 128]
+
+GPU mode (the GPU machine; no server, no launches): builds a Qwen2-shaped ~0.5B model with random weights
+(bf16), checks the static path there (CUDA-graph greedy tokens == eager static ones; sampled logprobs against
+a full forward pass), then per batch size times one request of B random prompts x N new tokens at temperature
+1 through the engine's scheduler thread (static KV cache + CUDA graphs; at batch 64 also eager static and the
+dynamic HF-cache path) against HF `generate` (bf16, sdpa, do_sample, the same B x N), and prints a table.
 """
 from __future__ import annotations
 
@@ -54,6 +62,139 @@ def engine_sweep(model: str, batches: list[int], new_tokens: int) -> list[tuple]
     return rows
 
 
+def build_qwen2_05b(out: Path, dev: str, smoke: bool = False) -> Path:
+    """Qwen2.5-0.5B's shape (494M parameters) with random weights, saved bf16 with the tiny tokenizer
+    (`smoke`: a 2-layer toy of the same kind, for checking this script on CPU)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from async_rl import tiny
+
+    tok = tiny.build_tokenizer(out)
+    size = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2)
+    if smoke:
+        size.update(vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    cfg = Qwen2Config(**size, max_position_embeddings=4096,
+                      tie_word_embeddings=True, rope_theta=1e6, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def engine_generate(scheduler, prompts: list[list[int]], new_tokens: int, temperature: float = 1.0):
+    """One request of `prompts` through the running scheduler thread; returns its sequences."""
+    from actors.engine_protocol import Request, SamplingParams, Sequence
+
+    request = Request(return_logprob=True, is_batch=True)
+    params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True)
+    request.sequences = [Sequence(list(p), params, f"b{i}", request) for i, p in enumerate(prompts)]
+    scheduler.submit(request)
+    request.done.wait()
+    if request.error:
+        raise RuntimeError(request.error)
+    return request.sequences
+
+
+def gpu_checks(engine, scheduler, model, prompts: list[list[int]]) -> str:
+    import torch
+
+    static, dev = engine.static, engine.device
+    static.cuda_graph = False
+    eager = [s.output_ids for s in engine_generate(scheduler, prompts, 32, temperature=0.0)]
+    static.cuda_graph = dev.type == "cuda"
+    graphed = [s.output_ids for s in engine_generate(scheduler, prompts, 32, temperature=0.0)]
+    same = sum(a == b for a, b in zip(eager, graphed))
+    sampled = engine_generate(scheduler, prompts, 64)
+    diffs = []
+    with torch.no_grad():
+        for s in sampled:
+            ids = torch.tensor([s.prompt_ids + s.output_ids], device=dev)
+            logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1].float()
+            ref = torch.log_softmax(logits, -1).gather(1, ids[0, len(s.prompt_ids):, None]).squeeze(1)
+            diffs.append((ref - torch.tensor(s.output_logprobs, device=dev)).abs())
+    d = torch.cat(diffs)
+    return (f"greedy, CUDA graphs vs eager static: {same}/{len(prompts)} sequences identical (32 tokens); "
+            f"sampled logprobs vs bf16 full forward: mean |diff| {d.mean():.4f}, max {d.max():.4f}")
+
+
+def gpu_main(args) -> int:
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.engine_model import Engine
+    from actors.engine_scheduler import Scheduler
+
+    batches, n = [int(b) for b in args.batches.split(",")], args.new_tokens
+    dev = "cpu" if args.smoke else "cuda"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (smoke)"
+    t0 = time.perf_counter()
+    path = build_qwen2_05b(Path(tempfile.mkdtemp()) / "qwen2_05b", dev, args.smoke)
+    engine = Engine(str(path), 0, device=dev, dtype="bfloat16", kv_cache="static", max_batch_size=max(batches))
+    scheduler = Scheduler(engine, max(batches))
+    scheduler.start()
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to(dev).eval()
+    print(f"built and loaded in {time.perf_counter() - t0:.0f}s; {device_name}, torch {torch.__version__}",
+          flush=True)
+    gen = torch.Generator().manual_seed(0)
+    vocab = hf.config.vocab_size
+    prompts = lambda b: torch.randint(100, vocab - 100, (b, args.prompt_len), generator=gen).tolist()  # noqa: E731
+    static, modes = engine.static, ["graphs", "eager", "dynamic"]
+    try:
+        print(gpu_checks(engine, scheduler, hf, prompts(8)), flush=True)
+    except Exception:  # still measure the other paths, and show why
+        import traceback
+        traceback.print_exc()
+        modes = ["eager", "dynamic"]
+
+    def time_engine(b: int, mode: str) -> float:
+        engine.static = None if mode == "dynamic" else static
+        static.cuda_graph = mode == "graphs" and dev == "cuda"
+        ps = prompts(b)
+        engine_generate(scheduler, ps, n)  # warm-up: captures this size's graphs
+        sync()
+        start = time.perf_counter()
+        seqs = engine_generate(scheduler, ps, n)
+        assert all(len(s.output_ids) == n for s in seqs)
+        return b * n / (time.perf_counter() - start)
+
+    def time_hf(b: int) -> float:
+        ids = torch.tensor(prompts(b), device=dev)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        with torch.no_grad():
+            hf.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+            sync()
+            start = time.perf_counter()
+            hf.generate(ids, **kw)
+            sync()
+        return b * n / (time.perf_counter() - start)
+
+    rows = []
+    for b in batches:
+        row = {"batch": b, modes[0]: time_engine(b, modes[0]), "hf": time_hf(b)}
+        if b == 64:
+            row.update({m: time_engine(b, m) for m in modes[1:]})
+        rows.append(row)
+        print(row, flush=True)
+    scheduler.stopping.set()
+    print(f"\nembedded engine vs HF generate on {device_name} (Qwen2 0.5B shape, random bf16 "
+          f"weights, {args.prompt_len} prompt + {n} new tokens, temperature 1); tokens/s")
+    print("| batch | engine: static + CUDA graphs | static, eager | dynamic HF cache | HF generate | ratio |")
+    print("|---|---|---|---|---|---|")
+    fmt = lambda r, k: f"{r[k]:,.0f}" if k in r else "-"  # noqa: E731
+    for r in rows:
+        print(f"| {r['batch']} | {fmt(r, 'graphs')} | {fmt(r, 'eager')} | {fmt(r, 'dynamic')} | {fmt(r, 'hf')} "
+              f"| {r[modes[0]] / r['hf']:.1f}x |")
+    return 0
+
+
 def launch_runs(steps: int, modes: list[str]) -> list[tuple]:
     rows = []
     for mode in modes:
@@ -76,7 +217,12 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--skip-launch", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--prompt-len", type=int, default=128, help="--device cuda: prompt tokens")
+    ap.add_argument("--smoke", action="store_true", help="--device cuda: run its code on CPU with a toy model")
     args = ap.parse_args()
+    if args.device == "cuda":
+        return gpu_main(args)
     rows = engine_sweep(args.model, [int(b) for b in args.batches.split(",")], args.new_tokens)
     print(f"\nembedded engine vs HF generate ({args.model}, {args.new_tokens} new tokens, 1 thread)")
     print("| batch | engine tok/s | HF generate tok/s | ratio |\n|---|---|---|---|")

@@ -185,3 +185,35 @@ def test_bad_engine_options_name_the_value(ckpts):
 def test_auto_keeps_the_dynamic_path_on_cpu(ckpts):
     engine = Engine(str(ckpts["a"]), 0)
     assert engine.static is None and next(engine.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("word, needle", [("engine_kv_cache=paged", "rollout.engine_kv_cache='paged': must be one of"),
+                                          ("engine_dtype=fp8", "rollout.engine_dtype='fp8': must be one of")])
+def test_engine_knobs_are_validated(word, needle):
+    from async_rl import config as C
+
+    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        C.load(None, [word])
+
+
+def test_server_with_static_cache_matches_hf_greedy(ckpts):
+    """The real server process on the static path (`--kv-cache static`): a batch of prompts of different
+    lengths gives HF `generate`'s greedy tokens for each, with the logprobs of a full forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.actors import engine_servers as servers
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpts["a"]), dtype=torch.float32).eval()
+    proc, client = servers.start("embedded", ckpts["a"], ckpts["root"] / "static_server.log",
+                                 "--kv-cache", "static", "--max-batch-size", "4")
+    try:
+        prompts = PROMPTS[:5]
+        results = client.generate(prompts, {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})
+    finally:
+        servers.stop(proc)
+    for prompt, res in zip(prompts, results):
+        expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert res.output_ids == expected
+        torch.testing.assert_close(torch.tensor(res.output_logprobs),
+                                   reference_logprobs(model, prompt, expected, 1.0, -1, 1.0), atol=ATOL, rtol=0)
