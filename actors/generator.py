@@ -102,10 +102,26 @@ class Generator:
 
     def sync_weights(self, version: int, path: str) -> None:
         """Bring every engine to `version`; if that version was already pruned, to whatever is newest."""
+        if self.cfg.rollout.update_weight_mode == "broadcast":
+            self._adopt_broadcast(version)
         before = [e.version for e in self.fleet.engines]
         self.fleet.sync(version, path)
         if [e.version for e in self.fleet.engines] != before:
             self._log(f"engines now at versions {[e.version for e in self.fleet.engines]}")
+
+    def _adopt_broadcast(self, version: int) -> None:
+        """update_weight_mode=broadcast: the learner put `version` into the engines before telling the hub, so
+        take each engine's word for its version; the fleet then loads from disk only an engine that missed
+        the broadcast (restarted, or attached after the learner formed its group)."""
+        for e in self.fleet.engines:
+            if not e.healthy.is_set() or e.updating or e.version >= version:
+                continue
+            try:
+                e.version = max(e.version, int(e.client.model_info().get("weight_version") or 0))
+            except EngineError:
+                continue  # the fleet's own sync (and health checks) deal with it
+            if e.version < version:
+                self._log(f"engine {e.url} is at v{e.version}, missed the broadcast of v{version}; loading it from disk")
 
     def _watch_weights(self) -> None:
         """Poll the hub for new weights while calls are in flight (ACQUIRE replies carry them otherwise)."""

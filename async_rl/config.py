@@ -38,8 +38,6 @@ class ClusterConfig:
     engine_cpus: list = knob([], "CPU cores engines and generators are pinned to ([] = no pinning).")
     learner_cpus: list = knob([], "CPU cores the learner is pinned to ([] = no pinning).")
     startup_timeout: float = knob(120.0, "Seconds to wait for a process to become ready before failing.")
-    max_restarts: int = knob(3, "Times the local launcher's supervisor restarts each dead process over a run (Ray's actor option name): the hub from its WAL on the same port, an engine on its port (then re-synced to the current weights), a generator under a new incarnation id, the learner from its newest checkpoint (exact only when that checkpoint is its last step: ckpt.save_interval=1). 0 = a dead process fails the run; -1 = no limit. Engines restarted by their generator (use_fault_tolerance) are not counted here.")
-    restart_backoff: float = knob(1.0, "Seconds between a process's death and its first restart; doubles with each further restart of that process (at most 30 s).")
 
 
 @dataclass
@@ -61,10 +59,6 @@ class RolloutConfig:
     sglang_server_args: list = knob([], "rollout_engine=sglang: options forwarded verbatim to every SGLang server (slime's --sglang-*), e.g. [\"--mem-fraction-static 0.8\", \"--max-running-requests 256\"]; --model-path/--host/--port/--tp-size/--weight-version are set by the launcher.")
     rollout_num_gpus: int = knob(0, "rollout_engine=sglang: GPUs for generation; engines = rollout_num_gpus / rollout_num_gpus_per_engine (0 = cluster.num_engines engines).")
     rollout_num_gpus_per_engine: int = knob(1, "rollout_engine=sglang: GPUs per SGLang server (its --tp-size).")
-    engine_device: str = knob("cpu", "rollout_engine=embedded: torch device of each engine (`cpu`, `cuda`, `cuda:N`).")
-    engine_dtype: str = knob("auto", "rollout_engine=embedded: weight/activation dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16`, `float16`.")
-    engine_kv_cache: str = knob("auto", "rollout_engine=embedded: `dynamic` (HF cache, any causal LM), `static` (preallocated arena + on-device sampling, Llama/Qwen2/Qwen3/Mistral; actors/engine_static.py) or `auto` (static on CUDA when the model is supported, else dynamic).")
-    engine_cuda_graph: bool = knob(True, "rollout_engine=embedded, static KV cache on CUDA: replay decode steps from CUDA graphs captured per (batch, context) bucket; false = run them eagerly.")
     rollout_external_engine_addrs: list = knob([], "Addresses (host:port or http://host:port) of engines already running (SGLang or embedded); when set, no engine is started and generator i uses engine i % len.")
     sglang_server_concurrency: int = knob(64, "Most samples a generator keeps in flight on one engine (its engine calls run concurrently up to this; at least one call).")
     interrupt_mode: str = knob("in_place", "What a generator does to in-flight requests when new weights are published: `none` (no interruption: an update waits until the engine's in-flight requests finish, new ones wait behind it), `in_place` (pause, swap weights, continue; KV cache kept, PipelineRL), `retract` (pause, swap, continue; the engine recomputes the KV under the new weights), `abort` (abort, swap, resubmit: from the tokens so far with partial_rollout, else from scratch). Every token carries the version that produced it.")
@@ -72,6 +66,7 @@ class RolloutConfig:
     mask_offpolicy_in_partial_rollout: bool = knob(False, "Send a per-token loss_mask that zeroes the tokens produced by an older version than the sample's last token (only tokens of the newest version are trained on).")
     weight_poll_interval: float = knob(1.0, "Seconds between a generator's checks of the hub for a newer weight version (with interrupt_mode != none, in-flight requests are interrupted at most this long after a publication).")
     update_weight_buffer_size: int = knob(512 * 2**20, "Bytes per bucket when weights are broadcast to engines (/update_weights_from_distributed; slime's --update-weight-buffer-size).")
+    update_weight_mode: str = knob("disk", "How the run's engines get each published version: `disk` (the learner writes run_dir/weights/v{N}, generators make their engines load it: /update_weights_from_disk) or `broadcast` (the learner sends the tensors straight into every engine of the run over a torch process group, gloo on CPU / NCCL on GPU, in update_weight_buffer_size buckets, pausing per interrupt_mode; generators then load from disk only for an engine that missed it, e.g. a restarted one). Both write the version to disk (eval, restarts, late joiners).")
     use_fault_tolerance: bool = knob(False, "Health-check every engine (/health_generate); a dead or hung one is killed, restarted, re-synced to the current weights, and its in-flight prompts re-issued (none lost, none duplicated).")
     rollout_health_check_interval: float = knob(10.0, "use_fault_tolerance: seconds between health checks of an engine.")
     rollout_health_check_timeout: float = knob(30.0, "use_fault_tolerance: seconds a health check may take before the engine counts as hung.")
@@ -83,7 +78,8 @@ class RolloutConfig:
     global_batch_size: int = knob(0, "Samples per optimizer step; 0 = rollout_batch_size * n_samples_per_prompt / num_steps_per_rollout.")
     num_steps_per_rollout: int = knob(1, "Optimizer steps per learner step (each on global_batch_size samples).")
     micro_batch_size: int = knob(0, "Samples per forward/backward (gradient accumulation); 0 = global_batch_size.")
-    num_rollout: int = knob(50, "Learner steps to run; the run ends after this many.")
+    num_rollout: int = knob(50, "Learner steps to run; the run ends after this many. 0 = num_epoch passes over the prompt data (num_epoch * prompts // rollout_batch_size steps, resolved at launch).")
+    num_epoch: int = knob(1, "With num_rollout=0: passes over the prompt data (after the rollout_max_prompt_len filter) that make up the run.")
     rollout_max_response_len: int = knob(8, "Max new tokens per response (SGLang's max_new_tokens).")
     rollout_temperature: float = knob(1.0, "Sampling temperature (the learner scales logits by it too).")
     rollout_top_p: float = knob(1.0, "Top-p (nucleus) sampling.")
@@ -120,8 +116,14 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: greedy accuracy (the rollout reward) on a JSONL set at the start and end of a run."""
-    eval_prompt_data: str = knob("", "JSONL eval prompt file (same keys as data); empty disables evaluation.")
+    """Held-out evaluation: greedy accuracy (the rollout reward) at the start and end of a run, and pass@k every
+    eval_interval versions while it trains (a separate eval worker with its own engine; training never waits)."""
+    eval_prompt_data: list = knob([], "Eval sets as name/path pairs, e.g. [add, runs/tiny/data/test.jsonl, hard, data/hard.jsonl] (JSONL, same keys as data), or one path (named by its file stem); empty disables evaluation.")
+    eval_interval: int = knob(0, "Evaluate every version that is a multiple of this (and v0) on every eval set, in the background (actors/eval_worker.py), logging eval/<name>/pass@k to run_dir/eval.jsonl and metrics.jsonl; 0 = only the start and end greedy evals.")
+    n_samples_per_eval_prompt: int = knob(1, "Responses per eval prompt in the eval_interval evals; pass@k is logged for k = 1, 2, 4, ... <= this.")
+    eval_temperature: float = knob(0.0, "Sampling temperature of the eval_interval evals (0 = greedy; set > 0 with n_samples_per_eval_prompt > 1). The start/end evals are always greedy.")
+    eval_top_p: float = knob(1.0, "Top-p of the eval_interval evals.")
+    eval_top_k: int = knob(-1, "Top-k of the eval_interval evals; -1 disables.")
     eval_max_prompts: int = knob(200, "Eval prompts used per evaluation.")
     eval_max_response_len: int = knob(0, "Max new tokens in evaluation; 0 = rollout_max_response_len.")
 
@@ -227,16 +229,6 @@ class TrainConfig:
 
 
 @dataclass
-class DebugConfig:
-    """slime's debug modes: isolate generation or training, record what a run trains on (async_rl/debug.py)."""
-    debug_rollout_only: bool = knob(False, "Generate and store, train nothing: a sink process takes the batches from the hub in place of the learner (acks them, writes them with save_debug_rollout_data), weights stay at version 0.")
-    debug_train_only: bool = knob(False, "Train from load_debug_rollout_data, start no engine or generator: a feeder process puts each saved batch into the hub once the learner is at the version that batch was trained at, so the learner trains on exactly the saved batches, in their order, at their staleness.")
-    load_debug_rollout_data: str = knob("", "debug_train_only: the groups to train on, as written by save_debug_rollout_data (the same template with {rollout_id}, or the directory).")
-    save_debug_rollout_data: str = knob("", "Write every batch the learner (or the debug_rollout_only sink) takes from the hub: a path template with {rollout_id} (the learner step, e.g. dbg/rollout_{rollout_id}.msgpack) or a directory (rollout_{rollout_id}.msgpack in it).")
-    dump_details: str = knob("", "Directory for per-step details of training, for offline inspection: each step's tokens, loss mask, rewards, advantages, logprobs (engine, recomputed) and TIS weights (step_{N}.pt, torch.load-able); empty = off.")
-
-
-@dataclass
 class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
@@ -248,7 +240,6 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -297,7 +288,7 @@ def _coerce(sec: str, name: str, value: Any) -> Any:
     if typ is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip() else []
-        if isinstance(value, int):
+        if isinstance(value, (int, str)):  # one value where a list is expected: a list of one
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: must be a list such as [0, 1]")

@@ -65,9 +65,14 @@ def finalize(cfg: "Config") -> "Config":
 
 def _rollout_rules(cfg: "Config") -> None:
     r = cfg.rollout
-    for name in ("rollout_batch_size", "n_samples_per_prompt", "num_steps_per_rollout", "num_rollout",
+    for name in ("rollout_batch_size", "n_samples_per_prompt", "num_steps_per_rollout",
                  "rollout_max_response_len", "update_weights_interval", "groups_per_engine_call"):
         _at_least("rollout", r, name, 1)
+    for name in ("num_rollout", "num_epoch"):
+        _at_least("rollout", r, name, 0)
+    if r.num_rollout == 0 and r.num_epoch == 0:
+        raise _err("rollout.num_rollout=0 and rollout.num_epoch=0: the run has no length; set num_rollout "
+                   "(learner steps) or num_epoch (passes over the prompt data)")
     for name in ("global_batch_size", "micro_batch_size"):
         _at_least("rollout", r, name, 0)
     _at_least("rollout", r, "rollout_temperature", 0)
@@ -83,8 +88,7 @@ def _rollout_rules(cfg: "Config") -> None:
 def _engine_rules(r) -> None:
     _one_of("rollout", r, "rollout_engine", ("embedded", "sglang"))
     _one_of("rollout", r, "interrupt_mode", ("none", "in_place", "retract", "abort"))
-    _one_of("rollout", r, "engine_dtype", ("auto", "float32", "bfloat16", "float16"))
-    _one_of("rollout", r, "engine_kv_cache", ("auto", "dynamic", "static"))
+    _one_of("rollout", r, "update_weight_mode", ("disk", "broadcast"))
     for name in ("rollout_num_gpus", "rollout_health_check_first_wait"):
         _at_least("rollout", r, name, 0)
     for name in ("rollout_num_gpus_per_engine", "sglang_server_concurrency", "update_weight_buffer_size"):
@@ -248,7 +252,7 @@ def _optimizer_rules(cfg: "Config") -> None:
     if not 0 <= o.min_lr <= o.lr:
         raise _err(f"optimizer.min_lr={o.min_lr}: must be in [0, lr={o.lr}]")
     steps = cfg.rollout.num_rollout * cfg.rollout.num_steps_per_rollout
-    if o.lr_warmup_iters >= steps:
+    if steps and o.lr_warmup_iters >= steps:  # steps = 0: num_epoch decides the length at launch
         raise _err(f"optimizer.lr_warmup_iters={o.lr_warmup_iters}: must be < the run's {steps} optimizer steps "
                    f"(num_rollout * num_steps_per_rollout)")
 
@@ -280,11 +284,53 @@ def _misc_rules(cfg: "Config") -> None:
     _at_least("ckpt", cfg.ckpt, "keep_checkpoints", 1)
     _at_least("eval", cfg.eval, "eval_max_prompts", 1)
     _at_least("eval", cfg.eval, "eval_max_response_len", 0)
+    _eval_rules(cfg.eval)
+
+
+def eval_datasets(e) -> list[tuple[str, str]]:
+    """eval.eval_prompt_data as (name, path) pairs: [path] names the set by its file stem."""
+    from pathlib import Path
+    data = [str(x) for x in e.eval_prompt_data]
+    if len(data) == 1:
+        return [(Path(data[0]).stem, data[0])]
+    if len(data) % 2:
+        raise _err(f"eval.eval_prompt_data={data}: must be name/path pairs such as [add, data/test.jsonl, hard, "
+                   f"data/hard.jsonl] (or one path); it has {len(data)} entries")
+    pairs = list(zip(data[0::2], data[1::2]))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise _err(f"eval.eval_prompt_data={data}: names {names} repeat; give each eval set its own name")
+    for name, _ in pairs:
+        if not re.fullmatch(r"[\w.\-]+", name):
+            raise _err(f"eval.eval_prompt_data: name {name!r} must be letters, digits, '_', '-' or '.' (it becomes "
+                       f"the metric key eval/<name>/pass@k); put the name before its path")
+    return pairs
+
+
+def _eval_rules(e) -> None:
+    eval_datasets(e)
+    for name in ("eval_interval",):
+        _at_least("eval", e, name, 0)
+    _at_least("eval", e, "n_samples_per_eval_prompt", 1)
+    _at_least("eval", e, "eval_temperature", 0)
+    if not 0 < e.eval_top_p <= 1:
+        raise _err(f"eval.eval_top_p={e.eval_top_p}: must be in (0, 1]")
+    if e.eval_top_k == 0 or e.eval_top_k < -1:
+        raise _err(f"eval.eval_top_k={e.eval_top_k}: must be -1 (off) or >= 1")
+    if e.n_samples_per_eval_prompt > 1 and e.eval_temperature == 0:
+        raise _err(f"eval.n_samples_per_eval_prompt={e.n_samples_per_eval_prompt} with eval_temperature=0: greedy "
+                   f"samples are all the same, so pass@k would equal pass@1; set eval_temperature (e.g. 1.0)")
+    if e.eval_interval and not e.eval_prompt_data:
+        raise _err(f"eval.eval_interval={e.eval_interval}: needs eval.eval_prompt_data (name/path pairs); set it, "
+                   f"or eval_interval=0")
 
 
 def _train_rules(cfg: "Config") -> None:
     t = cfg.train
     _one_of("train", t, "train_backend", ("torch", "megatron"))
+    if t.train_backend == "megatron" and cfg.rollout.update_weight_mode == "broadcast":
+        raise _err("rollout.update_weight_mode='broadcast': the megatron learner publishes to disk only so far; "
+                   "use update_weight_mode=disk, or train_backend=torch")
     for name in ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size"):
         _at_least("train", t, name, 1)
@@ -370,7 +416,25 @@ def check_paths(cfg: "Config") -> None:
     if not (Path(cfg.ckpt.hf_checkpoint) / "config.json").exists():
         raise _err(f"ckpt.hf_checkpoint={cfg.ckpt.hf_checkpoint!r}: no config.json there; point it at an HF "
                    f"checkpoint dir (for the quickstart: python scripts/build_tiny.py)")
-    for sec, name, value in (("data", "prompt_data", cfg.data.prompt_data),
-                             ("eval", "eval_prompt_data", cfg.eval.eval_prompt_data)):
-        if (name == "prompt_data" or value) and not Path(value).is_file():
+    paths = [("data", "prompt_data", cfg.data.prompt_data)]
+    paths += [("eval", f"eval_prompt_data ({name})", path) for name, path in eval_datasets(cfg.eval)]
+    for sec, name, value in paths:
+        if not Path(value).is_file():
             raise _err(f"{sec}.{name}={value!r}: file not found; point it at a JSONL prompt file")
+    resolve_num_rollout(cfg)
+
+
+def resolve_num_rollout(cfg: "Config") -> None:
+    """num_rollout=0: num_epoch passes over the prompt data (slime's rule: epochs * prompts // batch)."""
+    r = cfg.rollout
+    if r.num_rollout:
+        return
+    from async_rl.data import load_prompt_data
+    n = len(load_prompt_data(cfg.data, cfg.ckpt.hf_checkpoint))
+    r.num_rollout = r.num_epoch * n // r.rollout_batch_size
+    if r.num_rollout == 0:
+        raise _err(f"rollout.num_epoch={r.num_epoch}: {r.num_epoch} pass(es) over {n} prompts is less than one "
+                   f"learner step of rollout_batch_size={r.rollout_batch_size} prompts; raise num_epoch or set "
+                   f"num_rollout")
+    print(f"config: num_rollout=0, so the run is num_epoch={r.num_epoch} x {n} prompts // rollout_batch_size="
+          f"{r.rollout_batch_size} = {r.num_rollout} learner steps", flush=True)

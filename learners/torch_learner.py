@@ -33,7 +33,7 @@ from learners.kl import approx_kl
 from learners.objective import actor_loss
 from learners.optim import accumulate_step, build_optimizer as _build_optimizer, micro_slices
 from learners.plugins import load_algo_plugins
-from learners.weights import publish
+from learners.weights import BroadcastPublisher, eval_pin, publish
 
 
 def build_optimizer(model: torch.nn.Module, o: config_mod.OptimizerConfig) -> torch.optim.Optimizer:
@@ -85,6 +85,8 @@ class TorchLearner:
         self.version = 0
         self.steps_done = 0  # learner steps trained (num_critic_only_steps, ref_update_interval)
         self.stopping = False
+        self.broadcast = (BroadcastPublisher(cfg, self.run_dir)
+                          if cfg.rollout.update_weight_mode == "broadcast" else None)
 
     # ---- what a backend provides (learners.megatron overrides these) ------------------------------
     def _build_policy(self):
@@ -211,7 +213,10 @@ class TorchLearner:
 
     # ---- the loop --------------------------------------------------------------------------------
     def publish_next(self) -> None:
-        path = publish(self.model, self.tokenizer, self.run_dir, self.version + 1, self.cfg.ckpt.keep_weight_versions)
+        if self.broadcast is not None:  # engines first (generation resumes sooner), then disk for everyone else
+            self.broadcast.send(self.model, self.version + 1)
+        path = publish(self.model, self.tokenizer, self.run_dir, self.version + 1, self.cfg.ckpt.keep_weight_versions,
+                       pin=eval_pin(self.cfg, self.version + 1))
         self.version += 1
         self.hub.request({"type": "VERSION", "version": self.version, "weights_path": str(path)}, timeout=30)
 

@@ -1,15 +1,32 @@
 """Weight publication: version v is written as a complete HF checkpoint (safetensors + config + tokenizer)
 to `run_dir/weights/v{v}`, atomically (written to a temp dir, then renamed), so a reader never sees a
-half-written version. Only the newest `keep` versions stay on disk.
+half-written version. Only the newest `keep` versions stay on disk, except pinned ones.
+
+Pins: a version due for evaluation (a multiple of eval.eval_interval) is published with a pin file
+`weights/pins/v{v}`, created before the version becomes visible; pruning never deletes a pinned version, and
+the eval worker (actors/eval_worker.py) deletes the pin once it has evaluated it. So an eval never loses its
+weights to `keep_weight_versions`, however far it falls behind.
+
+With update_weight_mode=broadcast, `BroadcastPublisher` also sends each version straight into the run's
+engines (async_rl.weight_broadcast) before it is written to disk; the disk copy stays the source for
+evals, restarted engines and generators that attach later.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 
-def publish(model, tokenizer, run_dir: str | Path, version: int, keep: int) -> Path:
+def pin_path(root: Path, version: int) -> Path:
+    """`weights/pins/v{version}` (a folder of its own, so readers that list weights/v* never see pins)."""
+    return Path(root) / "pins" / f"v{version}"
+
+
+def publish(model, tokenizer, run_dir: str | Path, version: int, keep: int, pin: bool = False) -> Path:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per version floods the learner's log
     root = Path(run_dir) / "weights"
@@ -20,6 +37,9 @@ def publish(model, tokenizer, run_dir: str | Path, version: int, keep: int) -> P
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+    if pin:
+        pin_path(root, version).parent.mkdir(exist_ok=True)
+        pin_path(root, version).write_text(json.dumps({"pinned_by": "learner", "time": time.time()}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -28,6 +48,94 @@ def publish(model, tokenizer, run_dir: str | Path, version: int, keep: int) -> P
 
 
 def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` versions; pinned versions stay (and do not count against `keep`)."""
     versions = sorted((int(p.name[1:]), p) for p in root.glob("v*") if p.name[1:].isdigit())
-    for _, path in versions[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    for version, path in versions[:-keep]:
+        if not pin_path(root, version).exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def eval_pin(cfg, version: int) -> bool:
+    """Is `version` one the eval worker will evaluate (so it must outlive keep_weight_versions)?"""
+    interval = cfg.eval.eval_interval
+    return bool(interval) and version % interval == 0
+
+
+def engine_urls(cfg, run_dir: str | Path) -> list[str]:
+    """The engines of the run: rollout_external_engine_addrs, else those the launcher wrote to engines.json."""
+    addrs = cfg.rollout.rollout_external_engine_addrs
+    if addrs:
+        return [(a if str(a).startswith("http") else f"http://{a}").rstrip("/") for a in addrs]
+    specs = Path(run_dir) / "engines.json"
+    if not specs.exists():
+        raise FileNotFoundError(f"update_weight_mode=broadcast: {specs} is missing (the launcher writes it when it "
+                                f"starts the engines); set rollout.rollout_external_engine_addrs, or use "
+                                f"update_weight_mode=disk")
+    return [d["url"].rstrip("/") for d in json.loads(specs.read_text())]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BroadcastPublisher:
+    """The learner's side of update_weight_mode=broadcast. Joins the engines' process group on first use; a
+    failed update (an engine died or was restarted) is logged, the group is dropped, and the next version
+    forms a new one: meanwhile the version still reaches disk, and generators load it from there for any
+    engine that missed the broadcast."""
+
+    def __init__(self, cfg, run_dir: str | Path, log=None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.log = log or (lambda m: print(m, flush=True))
+        self.broadcaster = None
+        self.attempt = 0
+        self.failures = 0
+        self.sent = 0
+        self.last_seconds = 0.0
+
+    def _connect(self, backend: str):
+        from async_rl.weight_broadcast import WeightBroadcaster
+        host = self.cfg.cluster.host
+        self.attempt += 1
+        b = WeightBroadcaster(engine_urls(self.cfg, self.run_dir), host, _free_port(host), backend=backend,
+                              group_name=f"learner_weights_{os.getpid()}_{self.attempt}",
+                              ranks_per_engine=self.cfg.rollout.rollout_num_gpus_per_engine,
+                              timeout=max(60.0, self.cfg.cluster.startup_timeout))
+        b.connect()
+        return b
+
+    def send(self, model, version: int) -> bool:
+        """Broadcast `model`'s weights as `version` to every engine; True when all of them hold it."""
+        from async_rl.weight_broadcast import WeightSyncError
+        r = self.cfg.rollout
+        params = list(model.state_dict().items())
+        backend = "nccl" if params and params[0][1].is_cuda else "gloo"
+        t0 = time.perf_counter()
+        try:
+            if self.broadcaster is None:
+                self.broadcaster = self._connect(backend)
+            pause = None if r.interrupt_mode == "none" else r.interrupt_mode
+            self.broadcaster.update(params, weight_version=version, bucket_bytes=r.update_weight_buffer_size,
+                                    pause_mode=pause)
+        except (WeightSyncError, RuntimeError, OSError) as e:
+            self.failures += 1
+            self.log(f"learner: broadcast of v{version} failed ({e}); engines get it from disk, the next "
+                     f"version forms a new group")
+            self.close()
+            return False
+        self.last_seconds = time.perf_counter() - t0
+        self.sent += 1
+        if self.sent == 1 or self.sent % 100 == 0:
+            self.log(f"learner: broadcast v{version} to {len(self.broadcaster.urls)} engine(s) in "
+                     f"{self.last_seconds:.3f}s ({self.sent} broadcasts, {self.failures} failed)")
+        return True
+
+    def close(self) -> None:
+        if self.broadcaster is not None:
+            try:
+                self.broadcaster.close()
+            except Exception:  # noqa: BLE001  (an engine may be gone; the group is dropped either way)
+                pass
+            self.broadcaster = None
