@@ -2,7 +2,9 @@
 
 Nothing here touches a hub: the tokenizer is built with the `tokenizers` library (character level) and
 saved as a normal HF tokenizer, the model is a random-init Qwen2 of a few hundred thousand parameters,
-and the task is small-number addition (`"17+5="` -> `"22"`), whose answers a rule checks exactly.
+and the tasks are small-number addition (`"17+5="` -> `"22"`, the quickstart) and, harder, three-operand
+chains of additions and subtractions (`"12-9+7="` -> `"10"`, answers from -2*max to 3*max), whose answers a
+rule checks exactly.
 """
 from __future__ import annotations
 
@@ -63,6 +65,23 @@ def addition_problems(n: int, max_operand: int, seed: int) -> list[dict]:
     return rows
 
 
+def chain_problems(n: int, max_operand: int, seed: int) -> list[dict]:
+    """`n` prompts `{"input": "a+b-c=", "label": str(result)}`: three operands in [0, max_operand] joined by
+    `+` or `-` (each drawn with probability 1/2), evaluated left to right (no precedence question arises)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, c = (rng.randint(0, max_operand) for _ in range(3))
+        op1, op2 = rng.choice("+-"), rng.choice("+-")
+        first = a + b if op1 == "+" else a - b
+        value = first + c if op2 == "+" else first - c
+        rows.append({"input": f"{a}{op1}{b}{op2}{c}=", "label": str(value)})
+    return rows
+
+
+TASKS = {"addition": addition_problems, "chain": chain_problems}
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,10 +92,13 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 
 
 def build_task(out_dir: str | Path, n_train: int = 4000, n_test: int = 200, max_operand: int = 20,
-               seed: int = 0) -> dict[str, Path]:
-    """Write train/test JSONL prompt sets (`input`/`label` keys) under `out_dir`."""
+               seed: int = 0, task: str = "addition") -> dict[str, Path]:
+    """Write train/test JSONL prompt sets (`input`/`label` keys) of `task` (see TASKS) under `out_dir`."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: unknown; use one of {sorted(TASKS)}")
+    make = TASKS[task]
     out = Path(out_dir)
     return {
-        "train": write_jsonl(addition_problems(n_train, max_operand, seed), out / "train.jsonl"),
-        "test": write_jsonl(addition_problems(n_test, max_operand, seed + 1), out / "test.jsonl"),
+        "train": write_jsonl(make(n_train, max_operand, seed), out / "train.jsonl"),
+        "test": write_jsonl(make(n_test, max_operand, seed + 1), out / "test.jsonl"),
     }
