@@ -38,6 +38,8 @@ class ClusterConfig:
     engine_cpus: list = knob([], "CPU cores engines and generators are pinned to ([] = no pinning).")
     learner_cpus: list = knob([], "CPU cores the learner is pinned to ([] = no pinning).")
     startup_timeout: float = knob(120.0, "Seconds to wait for a process to become ready before failing.")
+    max_restarts: int = knob(3, "Times the local launcher's supervisor restarts each dead process over a run (Ray's actor option name): the hub from its WAL on the same port, an engine on its port (then re-synced to the current weights), a generator under a new incarnation id, the learner from its newest checkpoint (exact only when that checkpoint is its last step: ckpt.save_interval=1). 0 = a dead process fails the run; -1 = no limit. Engines restarted by their generator (use_fault_tolerance) are not counted here.")
+    restart_backoff: float = knob(1.0, "Seconds between a process's death and its first restart; doubles with each further restart of that process (at most 30 s).")
 
 
 @dataclass
@@ -59,6 +61,10 @@ class RolloutConfig:
     sglang_server_args: list = knob([], "rollout_engine=sglang: options forwarded verbatim to every SGLang server (slime's --sglang-*), e.g. [\"--mem-fraction-static 0.8\", \"--max-running-requests 256\"]; --model-path/--host/--port/--tp-size/--weight-version are set by the launcher.")
     rollout_num_gpus: int = knob(0, "rollout_engine=sglang: GPUs for generation; engines = rollout_num_gpus / rollout_num_gpus_per_engine (0 = cluster.num_engines engines).")
     rollout_num_gpus_per_engine: int = knob(1, "rollout_engine=sglang: GPUs per SGLang server (its --tp-size).")
+    engine_device: str = knob("cpu", "rollout_engine=embedded: torch device of each engine (`cpu`, `cuda`, `cuda:N`).")
+    engine_dtype: str = knob("auto", "rollout_engine=embedded: weight/activation dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16`, `float16`.")
+    engine_kv_cache: str = knob("auto", "rollout_engine=embedded: `dynamic` (HF cache, any causal LM), `static` (preallocated arena + on-device sampling, Llama/Qwen2/Qwen3/Mistral; actors/engine_static.py) or `auto` (static on CUDA when the model is supported, else dynamic).")
+    engine_cuda_graph: bool = knob(True, "rollout_engine=embedded, static KV cache on CUDA: replay decode steps from CUDA graphs captured per (batch, context) bucket; false = run them eagerly.")
     rollout_external_engine_addrs: list = knob([], "Addresses (host:port or http://host:port) of engines already running (SGLang or embedded); when set, no engine is started and generator i uses engine i % len.")
     sglang_server_concurrency: int = knob(64, "Most samples a generator keeps in flight on one engine (its engine calls run concurrently up to this; at least one call).")
     interrupt_mode: str = knob("in_place", "What a generator does to in-flight requests when new weights are published: `none` (no interruption: an update waits until the engine's in-flight requests finish, new ones wait behind it), `in_place` (pause, swap weights, continue; KV cache kept, PipelineRL), `retract` (pause, swap, continue; the engine recomputes the KV under the new weights), `abort` (abort, swap, resubmit: from the tokens so far with partial_rollout, else from scratch). Every token carries the version that produced it.")
@@ -229,6 +235,16 @@ class TrainConfig:
 
 
 @dataclass
+class DebugConfig:
+    """slime's debug modes: isolate generation or training, record what a run trains on (async_rl/debug.py)."""
+    debug_rollout_only: bool = knob(False, "Generate and store, train nothing: a sink process takes the batches from the hub in place of the learner (acks them, writes them with save_debug_rollout_data), weights stay at version 0.")
+    debug_train_only: bool = knob(False, "Train from load_debug_rollout_data, start no engine or generator: a feeder process puts each saved batch into the hub once the learner is at the version that batch was trained at, so the learner trains on exactly the saved batches, in their order, at their staleness.")
+    load_debug_rollout_data: str = knob("", "debug_train_only: the groups to train on, as written by save_debug_rollout_data (the same template with {rollout_id}, or the directory).")
+    save_debug_rollout_data: str = knob("", "Write every batch the learner (or the debug_rollout_only sink) takes from the hub: a path template with {rollout_id} (the learner step, e.g. dbg/rollout_{rollout_id}.msgpack) or a directory (rollout_{rollout_id}.msgpack in it).")
+    dump_details: str = knob("", "Directory for per-step details of training, for offline inspection: each step's tokens, loss mask, rewards, advantages, logprobs (engine, recomputed) and TIS weights (step_{N}.pt, torch.load-able); empty = off.")
+
+
+@dataclass
 class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
@@ -240,6 +256,7 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

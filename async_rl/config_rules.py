@@ -88,6 +88,8 @@ def _rollout_rules(cfg: "Config") -> None:
 def _engine_rules(r) -> None:
     _one_of("rollout", r, "rollout_engine", ("embedded", "sglang"))
     _one_of("rollout", r, "interrupt_mode", ("none", "in_place", "retract", "abort"))
+    _one_of("rollout", r, "engine_dtype", ("auto", "float32", "bfloat16", "float16"))
+    _one_of("rollout", r, "engine_kv_cache", ("auto", "dynamic", "static"))
     _one_of("rollout", r, "update_weight_mode", ("disk", "broadcast"))
     for name in ("rollout_num_gpus", "rollout_health_check_first_wait"):
         _at_least("rollout", r, name, 0)

@@ -1,5 +1,10 @@
 """Local launcher: start hub, engines, generators and learner as local processes, show progress, stop
-cleanly at `num_rollout`, on Ctrl-C, or when any process dies (reported with the tail of its log).
+cleanly at `num_rollout` or on Ctrl-C, and supervise: a dead hub, engine, generator or learner is started
+again (`cluster.max_restarts` times per process, with backoff) in a way that loses no acked group and trains
+none twice: the hub from its WAL on the same port, an engine on its port and re-synced to the current
+weights, a generator under a new incarnation id, the learner from its newest checkpoint, and only when that
+checkpoint holds its last trained step (else the run fails: the updates after it are gone). A process that
+may not be restarted fails the run, reported with the tail of its log.
 
 Exit codes: 0 the learner finished; 1 a process failed; 130 interrupted. In every case every child
 process is gone when `launch` returns.
@@ -18,7 +23,7 @@ import requests
 
 from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
-from async_rl.procs import ProcessGroup
+from async_rl.procs import ProcessGroup, RestartPolicy
 from async_rl.progress import Progress
 from async_rl.run_dir import Manifest
 
@@ -49,20 +54,7 @@ def _wait(what: str, ready, procs: ProcessGroup, names: list[str], timeout: floa
 
 def _start_command(procs: ProcessGroup, name: str, cmd: list[str], cpus: list, threads: int, critical: bool):
     """ProcessGroup.start for a full command line (an SGLang server runs under its own Python)."""
-    import os
-    import subprocess
-
-    from async_rl.procs import Child
-    log = procs.log_dir / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
-    cores = [int(c) for c in cpus or []]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
-    procs.children[name] = child = Child(name, proc, log, critical)
-    return child
+    return procs.start_command(name, cmd, cpus, threads, critical)
 
 
 def _split_words(args: list) -> list[str]:
@@ -96,6 +88,8 @@ class Launcher:
         self.procs = ProcessGroup(self.run_dir / "logs")
         self.hub_endpoint = ""
         self.engine_urls: list[str] = []
+        self.restart_policy = RestartPolicy(cfg.cluster.max_restarts, cfg.cluster.restart_backoff)
+        self.restart_due: dict[str, float] = {}  # dead process -> when its restart is due (monotonic)
 
     def key_args(self) -> list[str]:
         return ["--keys", str(self.keys_dir)] if self.keys_dir else []
@@ -180,7 +174,8 @@ class Launcher:
                     str(self.cfg.train.seed + i), *_split_words(r.sglang_server_args)]
         return [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint,
                 "--host", c.host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
-                "--seed", str(self.cfg.train.seed + i)]
+                "--seed", str(self.cfg.train.seed + i), "--device", r.engine_device, "--dtype", r.engine_dtype,
+                "--kv-cache", r.engine_kv_cache, *([] if r.engine_cuda_graph else ["--no-cuda-graph"])]
 
     def start_generators(self, id_prefix: str = "g") -> None:
         c = self.cfg.cluster
@@ -223,13 +218,13 @@ class Launcher:
         return json.loads(out.read_text()) if out.exists() else None
 
     def record(self, status: str, **extra) -> None:
-        procs = {n: {"pid": ch.proc.pid, "log": str(ch.log), "returncode": ch.proc.poll()}
+        procs = {n: {"pid": ch.proc.pid, "log": str(ch.log), "returncode": ch.proc.poll(), "restarts": ch.restarts}
                  for n, ch in self.procs.children.items()}
-        self.manifest.update(status=status, processes=procs, keys=str(self.keys_dir) if self.keys_dir else None,
+        self.manifest.update(status=status, processes=procs, restarts=sum(ch.restarts for ch in self.procs.children.values()), keys=str(self.keys_dir) if self.keys_dir else None,
                              endpoints={"hub": self.hub_endpoint, "engines": self.engine_urls}, **extra)
 
     def monitor(self, progress: Progress) -> None:
-        learner = self.procs.children["learner"]
+        learner = self.procs.children["learner"]  # respawn keeps the Child, so this follows restarts
         stop_sent = False
         while True:
             progress.refresh()
@@ -237,16 +232,111 @@ class Launcher:
                 print("async-rl: stop requested: the learner checkpoints and the run ends", flush=True)
                 learner.proc.send_signal(signal.SIGTERM)
                 stop_sent = True
-            bad = self.procs.failed()
-            if bad is not None:
-                raise LaunchError(f"{bad.name} died with exit code {bad.proc.returncode}; last lines of "
-                                  f"{bad.log}:\n{bad.tail()}")
             if learner.proc.poll() == 0:
                 return
-            if any(ch.proc.poll() is not None for ch in self.procs.children.values() if ch.critical):
-                dead = [n for n, ch in self.procs.children.items() if ch.critical and ch.proc.poll() is not None]
-                raise LaunchError(f"{dead} exited before the learner finished; see {self.run_dir / 'logs'}")
+            self.supervise()
             time.sleep(0.5)
+
+    # ---- supervisor --------------------------------------------------------------------------------
+    def _supervised(self, name: str) -> bool:
+        kind = name.rstrip("0123456789")
+        if kind == "engine":  # with use_fault_tolerance the engine's generator restarts it
+            return not self.cfg.rollout.use_fault_tolerance
+        return kind in ("hub", "generator", "learner", "feeder")
+
+    def supervise(self) -> None:
+        """Restart each dead supervised process when its backoff is over; raise LaunchError for a dead process
+        that may not be restarted (not supervised, a config error (exit code 2), or out of restarts)."""
+        now = time.monotonic()
+        for name, child in list(self.procs.children.items()):
+            code = child.proc.poll()
+            if code is None or (code == 0 and name in ("learner", "feeder")):  # alive, or done
+                continue
+            if not self._supervised(name):
+                if child.critical:
+                    raise LaunchError(f"{name} died with exit code {code}; last lines of {child.log}:\n{child.tail()}")
+                continue
+            if code == 2 or not self.restart_policy.allows(child.restarts):
+                why = (" (a usage or config error: a restart would not help)" if code == 2 else
+                       f" after {child.restarts} restart(s) (cluster.max_restarts={self.restart_policy.max_restarts})")
+                raise LaunchError(f"{name} died with exit code {code}{why}; last lines of {child.log}:\n{child.tail()}")
+            if name not in self.restart_due:
+                delay = self.restart_policy.delay(child.restarts)
+                self.restart_due[name] = now + delay
+                print(f"async-rl: {name} died with exit code {code}; restart {child.restarts + 1} in {delay:.1f}s",
+                      flush=True)
+                continue
+            engines_down = any(c.proc.poll() is not None for n, c in self.procs.children.items()
+                               if n.startswith("engine") and self._supervised(n))
+            if now < self.restart_due[name] or (name.startswith("generator") and engines_down):
+                continue  # a generator needs its engine up: it reads the engine's version when it starts
+            del self.restart_due[name]
+            self.restart(name, code)
+
+    def restart(self, name: str, code: int) -> None:
+        kind, extra = name.rstrip("0123456789"), []
+        if kind == "learner":
+            extra = ["--resume"]
+            if not self.cfg.debug.debug_rollout_only:
+                self._rewind_metrics(self._learner_resume_step())
+        if kind == "hub":
+            (self.run_dir / "hub.endpoint").unlink(missing_ok=True)
+        child = self.procs.respawn(name, extra)
+        try:
+            if kind == "hub":  # same --bind port and --state-dir: it recovers from its WAL where clients reconnect
+                _wait("hub", (self.run_dir / "hub.endpoint").exists, self.procs, ["hub"], self.cfg.cluster.startup_timeout)
+            elif kind == "engine":
+                url = self.engine_urls[int(name[len("engine"):])]
+                _wait(name, lambda: _engine_ready(url), self.procs, [name], self.cfg.cluster.startup_timeout)
+                self._resync_engine(url)
+        except LaunchError as exc:  # killed, so the next supervise() treats it as one more death
+            print(f"async-rl: restarting {name} failed: {exc}", flush=True)
+            self.procs._signal(child, signal.SIGKILL)
+            child.proc.wait()
+        with open(self.run_dir / "restarts.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), "process": name, "exit_code": code, "restart": child.restarts,
+                                "pid": child.proc.pid}) + "\n")
+        print(f"async-rl: {name} restarted (restart {child.restarts}, pid {child.proc.pid})", flush=True)
+        self.record("running")
+
+    def _learner_resume_step(self) -> int:
+        """The step the restarted learner resumes at; LaunchError when updates after that checkpoint would be
+        lost (their batches were acked: the hub has them consumed, and published versions only grow)."""
+        from async_rl.metrics import read_metrics
+        done = [int(p.name.split("_")[1]) for p in (self.run_dir / "checkpoints").glob("step_*") if (p / "DONE").exists()]
+        step, logged = max(done, default=0), len(read_metrics(self.run_dir))
+        if step < logged - 1:  # the batch of the last logged step is still un-acked: redoing it alone is exact
+            raise LaunchError(f"the learner died after step {logged - 1} but its newest checkpoint is step_{step}: "
+                              f"the updates of steps {step}..{logged - 2} would be lost; set ckpt.save_interval=1 "
+                              f"so the supervisor can restart it exactly (now {self.cfg.ckpt.save_interval}), or "
+                              f"continue with `async-rl launch ... --resume`")
+        return step
+
+    def _rewind_metrics(self, step: int) -> None:
+        """Drop metrics rows of steps the restarted learner trains again (their updates died with it)."""
+        from async_rl.metrics import read_metrics
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.run_dir) if r.get("step", 0) < step))
+        tmp.replace(path)
+
+    def _resync_engine(self, url: str) -> None:
+        """Load the hub's current weights into a restarted engine (it starts from hf_checkpoint, version 0)."""
+        from async_rl.hub_client import HubClient
+        client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
+        try:
+            reply = client.request({"type": "STATS"}, timeout=self.cfg.cluster.startup_timeout)
+        finally:
+            client.close()
+        version, path = int(reply["version"]), str(reply["weights_path"])
+        if version == 0 or not path:
+            return
+        r = requests.post(f"{url}/update_weights_from_disk", timeout=self.cfg.cluster.startup_timeout,
+                          json={"model_path": path, "weight_version": str(version), "flush_cache": True})
+        if r.status_code != 200 or not r.json().get("success"):  # pruned meanwhile: the generator syncs it
+            print(f"async-rl: re-syncing {url} to v{version} failed ({r.text[:200]}); its generator will", flush=True)
 
     def stop_workers(self) -> None:
         try:
@@ -260,9 +350,10 @@ class Launcher:
             self.procs.stop(name)
 
 
-def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False) -> int:
-    """Run a whole job (or continue one, `resume`); returns the exit code. Never leaves a child process behind."""
-    launcher = Launcher(cfg, run_dir, resume)
+def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, launcher: Launcher | None = None) -> int:
+    """Run a whole job (or continue one, `resume`); returns the exit code. Never leaves a child process behind.
+    `launcher`: one built elsewhere (the Ray launcher, async_rl/ray_launcher.py); default a local one."""
+    launcher = launcher or Launcher(cfg, run_dir, resume)
     try:
         launcher.prepare()
     except LaunchError as exc:
