@@ -21,8 +21,21 @@ def cmd_launch(args) -> int:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    launcher = None
+    if args.address and args.cluster != "ray":
+        print(f"async-rl: --address {args.address}: only for --cluster ray (the head of a Ray cluster)", file=sys.stderr)
+        return 2
+    if args.cluster == "ray":
+        try:
+            import ray  # noqa: F401
+            from async_rl.ray_launcher import RayLauncher
+        except ImportError as exc:
+            print(f"async-rl: --cluster ray needs Ray ({exc}): pip install -e '.[ray]' (scripts/setup.sh does)",
+                  file=sys.stderr)
+            return 2
+        launcher = RayLauncher(cfg, run_dir, resume=args.resume, address=args.address)
     try:
-        return launch(cfg, run_dir, resume=args.resume)
+        return launch(cfg, run_dir, resume=args.resume, launcher=launcher)
     except config_mod.ConfigError as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
@@ -175,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run directory (default runs/TIMESTAMP)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its learner checkpoint and hub state")
+    p.add_argument("--cluster", choices=("local", "ray"), default="local",
+                   help="local processes (default) or Ray actors placed by the cluster.* options")
+    p.add_argument("--address", default=None,
+                   help="--cluster ray: the Ray head (HOST:PORT or auto); default start a local Ray for the run")
     p.set_defaults(fn=cmd_launch)
     p = sub.add_parser("stop", help="drain, checkpoint and end a running job (exit 0); resume it with launch --resume")
     p.add_argument("--run-dir", required=True)

@@ -38,6 +38,10 @@ class ClusterConfig:
     engine_cpus: list = knob([], "CPU cores engines and generators are pinned to ([] = no pinning).")
     learner_cpus: list = knob([], "CPU cores the learner is pinned to ([] = no pinning).")
     startup_timeout: float = knob(120.0, "Seconds to wait for a process to become ready before failing.")
+    actor_num_nodes: int = knob(1, "Nodes the learner spans (slime's name); `--cluster ray` places it in one bundle of train.actor_num_gpus_per_node GPUs. Only 1: the learner runs under one torchrun --standalone.")
+    num_gpus_per_node: int = knob(0, "GPUs per node of the Ray cluster (slime's name); 0 = a CPU cluster: `--cluster ray` bundles ask for CPUs only (learner_num_threads, engine_num_threads). Else the learner's bundle takes train.actor_num_gpus_per_node GPUs and each engine's rollout.rollout_num_gpus_per_engine.")
+    colocate: bool = knob(False, "Put engines on the learner's node (slime's name): `--cluster ray` packs every bundle onto one node (STRICT_PACK). Sharing the learner's GPUs needs offload, which is not built, so with num_gpus_per_node > 0 it is refused.")
+    offload: bool = knob(False, "Offload engine and learner GPU memory between generation and training (slime's name). Not supported: in a fully asynchronous run engines and learner work at the same time; leave false.")
     max_restarts: int = knob(3, "Times the local launcher's supervisor restarts each dead process over a run (Ray's actor option name): the hub from its WAL on the same port, an engine on its port (then re-synced to the current weights), a generator under a new incarnation id, the learner from its newest checkpoint (exact only when that checkpoint is its last step: ckpt.save_interval=1). 0 = a dead process fails the run; -1 = no limit. Engines restarted by their generator (use_fault_tolerance) are not counted here.")
     restart_backoff: float = knob(1.0, "Seconds between a process's death and its first restart; doubles with each further restart of that process (at most 30 s).")
 

@@ -182,6 +182,28 @@ def _cluster_rules(cfg: "Config") -> None:
         _at_least("cluster", c, name, 1)
     if not 0 <= c.hub_port < 65536:
         raise _err(f"cluster.hub_port={c.hub_port}: must be a TCP port in [0, 65535] (0 = pick a free one)")
+    _placement_rules(cfg)
+
+
+def _placement_rules(cfg: "Config") -> None:
+    """The slime placement options that `--cluster ray` honours, and a clear no for those it cannot."""
+    c = cfg.cluster
+    _at_least("cluster", c, "num_gpus_per_node", 0)
+    if c.actor_num_nodes != 1:
+        raise _err(f"cluster.actor_num_nodes={c.actor_num_nodes}: a learner spanning nodes is not built (it runs "
+                   f"under one torchrun --standalone); set 1 and use train.actor_num_gpus_per_node GPUs on one node")
+    if c.offload:
+        raise _err("cluster.offload=true: not supported: in a fully asynchronous run engines and learner work at "
+                   "the same time, so there is no idle phase to offload in; set offload=false")
+    if c.colocate and c.num_gpus_per_node > 0:
+        raise _err(f"cluster.colocate=true with num_gpus_per_node={c.num_gpus_per_node}: engines sharing the "
+                   f"learner's GPUs need offload, which is not built; set colocate=false (engines get GPUs of their "
+                   f"own: rollout.rollout_num_gpus)")
+    for sec, obj, name in (("train", cfg.train, "actor_num_gpus_per_node"),
+                           ("rollout", cfg.rollout, "rollout_num_gpus_per_engine")):
+        if c.num_gpus_per_node and getattr(obj, name) > c.num_gpus_per_node:
+            raise _err(f"{sec}.{name}={getattr(obj, name)}: more than cluster.num_gpus_per_node="
+                       f"{c.num_gpus_per_node}; one bundle sits on one node: lower it or raise num_gpus_per_node")
 
 
 def _algo_rules(cfg: "Config") -> None:

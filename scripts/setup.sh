@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[dev,megatron]"  # megatron-core: ~2.6 MB, needs only numpy + packaging
+python -m pip install -q -e ".[dev,megatron,ray]"  # megatron-core: ~2.6 MB, needs only numpy + packaging; ray ~244 MB
 echo "async-rl installed in .venv (activate with: . .venv/bin/activate)"

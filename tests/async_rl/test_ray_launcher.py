@@ -1,0 +1,183 @@
+"""`async-rl launch --cluster ray` on a real local Ray cluster (a head plus a second raylet on this machine,
+every Ray file inside the test dir): the run-dir contract is the local launcher's, and a generator whose
+process is SIGKILLed is restarted by Ray with no acked group lost."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.e2e
+
+RAY = str(Path(sys.executable).with_name("ray"))
+KEYS = ["step", "version", "time", "reward/mean", "staleness/max", "staleness/mean", "tis/weight_mean",
+        "tis/clipfrac", "loss/pg", "perf/train_tokens_per_s", "perf/gen_tokens_per_s", "buffer/size",
+        "buffer/evicted_stale"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_groups(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each node's process group, 8 s, then SIGKILL to whatever is left of them."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 8
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A head (2 CPUs) and a second raylet (1 CPU + {"generator": 1}), each `ray start --block` in its own
+    session and stopped by its process group (never `ray stop`: it kills every Ray process on the host)."""
+    root = tmp_path_factory.mktemp("ray")  # short: Ray's unix socket paths must stay under 107 bytes
+    env = {**os.environ, "HOME": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--object-store-memory=80000000"]
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                             f"--temp-dir={root}/t", *common], stdout=open(root / "head.log", "w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    nodes = [head]
+    try:
+        deadline = time.time() + 60
+        while True:  # the GCS answers on its port once the head is up
+            assert head.poll() is None and time.time() < deadline, (root / "head.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                                       '--resources={"generator": 1}', *common], stdout=open(root / "node.log", "w"),
+                                      stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        yield {"address": f"127.0.0.1:{port}", "env": env, "root": root}
+    finally:
+        _stop_groups(nodes)
+
+
+def write_config(tmp_path: Path, world: dict, num_rollout: int, **buffer) -> Path:
+    cfg = {"ckpt": {"hf_checkpoint": str(world["model_sft"])}, "data": {"prompt_data": str(world["train"])},
+           "rollout": {"rollout_batch_size": 4, "n_samples_per_prompt": 4, "num_rollout": num_rollout,
+                       "rollout_max_response_len": 4, "groups_per_engine_call": 4},
+           "buffer": buffer, "logging": {"progress": True}, "cluster": {"startup_timeout": 90}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(cluster: dict, cfg: Path, run_dir: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "async_rl.cli", "launch", str(cfg), *extra, "--run-dir",
+                             str(run_dir), "--cluster", "ray", "--address", cluster["address"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster["env"])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (ProcessLookupError, OSError):
+        return False
+
+
+def test_ray_launch_keeps_the_run_dir_contract(tmp_path, tiny_world, ray_cluster):
+    run_dir = tmp_path / "run"
+    proc = launch(ray_cluster, write_config(tmp_path, tiny_world, 12), run_dir,
+                  f"eval_prompt_data={tiny_world['test']}", "eval_max_prompts=20")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    metrics = rows(run_dir)
+    assert [r["step"] for r in metrics] == list(range(12))
+    assert all(k in r for r in metrics for k in KEYS) and max(r["staleness/max"] for r in metrics) <= 2
+    # the local launcher's outputs (tests/test_e2e.py), made by the same component processes
+    for name in ("run.json", "config.yaml", "config_history.jsonl", "summary.md", "summary.json", "reward.png",
+                 "eval_start.json", "eval_end.json", "weights/v12/config.json"):
+        assert (run_dir / name).exists(), name
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["exit_code"] == 0
+    assert set(manifest["processes"]) >= {"hub", "engine0", "generator0", "learner"}
+    assert manifest["cluster"]["kind"] == "ray" and manifest["cluster"]["address"] == ray_cluster["address"]
+    for name, p in manifest["processes"].items():
+        assert not alive(p["pid"]), f"{name} (pid {p['pid']}) still running"
+        assert "Ray actor" in (run_dir / "logs" / f"{name}.log").read_text().splitlines()[0]
+    end = (run_dir / "eval_end.json").read_text()  # the greedy eval ran on engine0's node, on the last weights
+    assert "accuracy" in end and "v12" in end
+
+
+def test_killed_generator_is_restarted_by_ray_and_no_acked_group_is_lost(tmp_path, tiny_world, ray_cluster):
+    run_dir = tmp_path / "run"
+    # a short generator_timeout returns the dead incarnation's admission credits quickly
+    proc = launch(ray_cluster, write_config(tmp_path, tiny_world, 40, generator_timeout=3.0), run_dir)
+    deadline = time.time() + 150
+    while len(rows(run_dir)) < 4:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.3)
+    victim = json.loads((run_dir / "run.json").read_text())["processes"]["generator0"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "generator0 died and Ray restarted it" in out
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["processes"]["generator0"]["pid"] != victim
+    assert manifest["cluster"]["actors"]["generator0"]["ray_restarts"] == 1
+    assert "(restarted)" in (run_dir / "logs" / "generator0.log").read_text()
+    last = rows(run_dir)[-1]
+    assert [r["step"] for r in rows(run_dir)] == list(range(40))
+    # the hub's accounting: every acked group is trained on, evicted, or still held; none vanished
+    assert last["buffer/accepted"] == (last["buffer/consumed"] + last["buffer/evicted_stale"]
+                                       + last["buffer/evicted_capacity"] + last["buffer/size"] + last["buffer/in_flight"])
+    assert last["buffer/consumed"] == 39 * 4
+
+
+def _cfg(**cluster):
+    from async_rl import config as config_mod
+    return config_mod.load(None, [f"cluster.{k}={v}" for k, v in cluster.items()] + ["hf_checkpoint=x", "prompt_data=y"])
+
+
+@pytest.mark.parametrize("words, message", [
+    ({"offload": "true"}, "cluster.offload=true: not supported"),
+    ({"actor_num_nodes": 2}, "cluster.actor_num_nodes=2: a learner spanning nodes is not built"),
+    ({"colocate": "true", "num_gpus_per_node": 8}, "cluster.colocate=true with num_gpus_per_node=8"),
+    ({"num_gpus_per_node": -1}, "cluster.num_gpus_per_node=-1: must be >= 0"),
+])
+def test_placement_options_that_cannot_be_honoured_fail_clearly(words, message):
+    from async_rl.config import ConfigError
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        _cfg(**words)
+
+
+def test_bundles_follow_the_slime_placement_options():
+    from async_rl.ray_launcher import bundles
+    cfg = _cfg(learner_num_threads=2, engine_num_threads=1)
+    assert bundles(cfg, 2) == [{"CPU": 2}, {"CPU": 1}, {"CPU": 1}]  # a CPU cluster asks for no GPU
+    cfg = _cfg(num_gpus_per_node=8)
+    cfg.train.actor_num_gpus_per_node, cfg.rollout.rollout_num_gpus_per_engine = 4, 2
+    assert bundles(cfg, 2) == [{"CPU": 1, "GPU": 4}, {"CPU": 1, "GPU": 2}, {"CPU": 1, "GPU": 2}]
+
+
+def test_address_without_cluster_ray_is_a_usage_error(tmp_path):
+    world = {"model_sft": tmp_path / "none", "train": tmp_path / "none.jsonl"}  # refused before paths are read
+    out = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", str(write_config(tmp_path, world, 2)),
+                          "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--address 127.0.0.1:1: only for --cluster ray" in out.stderr
