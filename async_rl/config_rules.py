@@ -60,6 +60,7 @@ def finalize(cfg: "Config") -> "Config":
     _buffer_rules(cfg)
     _misc_rules(cfg)
     _train_rules(cfg)
+    _supervisor_and_debug_rules(cfg)
     return cfg
 
 
@@ -205,6 +206,23 @@ def _placement_rules(cfg: "Config") -> None:
             raise _err(f"{sec}.{name}={getattr(obj, name)}: more than cluster.num_gpus_per_node="
                        f"{c.num_gpus_per_node}; one bundle sits on one node: lower it or raise num_gpus_per_node")
 
+
+def _supervisor_and_debug_rules(cfg: "Config") -> None:
+    c, d = cfg.cluster, cfg.debug
+    if c.max_restarts < -1:
+        raise _err(f"cluster.max_restarts={c.max_restarts}: must be >= 0, or -1 for no limit")
+    _at_least("cluster", c, "restart_backoff", 0)
+    if d.debug_rollout_only and d.debug_train_only:
+        raise _err("debug.debug_rollout_only=true and debug.debug_train_only=true: pick one (the first trains "
+                   "nothing, the second generates nothing)")
+    if d.debug_train_only != bool(d.load_debug_rollout_data):
+        raise _err(f"debug.load_debug_rollout_data={d.load_debug_rollout_data!r}: read only by, and required by, "
+                   f"debug_train_only (now {d.debug_train_only}); set both or neither")
+    for name in ("save_debug_rollout_data", "load_debug_rollout_data"):
+        value = getattr(d, name)
+        if "{rollout_id}" in value and "{rollout_id}" not in value.rsplit("/", 1)[-1]:
+            raise _err(f"debug.{name}={value!r}: {{rollout_id}} must be in the file name, e.g. "
+                       f"dbg/rollout_{{rollout_id}}.msgpack (or give a directory)")
 
 def _algo_rules(cfg: "Config") -> None:
     a = cfg.algo

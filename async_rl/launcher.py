@@ -96,6 +96,15 @@ class Launcher:
 
     def prepare(self) -> None:
         check_paths(self.cfg)
+        d = self.cfg.debug
+        if d.debug_train_only:
+            from async_rl.debug import check_load_data
+            try:
+                check_load_data(self.cfg)
+            except config_mod.ConfigError as exc:
+                raise LaunchError(str(exc)) from None
+        if d.debug_rollout_only:  # the version stays 0, so admission must cover the whole run at staleness 0
+            self.cfg.buffer.max_staleness = max(self.cfg.buffer.max_staleness, self.cfg.rollout.num_rollout)
         self.keys_dir = None
         if self.cfg.buffer.auth:
             from async_rl.keys import create_keys
@@ -138,6 +147,8 @@ class Launcher:
         use_fault_tolerance, engines are not critical (their generator restarts them) and how each was started
         is written to run_dir/engines.json for that."""
         c, r = self.cfg.cluster, self.cfg.rollout
+        if self.cfg.debug.debug_train_only:  # trains from saved rollouts: nothing to generate with
+            return
         if r.rollout_external_engine_addrs:
             self.engine_urls = [a if a.startswith("http") else f"http://{a}" for a in r.rollout_external_engine_addrs]
             self.engine_urls = [u.rstrip("/") for u in self.engine_urls]
@@ -187,8 +198,16 @@ class Launcher:
                              cpus=c.engine_cpus)
 
     def start_workers(self) -> None:
-        c = self.cfg.cluster
-        self.start_generators()
+        c, d = self.cfg.cluster, self.cfg.debug
+        common = ["--config", str(self.cfg_path), "--hub", self.hub_endpoint, *self.key_args()]
+        if d.debug_train_only:  # a feeder replays the saved batches in place of generators
+            self.procs.start("feeder", "async_rl.debug", ["feed", *common], cpus=c.engine_cpus)
+        else:
+            self.start_generators()
+        if d.debug_rollout_only:  # a sink takes (and acks) the batches in place of the learner
+            self.procs.start("learner", "async_rl.debug", ["sink", *common, "--run-dir", str(self.run_dir),
+                                                           *(["--resume"] if self.resume else [])], cpus=c.learner_cpus)
+            return
         t = self.cfg.train
         if t.train_backend == "megatron":  # one process per GPU, under torchrun (its own rendezvous port)
             module, launch = "torch.distributed.run", ["--standalone", f"--nproc-per-node={t.actor_num_gpus_per_node}",
@@ -205,7 +224,7 @@ class Launcher:
 
     def evaluate(self, tag: str, weights: str) -> dict | None:
         """Greedy eval of `weights` on engine0 in a subprocess; None when eval is off or failed."""
-        if not self.cfg.eval.eval_prompt_data:
+        if not self.cfg.eval.eval_prompt_data or not self.engine_urls:
             return None
         out = self.run_dir / f"eval_{tag}.json"
         child = self.procs.start(f"eval_{tag}", "actors.evaluate",

@@ -137,6 +137,9 @@ class TorchLearner:
             if train_policy:
                 m.update(self._policy_step(batch, start))
             steps.append(m)
+        if self.cfg.debug.save_debug_rollout_data or self.cfg.debug.dump_details:  # slime's debug outputs
+            from async_rl.debug import record_step
+            record_step(self.cfg, self.steps_done, self.version, groups, batch)
         self.steps_done += 1
         interval = self.cfg.ckpt.ref_update_interval
         if self.ref is not None and interval and self.steps_done % interval == 0:
