@@ -61,14 +61,14 @@ class CkptConfig:
 class RolloutConfig:
     """Generation: how many samples, how long, how they are drawn, and how often weights move."""
     rollout_engine: str = knob("embedded", "Engine server: `embedded` (torch + transformers; CPU, small GPU jobs, tests) or `sglang` (`python -m sglang.launch_server`, GPUs; `pip install .[sglang]`).")
-    sglang_python: str = knob("", "rollout_engine=sglang: Python interpreter that runs SGLang (its own venv when it pins another torch); empty = this one. CPU tests: scripts/sglang_cpu/python.")
-    sglang_server_args: list = knob([], "rollout_engine=sglang: options forwarded verbatim to every SGLang server (slime's --sglang-*), e.g. [\"--mem-fraction-static 0.8\", \"--max-running-requests 256\"]; --model-path/--host/--port/--tp-size/--weight-version are set by the launcher.")
-    rollout_num_gpus: int = knob(0, "rollout_engine=sglang: GPUs for generation; engines = rollout_num_gpus / rollout_num_gpus_per_engine (0 = cluster.num_engines engines).")
-    rollout_num_gpus_per_engine: int = knob(1, "rollout_engine=sglang: GPUs per SGLang server (its --tp-size).")
     engine_device: str = knob("cpu", "rollout_engine=embedded: torch device of each engine (`cpu`, `cuda`, `cuda:N`).")
     engine_dtype: str = knob("auto", "rollout_engine=embedded: weight/activation dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16`, `float16`.")
     engine_kv_cache: str = knob("auto", "rollout_engine=embedded: `dynamic` (HF cache, any causal LM), `static` (preallocated arena + on-device sampling, Llama/Qwen2/Qwen3/Mistral; actors/engine_static.py) or `auto` (static on CUDA when the model is supported, else dynamic).")
     engine_cuda_graph: bool = knob(True, "rollout_engine=embedded, static KV cache on CUDA: replay decode steps from CUDA graphs captured per (batch, context) bucket; false = run them eagerly.")
+    sglang_python: str = knob("", "rollout_engine=sglang: Python interpreter that runs SGLang (its own venv when it pins another torch); empty = this one. CPU tests: scripts/sglang_cpu/python.")
+    sglang_server_args: list = knob([], "rollout_engine=sglang: options forwarded verbatim to every SGLang server (slime's --sglang-*), e.g. [\"--mem-fraction-static 0.8\", \"--max-running-requests 256\"]; --model-path/--host/--port/--tp-size/--weight-version are set by the launcher.")
+    rollout_num_gpus: int = knob(0, "rollout_engine=sglang: GPUs for generation; engines = rollout_num_gpus / rollout_num_gpus_per_engine (0 = cluster.num_engines engines).")
+    rollout_num_gpus_per_engine: int = knob(1, "rollout_engine=sglang: GPUs per SGLang server (its --tp-size).")
     rollout_external_engine_addrs: list = knob([], "Addresses (host:port or http://host:port) of engines already running (SGLang or embedded); when set, no engine is started and generator i uses engine i % len.")
     sglang_server_concurrency: int = knob(64, "Most samples a generator keeps in flight on one engine (its engine calls run concurrently up to this; at least one call).")
     interrupt_mode: str = knob("in_place", "What a generator does to in-flight requests when new weights are published: `none` (no interruption: an update waits until the engine's in-flight requests finish, new ones wait behind it), `in_place` (pause, swap weights, continue; KV cache kept, PipelineRL), `retract` (pause, swap, continue; the engine recomputes the KV under the new weights), `abort` (abort, swap, resubmit: from the tokens so far with partial_rollout, else from scratch). Every token carries the version that produced it.")
@@ -235,7 +235,8 @@ class TrainConfig:
     recompute_granularity: str = knob("", "megatron activation recomputation: `` (off), `full` (whole layers; recompute_method + recompute_num_layers) or `selective` (core attention only).")
     recompute_method: str = knob("", "megatron, recompute_granularity=full: `uniform` (every recompute_num_layers layers as a unit) or `block` (the first recompute_num_layers layers of each stage).")
     recompute_num_layers: int = knob(0, "megatron, recompute_granularity=full: layers per recompute unit (uniform) or layers recomputed (block).")
-    bf16: bool = knob(False, "megatron (GPU): bf16 parameters and activations with fp32 main weights, gradients and Adam states (Megatron's mixed-precision optimizer); false = fp32.")
+    bf16: bool = knob(False, "GPU only. megatron: bf16 parameters and activations with fp32 main weights, gradients and Adam states (Megatron's mixed-precision optimizer). torch: bf16 autocast of the forward passes (fp32 weights and AdamW). false = fp32.")
+    learner_device: str = knob("cpu", "train_backend=torch: torch device of the learner (`cpu`, `cuda`, `cuda:N`); the megatron backend always uses its rank's GPU.")
 
 
 @dataclass

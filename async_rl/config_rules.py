@@ -90,6 +90,8 @@ def _engine_rules(r) -> None:
     _one_of("rollout", r, "rollout_engine", ("embedded", "sglang"))
     _one_of("rollout", r, "interrupt_mode", ("none", "in_place", "retract", "abort"))
     _one_of("rollout", r, "engine_dtype", ("auto", "float32", "bfloat16", "float16"))
+    if torch_device_problem(r.engine_device):
+        raise _err(f"rollout.engine_device={r.engine_device!r}: {torch_device_problem(r.engine_device)}")
     _one_of("rollout", r, "engine_kv_cache", ("auto", "dynamic", "static"))
     _one_of("rollout", r, "update_weight_mode", ("disk", "broadcast"))
     for name in ("rollout_num_gpus", "rollout_health_check_first_wait"):
@@ -389,12 +391,27 @@ def _train_rules(cfg: "Config") -> None:
 _MEGATRON_ONLY = ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "context_parallel_size", "sequence_parallel", "use_dynamic_batch_size", "max_tokens_per_gpu",
                   "log_probs_max_tokens_per_gpu", "balance_data", "recompute_granularity", "recompute_method",
-                  "recompute_num_layers", "bf16")
+                  "recompute_num_layers")
+
+
+def torch_device_problem(value: str) -> str:
+    """'' when `value` names a torch device async-rl can place a model on (cpu, cuda, cuda:N), else why not."""
+    import re
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value or ""):
+        return "not a device; use cpu, cuda or cuda:N"
+    return ""
 
 
 def _torch_backend_rules(cfg: "Config") -> None:
     from async_rl.config import OptimizerConfig, TrainConfig
     default_t, default_o = TrainConfig(), OptimizerConfig()
+    t = cfg.train
+    problem = torch_device_problem(t.learner_device)
+    if problem:
+        raise _err(f"train.learner_device={t.learner_device!r}: {problem}")
+    if t.bf16 and not t.learner_device.startswith("cuda"):
+        raise _err(f"train.bf16=True: bf16 autocast is for a GPU learner (learner_device={t.learner_device!r}); "
+                   f"set learner_device=cuda, or bf16=false")
     for name in _MEGATRON_ONLY:
         if getattr(cfg.train, name) != getattr(default_t, name):
             raise _err(f"train.{name}={getattr(cfg.train, name)!r}: only train_backend=megatron uses it; set "
@@ -408,6 +425,9 @@ def _torch_backend_rules(cfg: "Config") -> None:
 
 def _megatron_rules(cfg: "Config") -> None:
     t = cfg.train
+    if t.learner_device != "cpu":
+        raise _err(f"train.learner_device={t.learner_device!r}: train_backend=megatron places each rank on its own "
+                   f"GPU (or on CPU over gloo without GPUs); leave learner_device=cpu")
     model_parallel = t.tensor_model_parallel_size * t.pipeline_model_parallel_size * t.context_parallel_size
     if t.actor_num_gpus_per_node % model_parallel:
         raise _err(f"train.actor_num_gpus_per_node={t.actor_num_gpus_per_node}: must be a multiple of "

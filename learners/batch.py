@@ -8,7 +8,7 @@ every field that is set to a mini/micro batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -33,6 +33,16 @@ class TrainBatch:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None      # critic targets (ppo)
     tis_weights: torch.Tensor | None = None  # importance weights of the pg term
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        """This batch with every tensor on `device` (itself when already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, value.to(device, non_blocking=True))
+        return self
 
     def select(self, idx: slice) -> dict:
         """Per-sample tensors of rows `idx` (for mini/micro batches), including every computed field."""

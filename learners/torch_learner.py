@@ -12,6 +12,7 @@ policy), and each token's importance weight is built from pi_prox / pi_behavior 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -74,10 +75,14 @@ class TorchLearner:
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.ckpt.hf_checkpoint)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if not hasattr(self, "device"):  # the megatron backend sets its own (its rank's GPU)
+            self.device = torch.device(cfg.train.learner_device)
         self.model, self.optimizer = self._build_policy()
         self.ref = self._load_reference() if needs_reference(cfg.algo) else None
         self.critic = (Critic(cfg.ckpt.hf_checkpoint, cfg.algo, cfg.optimizer)
                        if cfg.algo.advantage_estimator == "ppo" else None)
+        if self.critic is not None:
+            self.critic.model.to(self.device)
         self.hub = (HubClient(hub_endpoint, identity="learner", keys_dir=keys_dir,
                               resend_after=cfg.buffer.put_timeout) if hub_endpoint else None)
         self.lease = None  # the batch being trained on; acked with the next SAMPLE, redelivered if we die
@@ -94,7 +99,7 @@ class TorchLearner:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.hf_checkpoint, dtype=torch.float32)
-        model.train()
+        model.to(self.device).train()
         return model, build_optimizer(model, self.cfg.optimizer)
 
     def _batch_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
@@ -114,12 +119,22 @@ class TorchLearner:
 
         ref = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.ref_load or self.cfg.ckpt.hf_checkpoint,
                                                    dtype=torch.float32)
-        return ref.eval().requires_grad_(False)
+        return ref.to(self.device).eval().requires_grad_(False)
 
     # ---- one learner step ------------------------------------------------------------------------
     def train_step(self, groups: list[Group]) -> dict:
+        batch = build_batch(groups, self.pad_id).to(self.device)
+        with self._autocast():
+            return self._train_batch(groups, batch)
+
+    def _autocast(self):
+        """bf16 autocast for the torch learner on a GPU (train.bf16); fp32 master weights and optimizer."""
+        t = self.cfg.train
+        on = t.bf16 and t.train_backend == "torch" and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on) if on else contextlib.nullcontext()
+
+    def _train_batch(self, groups: list[Group], batch: TrainBatch) -> dict:
         r, a = self.cfg.rollout, self.cfg.algo
-        batch = build_batch(groups, self.pad_id)
         self._score(batch)
         kl = approx_kl(batch.logp_old, batch.ref_logp, a.kl_loss_type) * batch.mask \
             if batch.ref_logp is not None else None
