@@ -2,6 +2,8 @@
 
     python scripts/gpu/bench_megatron.py                          # Qwen2-shaped 0.5B and 1.5B, ~4 min on an H100
     python scripts/gpu/bench_megatron.py --sizes 1.5b --variants torch:4 megatron:4 megatron:8
+    python scripts/gpu/bench_megatron.py --sizes 1.5b --check-kernels --variants \
+        megatron:4:use_dynamic_batch_size=true:max_tokens_per_gpu=16384:BENCH_PROFILE=1
 
 The GPU machine has neither megatron-core nor pyzmq: carry `wheels/` (git-ignored; see docs/BENCHMARKS.md)
 and put them on PYTHONPATH first.
@@ -18,7 +20,10 @@ step by gradient accumulation over micro-batches with the PPO-clip x TIS loss. W
 MFU = FLOPs / step time / 989 TFLOP/s (H100/H200 dense bf16 peak), FLOPs per token = 8N + 16*L*H*Q*S
 (2N + 4LHQS for the logp_old forward, 6N + 12LHQS for forward + backward; N all parameters with the
 tied embedding once, L layers, H*Q the attention width, S the sequence length; PaLM's count).
-Each variant runs in its own process (an out-of-memory variant is reported, the others still run).
+Each variant runs in its own process (an out-of-memory variant is reported, the others still run). A
+variant's UPPERCASE=value words are environment variables of its process (ASYNC_RL_COMPILE_LOGPROBS=0: eager
+logprob blocks; BENCH_PROFILE=1: a torch.profiler table of one extra step). --check-kernels first checks the
+blockwise logprob/entropy against float64 and times it against the whole-vocabulary float32 computation.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ SIZES = {  # Qwen2-0.5B / Qwen2-1.5B shapes
                  num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=8192),  # scripts/gpu/check_megatron_checkpoint.py
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),  # a CPU smoke test of this script
 }
@@ -140,7 +147,12 @@ def run_variant(a, variant: str) -> dict:
 
     from async_rl import config as C
 
+    import os
+
     kind, micro, *extra = variant.split(":")
+    for word in [w for w in extra if w.split("=")[0].isupper()]:  # NAME=value: an environment variable
+        os.environ[word.split("=")[0]] = word.split("=", 1)[1]
+        extra.remove(word)
     on_gpu = torch.cuda.is_available()
     words = [f"hf_checkpoint={a.ckpt}", f"rollout_batch_size={a.groups}", f"n_samples_per_prompt={a.samples}",
              f"micro_batch_size={micro}", "lr=1e-6", "num_rollout=1000", "progress=false"]
@@ -162,7 +174,7 @@ def run_variant(a, variant: str) -> dict:
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
     phases.on = False
-    if a.profile:
+    if a.profile or os.environ.get("BENCH_PROFILE"):
         profile_step(lrn, synthetic_groups(a, SIZES[a.size]["vocab_size"], seed=99), on_gpu)
     step_s = sorted(times)[len(times) // 2]
     seq = a.prompt_len + a.response_len
@@ -190,6 +202,55 @@ def profile_step(lrn, groups, on_gpu: bool) -> None:
     print(f"PROFILE wall {wall:.2f} s (profiled), device busy {busy:.2f} s", flush=True)
     print(events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=22,
                        max_name_column_width=60), flush=True)
+
+
+def whole_vocab(logits, targets):
+    """The logprob/entropy computation before the blockwise one: float32 log_softmax over [B, T, V]."""
+    import torch
+
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+
+def check_logprob_kernels(vocab: int, rows: int = 4, seq: int = 2048) -> list[str]:
+    """The blockwise logprob/entropy on the GPU (torch.compile'd blocks) against a float64 reference, and
+    its forward+backward time and peak memory against `whole_vocab`, on bf16 logits[:, :-1] views."""
+    import torch
+
+    from learners import losses
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = (torch.randn(rows, seq, vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows, seq - 1), device="cuda", generator=g)
+    c1, c2 = torch.randn(2, rows, seq - 1, device="cuda", generator=g)
+    lines = []
+    for name, fn in (("blockwise", losses.logprobs_and_entropy), ("whole-vocab fp32", whole_vocab)):
+        times = []
+        for it in range(6):
+            x = base.detach().requires_grad_(True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            logp, ent = fn(x[:, :-1], targets)
+            ((logp * c1).sum() + (ent * c2).sum()).backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        extra = (torch.cuda.max_memory_allocated() - before) / 2**30
+        ref_x = base[:1, :257].detach().double().requires_grad_(True)  # float64 reference on a slice
+        ref_logp_all = torch.log_softmax(ref_x[:, :-1], dim=-1)
+        ref_logp = ref_logp_all.gather(-1, targets[:1, :256].unsqueeze(-1)).squeeze(-1)
+        ref_ent = -(ref_logp_all.exp() * ref_logp_all).sum(-1)
+        ((ref_logp * c1[:1, :256]).sum() + (ref_ent * c2[:1, :256]).sum()).backward()
+
+        def rel(a, b):
+            return float((a.double() - b).norm() / b.norm())
+        errs = (rel(logp[:1, :256], ref_logp), rel(ent[:1, :256], ref_ent), rel(x.grad[:1, :256], ref_x.grad[:, :-1]))
+        lines.append(f"| {name} | {sorted(times[1:])[2] * 1e3:.1f} | {extra:.1f} | "
+                     + " / ".join(f"{e:.1e}" for e in errs) + " |")
+        del x, logp, ent
+    return [f"logprob+entropy fwd+bwd, bf16 logits [{rows}, {seq - 1}, {vocab}] (view), median of 5:",
+            "| computation | ms | extra peak GiB | rel. err logp / entropy / grad vs float64 |", "|---|---|---|---|"] + lines
 
 
 def _megatron_learner(cfg, run_dir):
@@ -228,9 +289,16 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--check-kernels", action="store_true", help="check and time the blockwise logprob first")
     a = ap.parse_args()
     if a.child:
         return child(a)
+    kernel_lines = []
+    if a.check_kernels:
+        kernel_lines = check_logprob_kernels(SIZES[a.sizes[-1]]["vocab_size"])
+        print("\n".join(kernel_lines), flush=True)
+        import torch
+        torch.cuda.empty_cache()  # this process stays alive while the variants run
     rows = []
     for size in a.sizes:
         ckpt = build_checkpoint(size, a.out / f"qwen2-{size}")
@@ -246,11 +314,12 @@ def main() -> None:
                                                              "error": (proc.stderr or proc.stdout)[-300:]}
             if "error" in row:
                 print(proc.stderr[-3000:], file=sys.stderr)
-            if a.profile:
+            if "PROFILE wall" in proc.stdout:
                 print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
             row["wall_s"] = time.time() - t0
             rows.append(row)
             print(json.dumps(row), flush=True)
+    print("\n".join(kernel_lines))
     print_table(rows, a)
 
 
