@@ -86,8 +86,10 @@ class BroadcastPublisher:
     forms a new one: meanwhile the version still reaches disk, and generators load it from there for any
     engine that missed the broadcast."""
 
-    def __init__(self, cfg, run_dir: str | Path, log=None):
+    def __init__(self, cfg, run_dir: str | Path, log=None, timeout: float | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        # seconds an engine call or a collective may take (a broadcast to an engine that died waits this long)
+        self.timeout = timeout or max(60.0, cfg.cluster.startup_timeout)
         self.log = log or (lambda m: print(m, flush=True))
         self.broadcaster = None
         self.attempt = 0
@@ -102,7 +104,7 @@ class BroadcastPublisher:
         b = WeightBroadcaster(engine_urls(self.cfg, self.run_dir), host, _free_port(host), backend=backend,
                               group_name=f"learner_weights_{os.getpid()}_{self.attempt}",
                               ranks_per_engine=self.cfg.rollout.rollout_num_gpus_per_engine,
-                              timeout=max(60.0, self.cfg.cluster.startup_timeout))
+                              timeout=self.timeout)
         b.connect()
         return b
 

@@ -1,0 +1,117 @@
+"""update_weight_mode=broadcast: the learner's publication path sends each version straight into the run's
+engines (a real embedded engine server, gloo), recovers from an engine that lost its group, and a short run
+with it progresses through versions exactly as a disk run does. Also num_epoch: num_rollout=0 makes the run
+num_epoch passes over the prompt data."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from async_rl import config as config_mod
+from async_rl.config_rules import check_paths
+from learners.weights import BroadcastPublisher, engine_urls
+from tests.actors import engine_servers as servers
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """HF greedy decoding that does not stop at EOS (as ignore_eos), the reference for the engine."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def test_broadcast_publisher_puts_the_learners_weights_into_the_engine(tmp_path, tiny_world):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc, client = servers.start("embedded", tiny_world["model"], tmp_path / "engine.log")
+    try:
+        (run_dir / "engines.json").write_text(json.dumps([{"url": client.url}]))
+        cfg = config_mod.load(None, [f"hf_checkpoint={tiny_world['model']}", "update_weight_mode=broadcast",
+                                     "update_weight_buffer_size=20000", "cluster.startup_timeout=60"])
+        assert engine_urls(cfg, run_dir) == [client.url.rstrip("/")]
+        learner_model = AutoModelForCausalLM.from_pretrained(str(tiny_world["model_sft"]), dtype=torch.float32).eval()
+        pub = BroadcastPublisher(cfg, run_dir, log=lambda m: None, timeout=10)
+        prompt = [5, 6, 7, 8]
+        params = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+        before = client.generate([prompt], params)[0].output_ids
+        assert pub.send(learner_model, 1)
+        res = client.generate([prompt], params)[0]
+        with torch.no_grad():
+            want = greedy(learner_model, prompt, 6)
+        assert res.output_ids == want != before and res.token_versions == [1] * 6
+        assert str(client.model_info()["weight_version"]) == "1"
+        # the engine loses the group (as a restarted engine would): that version fails (it still reaches disk
+        # in the learner), and the next one forms a new group
+        first_group = pub.broadcaster.group_name
+        ok, _ = client._weights_call("/destroy_weights_update_group", {"group_name": first_group})
+        assert ok
+        with torch.no_grad():
+            for p in learner_model.parameters():
+                p.mul_(0.5)
+        assert not pub.send(learner_model, 2) and pub.failures == 1 and pub.broadcaster is None
+        assert pub.send(learner_model, 3) and pub.broadcaster.group_name != first_group
+        with torch.no_grad():
+            want = greedy(learner_model, prompt, 6)
+        res = client.generate([prompt], params)[0]
+        assert res.output_ids == want and res.token_versions == [3] * 6
+        pub.close()
+    finally:
+        servers.stop(proc)
+
+
+def test_num_epoch_sets_the_run_length_from_the_prompt_count(tmp_path, tiny_world):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"input": f"{i}+1=", "label": str(i + 1)}) + "\n" for i in range(10)))
+    base = [f"hf_checkpoint={tiny_world['model']}", f"prompt_data={data}", "rollout_batch_size=4", "num_rollout=0"]
+    cfg = config_mod.load(None, base + ["num_epoch=3"])
+    check_paths(cfg)
+    assert cfg.rollout.num_rollout == 3 * 10 // 4
+    cfg = config_mod.load(None, base + ["num_rollout=5", "num_epoch=3"])
+    check_paths(cfg)
+    assert cfg.rollout.num_rollout == 5  # an explicit num_rollout wins
+    cfg = config_mod.load(None, base + ["rollout_batch_size=16", "num_epoch=1"])
+    with pytest.raises(config_mod.ConfigError, match="num_epoch=1: 1 pass.*10 prompts.*rollout_batch_size=16"):
+        check_paths(cfg)
+
+
+def launch(tmp_path: Path, world: dict, name: str, *overrides: str) -> Path:
+    data = tmp_path / "train24.jsonl"  # 24 prompts: 2 epochs of 4-prompt steps = 12 learner steps
+    data.write_text("".join(Path(world["train"]).read_text().splitlines(keepends=True)[:24]))
+    cfg = {"ckpt": {"hf_checkpoint": str(world["model_sft"])}, "data": {"prompt_data": str(data)},
+           "rollout": {"rollout_batch_size": 4, "n_samples_per_prompt": 4, "num_rollout": 0, "num_epoch": 2,
+                       "rollout_max_response_len": 4, "groups_per_engine_call": 4},
+           "logging": {"progress": False}, "cluster": {"startup_timeout": 60}, "buffer": {"auth": False}}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / name
+    proc = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", str(tmp_path / f"{name}.yaml"), *overrides,
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run_dir
+
+
+@pytest.mark.e2e
+def test_broadcast_run_progresses_like_a_disk_run_over_num_epoch_passes(tmp_path, tiny_world):
+    runs = {mode: launch(tmp_path, tiny_world, mode, f"update_weight_mode={mode}") for mode in ("disk", "broadcast")}
+    rows = {mode: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for mode, d in runs.items()}
+    for mode, r in rows.items():
+        assert [x["step"] for x in r] == list(range(12)), mode  # num_epoch=2 x 24 prompts // 4
+        assert [x["version"] for x in r] == list(range(12)), mode
+        assert all(0.0 <= x["reward/mean"] <= 1.0 and x["staleness/max"] <= 2 for x in r), mode
+    learner_log = (runs["broadcast"] / "logs" / "learner.log").read_text()
+    assert "learner: broadcast v1 to 1 engine(s)" in learner_log and "broadcast of v" not in learner_log, learner_log
+    # every version reached the engine by broadcast: the generator never had to load one from disk
+    assert "missed the broadcast" not in (runs["broadcast"] / "logs" / "generator0.log").read_text()
+    assert "broadcast" not in (runs["disk"] / "logs" / "learner.log").read_text()
+    assert (runs["broadcast"] / "weights" / "v12" / "config.json").exists()  # disk copy for evals and restarts
