@@ -10,6 +10,12 @@ do_sample, the same B x N). Part 2: `async-rl launch configs/quickstart.yaml num
 interrupt_mode (none, in_place, abort) and the run's generated tokens/s and staleness from its summary.json.
 Prints one table per part.
 
+    .venv/bin/python scripts/bench_engines.py --weight-update [--model runs/tiny/model_sft]
+
+Weight-update latency into a real embedded engine for --model and a Qwen2-shaped ~100M model (random fp32):
+disk (the learner's publish() + /update_weights_from_disk) vs broadcast (WeightBroadcaster over gloo), against
+the floors bytes / measured memcpy bandwidth and bytes / measured loopback TCP bandwidth.
+
     python3 scripts/bench_engines.py --device cuda [--batches 1,8,32,64,128] [--new-tokens 256] [--prompt-len 128]
 
 GPU mode (the GPU machine; no server, no launches): builds a Qwen2-shaped ~0.5B model with random weights
@@ -195,6 +201,120 @@ def gpu_main(args) -> int:
     return 0
 
 
+def build_qwen2_100m(out: Path) -> Path:
+    """A Qwen2-shaped ~100M-parameter model with random weights (fp32) and the tiny tokenizer, for weight updates."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True)
+    Qwen2ForCausalLM(cfg).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(ROOT / "runs/tiny/model_sft")).save_pretrained(str(out))
+    return out
+
+
+def measured_bandwidths(nbytes: int) -> tuple[float, float]:
+    """(memcpy GB/s, loopback TCP GB/s) for a payload of `nbytes`, each the best of 3."""
+    import socket
+    import threading
+
+    import torch
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    copy = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    payload, tcp = memoryview(src.numpy()), []
+    for _ in range(3):
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+
+        def sink():
+            conn, _ = server.accept()
+            buf, got = bytearray(4 << 20), 0
+            while got < nbytes:
+                got += conn.recv_into(buf)
+            conn.sendall(b"k")
+            conn.close()
+        t = threading.Thread(target=sink)
+        t.start()
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            t0 = time.perf_counter()
+            c.sendall(payload)
+            c.recv(1)
+            tcp.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        t.join()
+        server.close()
+    return max(copy), max(tcp)
+
+
+def weight_update_bench(model_path: Path, repeats: int = 3) -> dict:
+    """Median seconds of one weight update into a real embedded engine, by disk (the learner's publish():
+    save_pretrained to run_dir/weights/vN, then /update_weights_from_disk) and by broadcast (gloo over
+    loopback, WeightBroadcaster.update with 512 MiB buckets), and the floors bytes / bandwidth."""
+    import statistics
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from async_rl.weight_broadcast import WeightBroadcaster
+    from learners.weights import publish
+    from tests.actors import engine_servers as servers
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    state = model.state_dict()
+    nbytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
+    copy_bw, tcp_bw = measured_bandwidths(nbytes)
+    proc, client = servers.start("embedded", model_path, Path("/tmp/bench_weights_engine.log"))
+    save, load, bcast = [], [], []
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            for v in range(1, repeats + 1):
+                t0 = time.perf_counter()
+                path = publish(model, None, run_dir, v, keep=1)
+                t1 = time.perf_counter()
+                ok, message = client.update_weights_from_disk(str(path), v)
+                assert ok, message
+                save.append(t1 - t0)
+                load.append(time.perf_counter() - t1)
+        sender = WeightBroadcaster([client.url], "127.0.0.1", servers.free_port(), backend="gloo", timeout=300)
+        sender.connect()
+        try:
+            for v in range(repeats + 1, 2 * repeats + 1):
+                t0 = time.perf_counter()
+                sender.update(state.items(), weight_version=v, bucket_bytes=512 * 2**20)
+                bcast.append(time.perf_counter() - t0)
+        finally:
+            sender.close()
+        assert str(client.model_info()["weight_version"]) == str(2 * repeats)
+    finally:
+        servers.stop(proc)
+    med = statistics.median
+    return {"params": sum(p.numel() for p in model.parameters()), "bytes": nbytes, "copy_GBps": copy_bw,
+            "tcp_GBps": tcp_bw, "save_s": med(save), "load_s": med(load), "disk_s": med(save) + med(load),
+            "broadcast_s": med(bcast), "copy_floor_s": nbytes / copy_bw / 1e9, "tcp_floor_s": nbytes / tcp_bw / 1e9}
+
+
+def weight_update_main(args) -> int:
+    models = [Path(args.model), build_qwen2_100m(Path("/tmp/bench_qwen2_100m"))]
+    rows = [(m, weight_update_bench(m)) for m in models]
+    print("\nweight update into one embedded engine (CPU, 1 thread each side; median of 3)")
+    print("| model | params | MB | disk: save + load s | broadcast s | floor: memcpy s | floor: loopback TCP s |")
+    print("|---|---|---|---|---|---|---|")
+    for m, r in rows:
+        print(f"| {m.name} | {r['params'] / 1e6:.1f}M | {r['bytes'] / 1e6:.1f} | {r['save_s']:.3f} + {r['load_s']:.3f}"
+              f" = {r['disk_s']:.3f} | {r['broadcast_s']:.3f} | {r['copy_floor_s']:.4f} ({r['copy_GBps']:.1f} GB/s) |"
+              f" {r['tcp_floor_s']:.4f} ({r['tcp_GBps']:.1f} GB/s) |")
+    return 0
+
+
 def launch_runs(steps: int, modes: list[str]) -> list[tuple]:
     rows = []
     for mode in modes:
@@ -220,9 +340,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--prompt-len", type=int, default=128, help="--device cuda: prompt tokens")
     ap.add_argument("--smoke", action="store_true", help="--device cuda: run its code on CPU with a toy model")
+    ap.add_argument("--weight-update", action="store_true", help="only the weight-update latency table (disk vs "
+                    "broadcast, --model and a ~100M Qwen2-shaped model)")
     args = ap.parse_args()
     if args.device == "cuda":
         return gpu_main(args)
+    if args.weight_update:
+        return weight_update_main(args)
     rows = engine_sweep(args.model, [int(b) for b in args.batches.split(",")], args.new_tokens)
     print(f"\nembedded engine vs HF generate ({args.model}, {args.new_tokens} new tokens, 1 thread)")
     print("| batch | engine tok/s | HF generate tok/s | ratio |\n|---|---|---|---|")
