@@ -64,6 +64,7 @@ class RolloutConfig:
     engine_device: str = knob("cpu", "rollout_engine=embedded: torch device of each engine (`cpu`, `cuda`, `cuda:N`).")
     engine_dtype: str = knob("auto", "rollout_engine=embedded: weight/activation dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16`, `float16`.")
     engine_kv_cache: str = knob("auto", "rollout_engine=embedded: `dynamic` (HF cache, any causal LM), `static` (preallocated arena + on-device sampling, Llama/Qwen2/Qwen3/Mistral; actors/engine_static.py) or `auto` (static on CUDA when the model is supported, else dynamic).")
+    engine_max_batch_size: int = knob(64, "rollout_engine=embedded: most sequences one engine decodes together (its --max-batch-size); more queue. Raise it with sglang_server_concurrency on a GPU.")
     engine_cuda_graph: bool = knob(True, "rollout_engine=embedded, static KV cache on CUDA: replay decode steps from CUDA graphs captured per (batch, context) bucket; false = run them eagerly.")
     sglang_python: str = knob("", "rollout_engine=sglang: Python interpreter that runs SGLang (its own venv when it pins another torch); empty = this one. CPU tests: scripts/sglang_cpu/python.")
     sglang_server_args: list = knob([], "rollout_engine=sglang: options forwarded verbatim to every SGLang server (slime's --sglang-*), e.g. [\"--mem-fraction-static 0.8\", \"--max-running-requests 256\"]; --model-path/--host/--port/--tp-size/--weight-version are set by the launcher.")

@@ -90,6 +90,7 @@ def _engine_rules(r) -> None:
     _one_of("rollout", r, "rollout_engine", ("embedded", "sglang"))
     _one_of("rollout", r, "interrupt_mode", ("none", "in_place", "retract", "abort"))
     _one_of("rollout", r, "engine_dtype", ("auto", "float32", "bfloat16", "float16"))
+    _at_least("rollout", r, "engine_max_batch_size", 1)
     if torch_device_problem(r.engine_device):
         raise _err(f"rollout.engine_device={r.engine_device!r}: {torch_device_problem(r.engine_device)}")
     _one_of("rollout", r, "engine_kv_cache", ("auto", "dynamic", "static"))
@@ -433,9 +434,6 @@ def _megatron_rules(cfg: "Config") -> None:
         raise _err(f"train.actor_num_gpus_per_node={t.actor_num_gpus_per_node}: must be a multiple of "
                    f"tensor * pipeline * context parallel sizes = {model_parallel}")
     unsupported = {
-        "pipeline_model_parallel_size": (t.pipeline_model_parallel_size > 1, "the learner's step does not run "
-                                         "Megatron's pipeline schedule yet (weights convert and gather at any PP); "
-                                         "shard with tensor_model_parallel_size, set 1"),
         "context_parallel_size": (t.context_parallel_size > 1, "needs Transformer Engine attention, which the "
                                   "local layer spec does not use; set 1"),
         "sequence_parallel": (t.sequence_parallel, "needs Transformer Engine or apex layer norms, which the local "

@@ -186,7 +186,8 @@ class Launcher:
         return [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint,
                 "--host", c.host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
                 "--seed", str(self.cfg.train.seed + i), "--device", r.engine_device, "--dtype", r.engine_dtype,
-                "--kv-cache", r.engine_kv_cache, *([] if r.engine_cuda_graph else ["--no-cuda-graph"])]
+                "--kv-cache", r.engine_kv_cache, "--max-batch-size", str(r.engine_max_batch_size),
+                *([] if r.engine_cuda_graph else ["--no-cuda-graph"])]
 
     def start_generators(self, id_prefix: str = "g") -> None:
         c = self.cfg.cluster
