@@ -34,11 +34,13 @@ def ckpts(tmp_path_factory):
     return {"a": a, "b": b, "root": root, "tok": tok, "models": models}
 
 
-@pytest.fixture(scope="module", params=["embedded", "sglang"])
+@pytest.fixture(scope="module", params=["embedded", "embedded-static", "sglang"])
 def server(request, ckpts):
+    """embedded-static: the embedded engine on its static KV-cache path (the default on CUDA; eager here)."""
     if request.param == "sglang" and servers.sglang_missing():
         pytest.skip(servers.sglang_missing())
-    proc, client = servers.start(request.param, ckpts["a"], ckpts["root"] / f"{request.param}.log")
+    kind, extra = ("embedded", ["--kv-cache", "static"]) if request.param == "embedded-static" else (request.param, [])
+    proc, client = servers.start(kind, ckpts["a"], ckpts["root"] / f"{request.param}.log", *extra)
     info = {"kind": request.param, "client": client, "proc": proc, "tokens_per_s": _speed(client)}
     yield info
     servers.stop(proc)
@@ -176,7 +178,7 @@ def test_weight_update_mid_generation_stamps_token_versions(server, engine, ckpt
     assert 0 < k < n and res.token_versions == [0] * k + [1] * (n - k)
     head = min(16, k)
     assert res.output_ids[:head] == hf_greedy(models["a"], prompt, head)
-    if mode == "retract" and server["kind"] == "embedded":
+    if mode == "retract" and server["kind"].startswith("embedded"):
         # the KV cache was recomputed under the new weights: greedy of `b` from there on (SGLang's long runs
         # may differ from HF at near-ties, so this exact check is for the embedded engine)
         tail = min(16, n - k)
