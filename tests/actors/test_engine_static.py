@@ -217,3 +217,30 @@ def test_server_with_static_cache_matches_hf_greedy(ckpts):
         assert res.output_ids == expected
         torch.testing.assert_close(torch.tensor(res.output_logprobs),
                                    reference_logprobs(model, prompt, expected, 1.0, -1, 1.0), atol=ATOL, rtol=0)
+
+
+def test_weight_loads_copy_into_the_same_storage(engines, ckpts):
+    """Captured CUDA graphs read parameters by address: a weight load must change values, never storage."""
+    engine = engines["static"]
+    before = {k: (v.data_ptr(), v.clone()) for k, v in engine.model.state_dict().items()}
+    ok, message = engine.load_weights(str(ckpts["b"]), "5")
+    assert ok, message
+    after = engine.model.state_dict()
+    assert all(after[k].data_ptr() == ptr for k, (ptr, _) in before.items())
+    assert not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"][1])
+    name = "model.layers.0.mlp.up_proj.weight"
+    ok, message = engine.load_named_tensors({name: torch.zeros_like(after[name])}, "6")
+    assert ok and after[name].data_ptr() == before[name][0] and not after[name].any()
+    assert engine.load_weights(str(ckpts["a"]), "0")[0]
+    assert all(torch.equal(after[k], v) for k, (_, v) in before.items())
+
+
+def test_a_displaced_batch_cannot_be_used(engines):
+    """After a retract drops the running batch, a new batch takes the arena; the old one refuses to step."""
+    engine = engines["static"]
+    old, _ = engine.prefill(make_seqs(PROMPTS[:2], [10, 10]))
+    old, _ = engine.step(old)
+    new, _ = engine.prefill(make_seqs(PROMPTS[2:4], [10, 10]))
+    engine.step(new)
+    with pytest.raises(RuntimeError, match="no longer owns the arena"):
+        engine.step(old)
