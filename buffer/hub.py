@@ -22,7 +22,7 @@ import uuid
 
 from async_rl import config as config_mod
 from async_rl import wire
-from async_rl.types import Group
+from async_rl.types import Group, PackedGroup
 from buffer import priorities
 from buffer.durable import DurableLog
 from buffer.rate_limiter import StalenessCredits
@@ -54,6 +54,7 @@ class Hub:
         self.parked_sample: tuple[bytes, dict] | None = None
         self.records_since_snapshot = 0
         self.started = time.time()
+        self._handlers = {kind: getattr(self, f"_on_{kind.lower()}") for kind in TYPES}
 
     # ---- durability ------------------------------------------------------------------------------
     def commit(self, rec: dict, live=None) -> None:
@@ -81,10 +82,11 @@ class Hub:
     # ---- dispatch --------------------------------------------------------------------------------
     def handle(self, ident: bytes, msg: dict) -> list[Reply]:
         kind = msg.get("type")
-        if kind not in TYPES:
+        handler = self._handlers.get(kind) if type(kind) is str else None
+        if handler is None:
             return [(ident, self._error(msg, f"type={kind!r}: unknown message type; expected one of {list(TYPES)}"))]
         try:
-            return getattr(self, f"_on_{kind.lower()}")(ident, msg)
+            return handler(ident, msg)
         except wire.WireError as exc:
             return [(ident, self._error(msg, str(exc)))]
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError) as exc:
@@ -139,10 +141,10 @@ class Hub:
             out.append((ident, self._reply(msg, type="GRANT", prompts=prompts, **self._knobs("generator"))))
         return out
 
-    def _check_group(self, group: Group) -> None:
+    def _check_group(self, group: PackedGroup) -> None:
         n = self.cfg.rollout.n_samples_per_prompt
-        if len(group.trajectories) != n:
-            raise ValueError(f"group {group.key}: {len(group.trajectories)} trajectories, the run's "
+        if group.num_trajectories != n:
+            raise ValueError(f"group {group.key}: {group.num_trajectories} trajectories, the run's "
                              f"n_samples_per_prompt is {n}")
         if group.behavior_version > self.state.version:
             raise ValueError(f"group {group.key}: behavior_version {group.behavior_version} is ahead of the "
@@ -150,21 +152,24 @@ class Hub:
 
     def _on_put(self, ident: bytes, msg: dict) -> list[Reply]:
         """PUT carries one `group` or a list `groups` (one round trip and one fsync for a whole engine call);
-        the whole message is checked before anything is logged, so it is stored entirely or not at all."""
+        the whole message is checked before anything is logged, so it is stored entirely or not at all.
+        Groups stay in their wire bytes (PackedGroup): checked on their headers, logged and handed to the
+        learner as they came."""
         wires = msg["groups"] if "groups" in msg else [msg["group"]]
         if not isinstance(wires, list) or not wires:
             raise ValueError("groups: must be a non-empty list of groups")
-        groups = [Group.from_wire(w) for w in wires]
+        groups = [PackedGroup.from_wire(w) for w in wires]
         for group in groups:
             self._check_group(group)
         stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else {}
-        share = {k: v / len(groups) for k, v in stats.items() if isinstance(v, (int, float))}
+        share = {k: v / len(groups) for k, v in stats.items() if isinstance(v, (int, float))} if stats else {}
         keys, duplicates = [], []
-        for wire_group, group in zip(wires, groups):
-            self._seen(group.generator_id)
+        now = time.time()
+        for group in groups:
+            self.state.generator(group.generator_id)["last_seen"] = now
             duplicate = self.state.seen(group.key)
             priority = 0.0 if duplicate else priorities.compute(self.priority_fn, group, self.state.version)
-            self.commit({"op": "put", "group": wire_group, "stats": share, "priority": priority}, group)
+            self.commit({"op": "put", "blob": group.data, "stats": share, "priority": priority}, group)
             keys.append(list(group.key))
             duplicates.append(duplicate)
         out = [(ident, self._reply(msg, type="ACK", key=keys[0], duplicate=duplicates[0], keys=keys,
@@ -219,7 +224,7 @@ class Hub:
         self.commit({"op": "lease", "learner": learner, "lease": lease, "keys": [list(k) for k, _ in sampled]},
                     sampled)
         flight = self.state.in_flight[learner]
-        reply = self._reply(msg, type="BATCH", lease=lease, groups=[g.to_wire() for g in flight["groups"]],
+        reply = self._reply(msg, type="BATCH", lease=lease, groups=[_packed(g) for g in flight["groups"]],
                             **self._knobs("learner"),
                             stats=self.stats())
         return [(ident, reply)] + self._serve_acquires()
@@ -297,6 +302,13 @@ class Hub:
             "uptime_s": time.time() - self.started, "recovered_records": self.recovered_records,
             "wal_lsn": self.log.lsn if self.log else None, "done": s.done,
         }
+
+
+def _packed(group) -> wire.Packed:
+    """A stored group as the BATCH reply carries it (spliced into the reply's bytes as it is)."""
+    if isinstance(group, Group):  # held by a table pickled before groups were kept packed
+        return wire.Packed(wire.pack_value(group.to_wire()))
+    return group.packed()
 
 
 def _check_knobs(knobs: dict, prioritized: bool) -> str | None:

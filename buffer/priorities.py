@@ -2,6 +2,8 @@
 
 Contract (built-in and custom alike): `fn(group, version) -> float`, where `group` is an
 `async_rl.types.Group` (or its wire dict) and `version` is the hub's policy version at insert time.
+The hub keeps groups packed (`PackedGroup`); the built-ins read its precomputed fields, and a custom
+function is handed the decoded Group, so it never sees the difference.
 `compute` checks the result: a priority is always a finite float >= 0, or the call raises naming the
 function and the group, so a bad plug-in fails loudly on its first group instead of poisoning the sum tree.
 
@@ -16,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from async_rl.plugins import load_function
-from async_rl.types import Group
+from async_rl.types import Group, PackedGroup
 
 PriorityFn = Callable[[object, int], float]
 
@@ -30,7 +32,7 @@ def _get(traj, name: str):
 
 
 def _behavior_version(group) -> int:
-    if isinstance(group, Group):
+    if isinstance(group, (Group, PackedGroup)):
         return group.behavior_version
     return min(int(np.min(t["token_versions"])) for t in group["trajectories"])
 
@@ -38,7 +40,8 @@ def _behavior_version(group) -> int:
 def reward_variance(group, version: int) -> float:
     """Population variance of the rewards within the group. Under GRPO a group whose samples all got the
     same reward has zero advantage everywhere and teaches nothing, so it gets priority 0."""
-    rewards = np.array([float(_get(t, "reward")) for t in _trajectories(group)], dtype=np.float64)
+    rewards = np.array(group.rewards if isinstance(group, PackedGroup) else
+                       [float(_get(t, "reward")) for t in _trajectories(group)], dtype=np.float64)
     return float(rewards.var()) if len(rewards) else 0.0
 
 
@@ -52,7 +55,8 @@ def freshness(group, version: int) -> float:
 
 def response_length(group, version: int) -> float:
     """Mean response length in tokens over the group's trajectories."""
-    lengths = [len(_get(t, "response_ids")) for t in _trajectories(group)]
+    lengths = (group.response_lengths if isinstance(group, PackedGroup) else
+               [len(_get(t, "response_ids")) for t in _trajectories(group)])
     return float(np.mean(lengths)) if lengths else 0.0
 
 
@@ -63,6 +67,9 @@ def constant(group, version: int) -> float:
 
 BUILTIN: dict[str, PriorityFn] = {"reward_variance": reward_variance, "freshness": freshness,
                                   "response_length": response_length, "constant": constant}
+
+
+_PACKED_AWARE = frozenset(BUILTIN.values())
 
 
 def resolve(name: str, field: str = "buffer.priority_fn") -> PriorityFn:
@@ -77,13 +84,17 @@ def resolve(name: str, field: str = "buffer.priority_fn") -> PriorityFn:
 
 def compute(fn: PriorityFn, group, version: int) -> float:
     """`fn(group, version)` checked to be a finite float >= 0."""
+    if fn is constant:
+        return 1.0
+    if isinstance(group, PackedGroup) and fn not in _PACKED_AWARE:
+        group = group.to_group()  # a custom function gets the Group its contract promises
     value = fn(group, version)
     try:
         priority = float(value)
     except (TypeError, ValueError):
         priority = math.nan
     if not (priority >= 0 and math.isfinite(priority)):
-        key = group.key if isinstance(group, Group) else (group.get("generator_id"), group.get("seq"))
+        key = group.key if isinstance(group, (Group, PackedGroup)) else (group.get("generator_id"), group.get("seq"))
         name = getattr(fn, "__qualname__", repr(fn))
         raise ValueError(f"priority function {name} returned {value!r} for group {key}; "
                          f"it must return a finite float >= 0")

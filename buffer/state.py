@@ -17,7 +17,7 @@ import collections
 import pickle
 import time
 
-from async_rl.types import Group
+from async_rl.types import Group, PackedGroup
 from buffer.prompts import PromptDispenser
 from buffer.table import Table
 
@@ -56,8 +56,11 @@ class HubState:
 
     # ---- helpers ---------------------------------------------------------------------------------
     def generator(self, gid: str) -> dict:
-        return self.generators.setdefault(gid, {"running": 0, "groups": 0, "gen_tokens": 0, "busy_s": 0.0,
-                                                "last_seen": time.time(), "dropped": 0})
+        gen = self.generators.get(gid)
+        if gen is None:
+            gen = self.generators[gid] = {"running": 0, "groups": 0, "gen_tokens": 0, "busy_s": 0.0,
+                                          "last_seen": time.time(), "dropped": 0}
+        return gen
 
     def seen(self, key) -> bool:
         return self.table.seen(key) or key in self.dropped_keys
@@ -70,9 +73,10 @@ class HubState:
         return n
 
     def _gen_stats(self, gid: str, stats: dict | None) -> dict:
-        gen, stats = self.generator(gid), stats or {}
-        gen["gen_tokens"] += float(stats.get("gen_tokens", 0))  # a multi-group PUT splits its tokens
-        gen["busy_s"] += float(stats.get("busy_s", 0.0))
+        gen = self.generator(gid)
+        if stats:
+            gen["gen_tokens"] += float(stats.get("gen_tokens", 0))  # a multi-group PUT splits its tokens
+            gen["busy_s"] += float(stats.get("busy_s", 0.0))
         return gen
 
     # ---- the state machine -----------------------------------------------------------------------
@@ -89,8 +93,9 @@ class HubState:
         self.generator(gid)["running"] += len(prompts)
         self.last_grant[gid] = {"acquire_seq": rec["acquire_seq"], "prompts": prompts}
 
-    def _apply_put(self, rec: dict, group: Group | None = None) -> None:
-        group = group if group is not None else Group.from_wire(rec["group"])
+    def _apply_put(self, rec: dict, group: PackedGroup | None = None) -> None:
+        if group is None:  # replay; records written before groups were kept packed carry the decoded map
+            group = PackedGroup.from_wire(rec["blob"] if "blob" in rec else rec["group"])
         if self.seen(group.key):
             self.table.counters["duplicates"] += 1
             return
@@ -176,7 +181,8 @@ class HubState:
             "generators": self.generators, "last_grant": self.last_grant,
             "knobs": [self.knob_version, self.learner_knobs, self.generator_knobs],
             "in_flight": {lid: {"lease": f["lease"], "keys": [list(k) for k in f["keys"]],
-                                "groups": [g.to_wire() for g in f["groups"]]} for lid, f in self.in_flight.items()},
+                                "groups": [g.data if isinstance(g, PackedGroup) else g.to_wire() for g in f["groups"]]}
+                          for lid, f in self.in_flight.items()},
         }
 
     def load_snapshot(self, snap: dict) -> None:
@@ -189,5 +195,5 @@ class HubState:
         self.generators, self.last_grant = snap["generators"], snap["last_grant"]
         self.knob_version, self.learner_knobs, self.generator_knobs = snap.get("knobs", [0, {}, {}])
         self.in_flight = {lid: {"lease": f["lease"], "keys": [gkey(k) for k in f["keys"]],
-                                "groups": [Group.from_wire(g) for g in f["groups"]]}
+                                "groups": [PackedGroup.from_wire(g) for g in f["groups"]]}
                           for lid, f in snap["in_flight"].items()}

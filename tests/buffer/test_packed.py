@@ -1,0 +1,138 @@
+"""Groups kept packed in the hub (async_rl.types.PackedGroup) accept and reject exactly what
+Group.from_wire does, and what they store decodes to the Group that Group.from_wire builds (the reference);
+`wire.encode` splices packed values into byte-identical messages."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from async_rl import wire
+from async_rl.types import Group, PackedGroup, Trajectory
+
+
+def reference(data: bytes):
+    """What the hub built before groups were kept packed: a full decode and Group.from_wire."""
+    try:
+        return Group.from_wire(wire.decode_value(data))
+    except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+        return exc
+
+
+def assert_same_group(a: Group, b: Group) -> None:
+    assert (a.generator_id, a.seq, a.prompt_index, a.label, a.prompt_text) == \
+           (b.generator_id, b.seq, b.prompt_index, b.label, b.prompt_text)
+    assert wire.pack_value(a.meta) == wire.pack_value(b.meta)  # (may hold arrays)
+    assert a.behavior_version == b.behavior_version and len(a.trajectories) == len(b.trajectories)
+    for x, y in zip(a.trajectories, b.trajectories):
+        for name in ("prompt_ids", "response_ids", "rollout_logprobs", "token_versions"):
+            assert getattr(x, name).dtype == getattr(y, name).dtype
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+        assert (x.reward, x.finish_reason, x.response_text) == (y.reward, y.finish_reason, y.response_text)
+        assert (x.loss_mask is None) == (y.loss_mask is None)
+        if x.loss_mask is not None:
+            np.testing.assert_array_equal(x.loss_mask, y.loss_mask)
+
+
+def traj(r: int, version: int = 3, mask: bool = False) -> Trajectory:
+    rng = np.random.default_rng(r)
+    return Trajectory(np.arange(5, dtype=np.int32), rng.integers(0, 100, r).astype(np.int32),
+                      -rng.random(r).astype(np.float32), (version + rng.integers(0, 3, r)).astype(np.int32),
+                      reward=float(r % 2), loss_mask=(np.arange(r) % 2).astype(np.uint8) if mask else None)
+
+
+def test_canonical_group_takes_the_fast_path_and_keeps_its_bytes():
+    g = Group("gen", 7, 3, "lab", [traj(4), traj(6, version=1, mask=True)], prompt_text="p", meta={"a": 1})
+    data = wire.pack_value(g.to_wire())
+    packed = PackedGroup.from_wire(wire.Packed(data))
+    assert packed.data is data  # stored as it came, not re-encoded
+    assert packed.key == ("gen", 7) and packed.behavior_version == g.behavior_version == 1
+    assert packed.rewards == (0.0, 0.0) and packed.response_lengths == (4, 6)
+    assert_same_group(packed.to_group(), reference(data))
+
+
+# every way a field can deviate from canonical form: other dtypes, lists, 2-D, bools, missing or extra keys,
+# arrays where metadata goes, bad lengths, empty responses, hostile values
+ARRAY_FIELDS = ("prompt_ids", "response_ids", "rollout_logprobs", "token_versions", "loss_mask")
+ARRAY_VARIANTS = ("i4", "i8", "f4", "f8", "u1", "list", "2d", "empty", "short", "long", "str", "absent")
+SCALAR_FIELDS = ("generator_id", "seq", "prompt_index", "label", "prompt_text", "meta", "reward", "finish_reason",
+                 "response_text")
+SCALAR_VARIANTS = ("bool", "int", "float", "str", "none", "absent", "array", "map", "map_with_array", "list")
+MUTATIONS = st.one_of(st.tuples(st.sampled_from(ARRAY_FIELDS), st.sampled_from(ARRAY_VARIANTS)),
+                      st.tuples(st.sampled_from(SCALAR_FIELDS), st.sampled_from(SCALAR_VARIANTS)),
+                      st.tuples(st.sampled_from(["group_extra", "traj_extra", "no_trajectories", "traj_not_map"]),
+                                st.just("")))
+
+
+def array_variant(kind: str, n: int):
+    base = np.arange(n) % 5
+    return {"i4": base.astype(np.int32), "i8": base.astype(np.int64), "f4": base.astype(np.float32),
+            "f8": base.astype(np.float64), "u1": base.astype(np.uint8), "list": base.tolist(),
+            "2d": np.stack([base, base]).astype(np.int32), "empty": np.zeros(0, np.int32),
+            "short": base[:-1].astype(np.int32), "long": np.arange(n + 1, dtype=np.int32), "str": "abc"}[kind]
+
+
+def scalar_variant(kind: str):
+    return {"bool": True, "int": 3, "float": 1.5, "str": "7", "none": None, "array": np.arange(2, dtype=np.int32),
+            "map": {"k": 1}, "map_with_array": {"k": np.arange(3)}, "list": [1, "a"]}[kind]
+
+
+@settings(max_examples=500, deadline=None)
+@given(n=st.integers(1, 4), ntraj=st.integers(1, 2), mask=st.booleans(),
+       mutations=st.lists(MUTATIONS, max_size=2))
+def test_packed_accepts_and_rejects_exactly_as_group_from_wire(n, ntraj, mask, mutations):
+    trajs = [traj(n, mask=mask).to_wire() for _ in range(ntraj)]
+    g = {**Group("g", 4, 2, "l", [], prompt_text="p", meta={"m": 1}).to_wire(), "trajectories": trajs}
+    t = trajs[-1]
+    for field, kind in mutations:
+        where = t if field in ARRAY_FIELDS or field in ("reward", "finish_reason", "response_text") else g
+        if kind == "absent":
+            where.pop(field, None)
+        elif field in ARRAY_FIELDS:
+            where[field] = array_variant(kind, n)
+        elif field in SCALAR_FIELDS:
+            where[field] = scalar_variant(kind)
+        elif field == "group_extra":
+            g["unknown"] = 1
+        elif field == "traj_extra":
+            t["unknown"] = [1]
+        elif field == "no_trajectories":
+            g["trajectories"] = []
+        else:
+            g["trajectories"] = [*trajs[:-1], "not a map"]
+    data = wire.pack_value(g)
+    want = reference(data)
+    try:
+        got = PackedGroup.from_wire(wire.Packed(data))
+    except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+        assert isinstance(want, Exception), f"packed refused what Group.from_wire accepts: {exc!r}"
+        return
+    assert not isinstance(want, Exception), f"packed accepted what Group.from_wire refuses: {want!r}"
+    assert got.behavior_version == want.behavior_version and got.key == want.key
+    assert got.rewards == tuple(float(t.reward) for t in want.trajectories)
+    assert got.response_lengths == tuple(len(t.response_ids) for t in want.trajectories)
+    assert_same_group(got.to_group(), want)  # what the learner decodes is what the hub used to hand out
+
+
+def test_encode_splices_packed_values_byte_for_byte():
+    groups = [Group("g", i, i, "l", [traj(3 + i)]).to_wire() for i in range(3)]
+    plain = wire.encode({"type": "BATCH", "rid": "r", "groups": groups, "stats": {"a": 1}})
+    spliced = wire.encode({"type": "BATCH", "rid": "r", "groups": [wire.Packed(wire.pack_value(g)) for g in groups],
+                           "stats": {"a": 1}})
+    assert spliced == plain
+    nested = wire.encode({"type": "X", "inner": {"g": wire.Packed(wire.pack_value(groups[0]))}})
+    assert wire.decode(nested)["inner"]["g"]["seq"] == 0  # deeper than top level: encoded again, same value
+
+
+def test_decode_cuts_packed_values_out_and_refuses_trailing_bytes():
+    msg = {"type": "PUT", "groups": [{"seq": 1}, {"seq": 2}], "group": {"seq": 3}, "rid": "r"}
+    data = wire.encode(msg)
+    out = wire.decode(data, packed=("group", "groups"))
+    assert [type(g) for g in out["groups"]] == [wire.Packed, wire.Packed] and isinstance(out["group"], wire.Packed)
+    assert [g["seq"] for g in out["groups"]] == [1, 2] and out["group"]["seq"] == 3
+    assert wire.encode(out) == data
+    with pytest.raises(wire.WireError, match="extra data"):
+        wire.decode(data + b"\x00", packed=("group",))
+    with pytest.raises(wire.WireError):
+        wire.decode(data[:-3], packed=("group",))
