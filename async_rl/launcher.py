@@ -245,6 +245,7 @@ class Launcher:
 
     def monitor(self, progress: Progress) -> None:
         learner = self.procs.children["learner"]  # respawn keeps the Child, so this follows restarts
+        self.progress = progress
         stop_sent = False
         while True:
             progress.refresh()
@@ -341,6 +342,9 @@ class Launcher:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.run_dir) if r.get("step", 0) < step))
         tmp.replace(path)
+        progress = getattr(self, "progress", None)
+        if progress is not None and hasattr(progress, "_offset"):  # it tails the file by byte offset
+            progress._offset = path.stat().st_size
 
     def _resync_engine(self, url: str) -> None:
         """Load the hub's current weights into a restarted engine (it starts from hf_checkpoint, version 0)."""

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from async_rl.debug import find_rollouts, load_rollout
 from async_rl.procs import RestartPolicy
 from tests.test_e2e import assert_no_orphans, cli, read_rows, write_config
 
 BATCH = 4  # write_config's rollout_batch_size
-STEPS = 30
+STEPS = 20
 # fast recovery: clients resend after 2 s, a dead generator's credits return after 5 s, restarts after 0.5 s
 FAST = ["save_interval=1", "put_timeout=2", "generator_timeout=5", "heartbeat_interval=1", "restart_backoff=0.5",
         "max_staleness=2"]
@@ -25,7 +26,8 @@ FAST = ["save_interval=1", "put_timeout=2", "generator_timeout=5", "heartbeat_in
 def _launch(tmp_path: Path, world: dict, *overrides: str):
     cfg = write_config(tmp_path, world, num_rollout=STEPS)
     run_dir = tmp_path / "run"
-    proc = cli("launch", str(cfg), *FAST, *overrides, "--run-dir", str(run_dir), start_new_session=True)
+    saved = f"save_debug_rollout_data={tmp_path / 'trained'}"  # the groups of every trained step
+    proc = cli("launch", str(cfg), *FAST, saved, *overrides, "--run-dir", str(run_dir), start_new_session=True)
     return proc, run_dir
 
 
@@ -56,7 +58,7 @@ def assert_exact_accounting(rows: list[dict]) -> None:
 def test_sigkill_one_process_the_run_finishes_exactly(tmp_path, tiny_world, victim):
     proc, run_dir = _launch(tmp_path, tiny_world)
     try:
-        _wait_rows(proc, run_dir, 5)
+        _wait_rows(proc, run_dir, 4)
         pid = json.loads((run_dir / "run.json").read_text())["processes"][victim]["pid"]
         os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=180)
@@ -72,6 +74,10 @@ def test_sigkill_one_process_the_run_finishes_exactly(tmp_path, tiny_world, vict
     events = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
     assert [e["process"] for e in events if e["process"] == victim] == [victim]
     assert_exact_accounting(read_rows(run_dir))
+    trained = [load_rollout(p)["groups"] for _, p in find_rollouts(str(tmp_path / "trained"))]
+    assert len(trained) == STEPS and all(len(groups) == BATCH for groups in trained)
+    keys = [g.key for groups in trained for g in groups]
+    assert len(set(keys)) == len(keys), "a group was trained on in two steps"
     assert_no_orphans(run_dir)
 
 
@@ -93,3 +99,29 @@ def test_restart_policy_budget_and_backoff():
     assert [policy.delay(n) for n in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
     assert not RestartPolicy(0, 1.0).allows(0)
     assert RestartPolicy(-1, 1.0).allows(10 ** 6)
+
+
+def test_learner_restart_point_and_metrics_rewind(tmp_path):
+    """The learner resumes at its newest checkpoint only when that loses no acked update; the rows of the
+    step it trains again are dropped, so steps stay contiguous with none repeated."""
+    from async_rl import config as C
+    from async_rl.launcher import LaunchError, Launcher
+
+    launcher = Launcher(C.load(None, ["save_interval=1"]), tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "version": s}) + "\n" for s in range(6)))
+
+    def checkpoint(step: int, done: bool = True) -> None:
+        (tmp_path / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        if done:
+            (tmp_path / "checkpoints" / f"step_{step}" / "DONE").write_text(str(step))
+    checkpoint(3)
+    with pytest.raises(LaunchError, match=r"died after step 5 but its newest checkpoint is step_3: the updates of "
+                                          r"steps 3..4 would be lost; set ckpt.save_interval=1"):
+        launcher._learner_resume_step()
+    checkpoint(6, done=False)  # killed while writing it: does not count
+    checkpoint(5)
+    assert launcher._learner_resume_step() == 5
+    launcher._rewind_metrics(5)
+    assert [r["step"] for r in read_rows(tmp_path)] == [0, 1, 2, 3, 4]
+    checkpoint(7)
+    assert launcher._learner_resume_step() == 7
