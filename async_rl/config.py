@@ -226,7 +226,7 @@ class TrainConfig:
     seed: int = knob(1234, "Seed of model-side randomness (learner and engines).")
     actor_num_gpus_per_node: int = knob(1, "Learner processes (one per GPU) on this node; megatron: data parallel size = this / (tensor * pipeline * context parallel sizes). torch: 1.")
     tensor_model_parallel_size: int = knob(1, "megatron: GPUs each layer's weights are split across (TP); must divide the attention and KV head counts.")
-    pipeline_model_parallel_size: int = knob(1, "megatron: pipeline stages (PP). Weight conversion and gathering support PP > 1; training does not yet (use TP).")
+    pipeline_model_parallel_size: int = knob(1, "megatron: pipeline stages (PP): Megatron's 1F1B schedule over the micro-batches (stages exchange activation shapes, so dynamic micro-batches work); weights convert and gather per stage.")
     context_parallel_size: int = knob(1, "megatron: GPUs a sequence is split across (CP); needs Transformer Engine attention, so only 1 for now.")
     sequence_parallel: bool = knob(False, "megatron: shard activations along the sequence within TP; needs Transformer Engine or apex layer norms, so only false for now.")
     use_dynamic_batch_size: bool = knob(False, "megatron: form micro-batches by a token budget (max_tokens_per_gpu, padded tokens) instead of micro_batch_size samples; each micro-batch is cut to its longest row.")

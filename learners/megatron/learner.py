@@ -24,7 +24,7 @@ from learners import checkpoint as common_checkpoint
 from learners import losses
 from learners.batch import TrainBatch
 from learners.megatron import batching, checkpoint, parallel
-from learners.megatron.model import build_stage, forward_logits, shape_from_hf, transformer_config
+from learners.megatron.model import build_stage, forward_logits, forward_stage, shape_from_hf, transformer_config
 from learners.megatron.optim import Stepper, wrap_ddp
 from learners.megatron.weights import HFExport, gather_hf, load_hf, read_hf_checkpoint, unwrap
 from learners.objective import actor_loss
@@ -113,12 +113,17 @@ class MegatronLearner(TorchLearner):
         out = torch.zeros_like(batch.mask)
         model.eval()
         on_device = batching.to_device(batch, self.device)
-        done = []  # results stay on the device until the end: no sync per micro-batch, so the host queues the
-        for micro in batching.micro_batches(rows, lengths, r.micro_batch_size, budget):  # next one meanwhile
-            part = batching.take(on_device, micro, self.device, lengths)
-            done.append((micro, losses.token_logprobs(self._logits(model, part), part["targets"],
-                                                      r.rollout_temperature).float()))
-        for micro, logp in done:
+        micros = batching.micro_batches(rows, lengths, r.micro_batch_size, budget)
+        parts = [batching.take(on_device, micro, self.device, lengths) for micro in micros]
+        if lay.pp > 1:
+            done = self._pipelined(model, parts, lambda part, logits: (
+                torch.zeros((), device=logits.device),
+                losses.token_logprobs(logits, part["targets"], r.rollout_temperature).float()), forward_only=True)
+            done = parallel.from_last_stage([logp.cpu() for logp in done], lay)
+        else:  # results stay on the device until the end: no sync per micro-batch, so the host queues the
+            done = [losses.token_logprobs(self._logits(model, part), part["targets"],  # next one meanwhile
+                                          r.rollout_temperature).float() for part in parts]
+        for micro, logp in zip(micros, done):
             out[micro, :logp.shape[1]] = logp.cpu()
         if model is self.model:
             model.train()
@@ -138,21 +143,51 @@ class MegatronLearner(TorchLearner):
                                         t.max_tokens_per_gpu if t.use_dynamic_batch_size else 0)
         self.optimizer.zero_grad()
         on_device = batching.to_device(batch, self.device)
+        parts = [batching.take(on_device, micro, self.device, lengths) for micro in micros]
         total, metrics = torch.zeros((), device=self.device), {}
-        for micro in micros:
-            part = batching.take(on_device, micro, self.device, lengths)
-            loss, m = actor_loss(self._logits(self.model, part), part, a, r.rollout_temperature, token_denom,
-                                 self.plugins.custom_loss)
-            share = len(micro) / len(rows)  # per-sample losses are means over the micro-batch's rows
+
+        def micro_loss(part: dict, logits: torch.Tensor) -> tuple[torch.Tensor, None]:
+            nonlocal total
+            loss, m = actor_loss(logits, part, a, r.rollout_temperature, token_denom, self.plugins.custom_loss)
+            share = len(part["input_ids"]) / len(rows)  # per-sample losses are means over the micro-batch's rows
             scale = 1.0 if a.calculate_per_token_loss else share
-            total += loss.detach() * scale  # read once per step: the host queues the next micro-batch's
-            (loss * scale).backward()       # forward while the device still runs this backward
+            total = total + loss.detach() * scale  # read once per step: no sync per micro-batch
             for key, value in m.items():
                 metrics[key] = metrics.get(key, 0.0) + value * (scale if key.startswith("loss/") else share)
-        out = {"loss": float(total), **metrics}
+            return loss * scale, None
+
+        if lay.pp > 1:
+            self._pipelined(self.model, parts, micro_loss, forward_only=False)
+        else:
+            for part in parts:  # the host queues the next micro-batch's forward while the device still runs
+                micro_loss(part, self._logits(self.model, part))[0].backward()  # this backward
+        out = parallel.from_last_stage({"loss": float(total), **metrics}, lay)
         if lay.dp > 1:
             out = self._reduce_over_dp(out)
         return {**out, "grad_norm": self.optimizer.step(), "lr": self.optimizer.lr}
+
+    def _pipelined(self, model, parts: list[dict], loss_fn, forward_only: bool) -> list:
+        """Megatron's 1F1B pipeline schedule over micro-batches `parts` (PP > 1); `loss_fn(part, logits)` ->
+        (loss to backpropagate, result) runs on the last stage, which gets the results in order (others: [])."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        results = []
+
+        def forward_step(data_iterator, stage):
+            part = next(data_iterator)
+            output = forward_stage(stage, part["input_ids"], self.shape.vocab)
+
+            def on_last_stage(logits):
+                loss, result = loss_fn(part, logits)
+                results.append(result)
+                return loss * len(parts), {}  # the schedule divides by the number of micro-batches
+            return output, on_last_stage
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(parts), model=[model],
+                                    num_microbatches=len(parts), forward_only=forward_only,
+                                    seq_length=max(p["input_ids"].shape[1] for p in parts),
+                                    micro_batch_size=max(p["input_ids"].shape[0] for p in parts))
+        return results
 
     def _reduce_over_dp(self, values: dict) -> dict:
         """Per-token losses are partial sums (summed over DP); everything else is averaged."""

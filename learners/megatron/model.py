@@ -79,7 +79,7 @@ def transformer_config(shape: Shape, train, dtype: torch.dtype):
     from megatron.core.transformer import TransformerConfig
 
     recompute = train.recompute_granularity or None
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn,
         num_attention_heads=shape.heads, num_query_groups=shape.kv_heads, kv_channels=shape.head_dim,
         normalization="RMSNorm", layernorm_epsilon=shape.eps, gated_linear_unit=True, activation_func=F.silu,
@@ -98,7 +98,12 @@ def transformer_config(shape: Shape, train, dtype: torch.dtype):
         recompute_granularity=recompute,
         recompute_method=(train.recompute_method or None) if recompute == "full" else None,
         recompute_num_layers=(train.recompute_num_layers or None) if recompute == "full" else None,
+        batch_p2p_comm=torch.cuda.is_available(),  # gloo (CPU) has no batched point-to-point operations
     )
+    # PP > 1: micro-batches differ in length and rows, so stages send shapes before activations (set after
+    # construction: its check against the MoE token dispatcher concerns MoE models only)
+    config.variable_seq_lengths = train.pipeline_model_parallel_size > 1
+    return config
 
 
 def layer_spec(shape: Shape):
@@ -147,3 +152,16 @@ def forward_logits(model, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
                    runtime_gather_output=True)
     return logits[:, :-1, :vocab]
+
+
+def forward_stage(model, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One pipeline stage's forward inside Megatron's schedule: `forward_logits` on the last stage, the
+    hidden states [T, B, H] for the next stage elsewhere (a later stage reads its input from the schedule's
+    `set_input_tensor`, not from `input_ids`)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage():
+        return forward_logits(model, input_ids, vocab)
+    b, t = input_ids.shape
+    position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=None)

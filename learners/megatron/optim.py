@@ -44,11 +44,12 @@ def scheduler(optimizer, o, total: int):
 def model_grad_norm(params: list, group) -> float:
     """Global L2 norm of the main grads, each distinct parameter once, over the model-parallel `group`."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
+    for p in params:  # not shared: the last stage's copy of a tied embedding (PP > 1) is counted on the first
         grad = getattr(p, "main_grad", None)
-        if grad is not None and param_is_not_tensor_parallel_duplicate(p):
+        if grad is not None and param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
             sq += grad.detach().double().pow(2).sum().cpu()
     if dist.get_world_size(group) > 1:
         dist.all_reduce(sq, group=group)
@@ -105,7 +106,13 @@ class Stepper:
         self.optimizer.zero_grad()
 
     def step(self) -> float:
-        self.ddp.finish_grad_sync()
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            finalize_model_grads([self.ddp])  # DP reduction, and the sum of a tied embedding's two copies
+        else:
+            self.ddp.finish_grad_sync()
         if self.on_gpu:
             _, grad_norm, _ = self.optimizer.step()
         else:

@@ -32,6 +32,8 @@ class Layout:
 
 _OBJECT_GROUP = None
 _STAGE_GROUP = None  # ranks with tp_rank == dp_rank == 0, one per pipeline stage, in stage order
+_PIPE_GROUP = None   # gloo: this rank's pipeline (same tp_rank and dp_rank, every stage), and its last stage
+_PIPE_LAST = 0
 
 
 def _free_port() -> int:
@@ -76,13 +78,19 @@ def init(train) -> Layout:
 
 
 def _make_groups(layout: Layout) -> None:
-    global _OBJECT_GROUP, _STAGE_GROUP
+    global _OBJECT_GROUP, _STAGE_GROUP, _PIPE_GROUP, _PIPE_LAST
     _OBJECT_GROUP = dist.new_group(backend="gloo")
     coords = [None] * layout.world
     dist.all_gather_object(coords, (layout.rank, layout.tp_rank, layout.dp_rank, layout.pp_rank),
                            group=_OBJECT_GROUP)
     stages = sorted((pp, rank) for rank, tp, dp, pp in coords if tp == 0 and dp == 0)
     _STAGE_GROUP = dist.new_group([rank for _, rank in stages], backend="gloo")
+    if layout.pp > 1:  # every rank creates every pipeline's group, in the same order
+        for key in sorted({(tp, dp) for _, tp, dp, _ in coords}):
+            ranks = [rank for _, rank in sorted((pp, rank) for rank, tp, dp, pp in coords if (tp, dp) == key)]
+            group = dist.new_group(ranks, backend="gloo")
+            if key == (layout.tp_rank, layout.dp_rank):
+                _PIPE_GROUP, _PIPE_LAST = group, ranks[-1]
 
 
 def broadcast_object(obj=None):
@@ -100,6 +108,15 @@ def gather_stages(obj, layout: Layout) -> list | None:
     out = [None] * layout.pp if layout.pp_rank == 0 else None
     dist.gather_object(obj, out, dst=0, group=_STAGE_GROUP)
     return out
+
+
+def from_last_stage(obj, layout: Layout):
+    """The last pipeline stage's `obj` on every stage of this rank's pipeline (losses, logprobs)."""
+    if layout.pp == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=_PIPE_LAST, group=_PIPE_GROUP)
+    return box[0]
 
 
 def barrier() -> None:

@@ -7,13 +7,16 @@ CUDA in three places we meet (../shared/ENVIRONMENT.md):
    the local DotProductAttention; our SDPA core attention never calls it, patched for completeness);
 3. the CUDA RNG tracker (`tensor_parallel.random`) -> a tracker whose states are CPU generator states,
    installed before `model_parallel_cuda_manual_seed`; activation recomputation's RNG save/restore too;
-4. (PP > 1, tied embeddings) the last stage's embedding copy is moved with `.cuda()` -> a no-op on CPU.
+4. (PP > 1, tied embeddings) the last stage's embedding copy is moved with `.cuda()` -> a no-op on CPU;
+5. (PP > 1) the pipeline schedules count tokens in a `torch.zeros(..., device="cuda")` -> CPU there, and
+   the exchange of activation shapes ends with `torch.cuda.synchronize()` -> a no-op.
 `install()` is idempotent. `sitecustomize.py` beside it installs it in every process started with
 this folder on PYTHONPATH and ASYNC_RL_MEGATRON_CPU_SHIM=1 (the end-to-end test's learner processes).
 """
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -66,6 +69,7 @@ def install() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.manual_seed = lambda seed: None
     torch.cuda.manual_seed_all = lambda seed: None
+    torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.cuda._async_rl_cpu_shim = True  # lets the Megatron learner start without a GPU
     from megatron.core.fusions import fused_softmax
@@ -87,4 +91,9 @@ def install() -> None:
         mp_random._CUDA_RNG_STATE_TRACKER.set_states(tracker_states)
     mp_random._get_all_rng_states = get_all_states
     mp_random._set_all_rng_states = set_all_states
+    from megatron.core.pipeline_parallel import schedules
+
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+    schedules.torch = types.SimpleNamespace(**{**vars(torch), "zeros": zeros})  # that module's `torch` only
     _INSTALLED = True

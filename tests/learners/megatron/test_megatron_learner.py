@@ -1,8 +1,9 @@
 """The Megatron learner's steps on CPU (gloo, test shim), offline (no hub), on the tiny SFT'd Qwen2.
 
 References: the torch learner (HF model, same RL math, same AdamW) on the same batches gives the same
-losses and grad norms (float32, |diff| <= 1e-5 over 3 steps, micro-batched); TP=2 (two processes) and
-DP=2 (balanced rows, token-budget micro-batches) give TP=1's; published weights load into HF and give
+losses and grad norms (float32, |diff| <= 1e-5 over 3 steps, micro-batched); TP=2 (two processes),
+DP=2 (balanced rows, token-budget micro-batches) and PP=2 (Megatron's 1F1B schedule over micro-batches of
+different lengths and row counts, tied embedding on both stages) give TP=1's; published weights load into HF and give
 the trained Megatron model's logits; a checkpoint resumes bit for bit (TP=2, cosine LR with warmup)."""
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def _close(a: list, b: list) -> bool:
     ([], 1),
     (["tensor_model_parallel_size=2", "actor_num_gpus_per_node=2"], 2),
     (["actor_num_gpus_per_node=2", "balance_data=true", "use_dynamic_batch_size=true", "max_tokens_per_gpu=24"], 2),
-], ids=["tp1", "tp2", "dp2-dynamic"])
+    (["pipeline_model_parallel_size=2", "actor_num_gpus_per_node=2", "use_dynamic_batch_size=true",
+      "max_tokens_per_gpu=40"], 2),
+], ids=["tp1", "tp2", "dp2-dynamic", "pp2-dynamic"])
 def test_megatron_steps_match_the_torch_learner(tiny_world, torch_reference, tmp_path, words, world_size):
     results = mp_workers.run(world_size, _train, tiny_world, words, str(tmp_path))
     for res in results:  # every rank reports the same (reduced) numbers
