@@ -199,6 +199,7 @@ class BufferConfig:
     remover: str = knob("fifo", "What is evicted when the table is at capacity: `fifo`, `lifo` or `min_priority`.")
     capacity: int = knob(0, "Max groups held; 0 = unbounded (admission credits already bound the table).")
     max_times_sampled: int = knob(1, "Times a group is handed to the learner before it is retired (1 = each group trained on once).")
+    priority_update: str = knob("none", "What the learner sends back as each trained group's new priority (by key, after its step; needs max_times_sampled > 1 to matter): `none`, `abs_advantage` (mean |advantage| over the group's trained tokens), or a dotted path to fn(group, advantages) -> float >= 0, advantages being one float array per trajectory over its trained response tokens.")
     put_timeout: float = knob(10.0, "Seconds a client waits for the hub's reply before reconnecting and resending (requests are idempotent).")
     auth: bool = knob(True, "CURVE authentication + encryption on the hub's socket (keys in run_dir/keys); turn off only for a loopback run.")
     fsync: str = knob("batch", "WAL fsync policy: `always` (each record), `batch` (once per hub loop iteration, before its replies), `never` (OS decides; survives a killed hub, not a machine crash).")

@@ -320,6 +320,15 @@ def _buffer_rules(cfg: "Config") -> None:
     _at_least("buffer", b, "alpha", 0)
     _at_least("buffer", b, "capacity", 0)
     _at_least("buffer", b, "max_times_sampled", 1)
+    if b.priority_update not in ("none", "abs_advantage"):
+        if "." not in b.priority_update:
+            raise _err(f"buffer.priority_update={b.priority_update!r}: must be none, abs_advantage, or a dotted "
+                       f"path like mypkg.priorities.update")
+        _dotted_path("buffer", b, "priority_update")
+    if b.priority_update != "none" and b.max_times_sampled == 1:
+        raise _err(f"buffer.priority_update={b.priority_update!r} with buffer.max_times_sampled=1: every group is "
+                   f"retired after its one step, so there is nothing to re-prioritize; set max_times_sampled > 1 "
+                   f"or priority_update=none")
 
 
 def _misc_rules(cfg: "Config") -> None:

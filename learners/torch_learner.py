@@ -22,7 +22,7 @@ import torch
 
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
-from async_rl.hub_client import HubClient, HubTimeout
+from async_rl.hub_client import HubClient, HubTimeout, group_priorities
 from async_rl.metrics import MetricsWriter
 from async_rl.types import Group
 from async_rl.plugins import PluginError
@@ -159,6 +159,9 @@ class TorchLearner:
         interval = self.cfg.ckpt.ref_update_interval
         if self.ref is not None and interval and self.steps_done % interval == 0:
             self._refresh_reference()
+        if self.hub is not None and self.cfg.buffer.priority_update != "none":  # re-prioritize them by key
+            self.hub.update_priorities(group_priorities(self.cfg.buffer.priority_update, groups,
+                                                        batch.advantages, batch.mask))
         return self._metrics(batch, kl, iw, steps)
 
     @torch.no_grad()
