@@ -209,7 +209,7 @@ class Engine:
         matched = self._matched_stop_string(seq) if p.stop else None
         if matched is not None:  # SGLang's order: stop strings, then stop tokens / EOS, then length
             reason = {"type": "stop", "matched": matched}
-        elif not p.ignore_eos and (token in self.eos_ids or token in p.stop_token_ids):
+        elif not p.ignore_eos and (token in self.eos_ids or token in p.stop_token_set):
             reason = {"type": "stop", "matched": token}
         elif len(seq.output_ids) >= p.max_new_tokens:
             reason = {"type": "length", "length": seq.params.max_new_tokens}

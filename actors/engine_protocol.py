@@ -38,6 +38,10 @@ class SamplingParams:
     no_stop_trim: bool = False
     sampling_seed: int | None = None
 
+    def __post_init__(self):
+        # looked up for every generated token: a set, so hundreds of stop ids cost no more than one
+        self.stop_token_set = frozenset(self.stop_token_ids)
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

@@ -39,6 +39,17 @@ def build(out: Path, smoke: bool) -> tuple[Path, Path]:
     return model, data
 
 
+def stop_ids(model: Path, k: int) -> list[str]:
+    """`rollout_stop_token_ids` of k ids spread over the vocabulary: under random weights each generated token
+    is one of them with probability ~k/vocab, so response lengths are ~geometric with mean vocab/k (capped at
+    rollout_max_response_len) — the long tail of real reasoning rollouts that a synchronous step waits for."""
+    if k <= 0:
+        return []
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    ids = [100 + i * (vocab - 100) // k for i in range(k)]
+    return [f"rollout_stop_token_ids=[{','.join(map(str, ids))}]"]
+
+
 def run(out: Path, model: Path, data: Path, staleness: int, args) -> dict:
     run_dir = out / f"s{staleness}"
     if run_dir.exists():
@@ -54,7 +65,7 @@ def run(out: Path, model: Path, data: Path, staleness: int, args) -> dict:
         "engine_num_threads=4", "learner_num_threads=4", "progress=false", "keep_weight_versions=2",
         "startup_timeout=900", "lr=1e-6",
         *([f"engine_device=cuda", "learner_device=cuda", "bf16=true"] if gpu else []),
-        *args.overrides,
+        *stop_ids(model, args.stop_ids), *args.overrides,
     ]
     cmd = [sys.executable, "-m", "async_rl.cli", "launch", str(ROOT / "configs/quickstart.yaml"), *overrides,
            "--run-dir", str(run_dir)]
@@ -77,6 +88,7 @@ def run(out: Path, model: Path, data: Path, staleness: int, args) -> dict:
         "gen_busy": statistics.mean(r["perf/gen_busy_frac"] for r in timed),
         "staleness_mean": statistics.mean(r["staleness/mean"] for r in timed),
         "response_len": statistics.mean(r["response_length/mean"] for r in timed),
+        "publish_s": statistics.mean(r.get("perf/publish_s") or 0.0 for r in timed),
     }
 
 
@@ -91,12 +103,15 @@ def main() -> int:
     ap.add_argument("--micro", type=int, default=8, help="learner micro_batch_size")
     ap.add_argument("--concurrency", type=int, default=1024, help="samples in flight per engine (and its max batch)")
     ap.add_argument("--groups-per-call", type=int, default=4)
+    ap.add_argument("--stop-ids", type=int, default=0, help="random stop ids: mean response length ~ vocab / this "
+                    "(0 = every response runs to --response-len)")
     ap.add_argument("--out", default="/dev/shm/bench_async")
     ap.add_argument("--smoke", action="store_true", help="a 2-layer toy on CPU (checks the script, not the claim)")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
     if args.smoke:
-        args.response_len, args.steps, args.skip, args.concurrency = 16, 6, 2, 64
+        args.response_len, args.steps, args.skip, args.concurrency = 32, 6, 2, 64
+        args.stop_ids = min(args.stop_ids, 100)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, data = build(out, args.smoke)
@@ -105,14 +120,15 @@ def main() -> int:
         results.append(run(out, model, data, s, args))
         print(f"max_staleness={s}: {results[-1]}", flush=True)
     base = results[0]["trained_tok_s"]
-    lines = [f"batch {args.batch} x {args.n} samples x {args.response_len} new tokens, {args.steps} steps "
+    lines = [f"batch {args.batch} x {args.n} samples x <= {args.response_len} new tokens (stop ids: {args.stop_ids}), "
+             f"{args.steps} steps "
              f"({args.skip} warm-up left out)", "",
              "| max_staleness | trained tok/s | ratio | s/step | generated tok/s | learner busy | generator busy "
-             "| mean staleness | mean response len |", "|---|---|---|---|---|---|---|---|---|"]
+             "| mean staleness | mean response len | publish s/version |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['staleness']} | {r['trained_tok_s']:.0f} | {r['trained_tok_s'] / base:.2f}x | "
                      f"{r['step_s']:.2f} | {r['gen_tok_s']:.0f} | {r['learner_busy']:.2f} | {r['gen_busy']:.2f} | "
-                     f"{r['staleness_mean']:.2f} | {r['response_len']:.0f} |")
+                     f"{r['staleness_mean']:.2f} | {r['response_len']:.0f} | {r['publish_s']:.2f} |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     print(table)
