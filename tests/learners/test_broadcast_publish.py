@@ -115,3 +115,24 @@ def test_broadcast_run_progresses_like_a_disk_run_over_num_epoch_passes(tmp_path
     assert "missed the broadcast" not in (runs["broadcast"] / "logs" / "generator0.log").read_text()
     assert "broadcast" not in (runs["disk"] / "logs" / "learner.log").read_text()
     assert (runs["broadcast"] / "weights" / "v12" / "config.json").exists()  # disk copy for evals and restarts
+
+
+@pytest.mark.e2e
+def test_launch_on_sglang_cpu_with_broadcast_weights(tmp_path, tiny_world):
+    """rollout_engine=sglang against the SGLang CPU test harness (scripts/sglang_cpu/): the launcher starts a
+    real SGLang server, the generator drives it, and the learner broadcasts every version into it."""
+    if servers.sglang_missing():
+        pytest.skip(servers.sglang_missing())
+    # SGLang's start-up warm-up needs a longer context than the tiny task's 64 positions (RoPE: no weights change)
+    model = servers.build_checkpoint(tmp_path / "model", seed=0, max_positions=2048)
+    run_dir = launch(tmp_path, tiny_world, "sglang", f"hf_checkpoint={model}", "rollout_engine=sglang",
+                     "update_weight_mode=broadcast",
+                     f"sglang_python={servers.SGLANG_PYTHON}", "num_epoch=1", "cluster.startup_timeout=240",
+                     'sglang_server_args=["--device cpu", "--max-total-tokens 32768", "--disable-cuda-graph"]')
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in rows] == list(range(6))  # 24 prompts // 4
+    assert all(0.0 <= r["reward/mean"] <= 1.0 and r["staleness/max"] <= 2 for r in rows)
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "learner: broadcast v1 to 1 engine(s)" in learner_log and "broadcast of v" not in learner_log, learner_log
+    assert "missed the broadcast" not in (run_dir / "logs" / "generator0.log").read_text()
+    assert "sglang" in (run_dir / "logs" / "engine0.log").read_text().lower()
