@@ -123,7 +123,7 @@ def test_launch_on_sglang_cpu_with_broadcast_weights(tmp_path, tiny_world):
     real SGLang server, the generator drives it, and the learner broadcasts every version into it."""
     if servers.sglang_missing():
         pytest.skip(servers.sglang_missing())
-    # SGLang's start-up warm-up needs a longer context than the tiny task's 64 positions (RoPE: no weights change)
+    # a fresh tiny checkpoint with 2048 positions: SGLang's start-up warm-up fails at the tiny task's 64
     model = servers.build_checkpoint(tmp_path / "model", seed=0, max_positions=2048)
     run_dir = launch(tmp_path, tiny_world, "sglang", f"hf_checkpoint={model}", "rollout_engine=sglang",
                      "update_weight_mode=broadcast",
