@@ -110,7 +110,7 @@ class MegatronLearner(TorchLearner):
         lengths = batching.row_lengths(batch)
         rows = batching.dp_rows(0, len(lengths), lay.dp, lay.dp_rank, lengths, balance=False)
         budget = (t.log_probs_max_tokens_per_gpu or t.max_tokens_per_gpu) if t.use_dynamic_batch_size else 0
-        out = torch.zeros_like(batch.mask)
+        out = torch.zeros(batch.mask.shape, dtype=batch.mask.dtype)  # on the host: gloo sums it over DP
         model.eval()
         on_device = batching.to_device(batch, self.device)
         micros = batching.micro_batches(rows, lengths, r.micro_batch_size, budget)
@@ -130,7 +130,7 @@ class MegatronLearner(TorchLearner):
         if lay.dp > 1:  # each rank filled its own rows, the rest are 0: the sum is the whole batch
             from megatron.core import parallel_state as ps
             torch.distributed.all_reduce(out, group=ps.get_data_parallel_group_gloo())
-        return out
+        return out.to(batch.mask.device)
 
     # ---- one optimizer step over this DP rank's rows of a mini-batch -----------------------------------
     def _policy_step(self, batch: TrainBatch, start: int) -> dict:

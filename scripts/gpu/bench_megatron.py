@@ -158,6 +158,8 @@ def run_variant(a, variant: str) -> dict:
              f"micro_batch_size={micro}", "lr=1e-6", "num_rollout=1000", "progress=false"]
     if kind == "megatron":
         words += ["train_backend=megatron", f"bf16={on_gpu}"] + extra
+    elif on_gpu:
+        words += ["learner_device=cuda"]  # its batches on the GPU (the model is built there in bf16 below)
     cfg = C.load(None, words)
     lrn = _torch_learner(cfg, a.out / "run") if kind == "torch" else _megatron_learner(cfg, a.out / "run")
     n_params = sum(p.numel() for p in lrn.model.parameters())
