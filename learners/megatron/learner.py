@@ -1,6 +1,8 @@
 """Megatron learner (`train_backend: megatron`): the torch learner's loop and RL math (`TorchLearner`:
 SAMPLE -> logp_old -> advantages -> actor loss x TIS -> step -> publish v+1), with a megatron-core GPTModel
-sharded over TP ranks and replicated over DP ranks, Megatron DDP and Megatron's optimizer on GPUs.
+sharded over TP ranks, split into PP stages (Megatron's 1F1B schedule over the micro-batches; the last
+stage computes the loss and hands results to the others) and replicated over DP ranks, Megatron DDP and
+Megatron's optimizer on GPUs.
 
     torchrun --nproc-per-node N -m learners.megatron.learner --config C --run-dir D --hub H [--keys K]
 
