@@ -116,6 +116,7 @@ _TRAJ_KEYS = frozenset(_TRAJ_ARRAYS) | {"reward", "finish_reason", "response_tex
 _CANON = {k: (wire.array_header(t), len(wire.array_header(t)) + 8, np.dtype(t).itemsize) for k, t in _TRAJ_ARRAYS.items()}
 _MASK = (wire.array_header(np.uint8), len(wire.array_header(np.uint8)) + 8, 1)
 _LEN = struct.Struct("<q")
+_LEN_I4 = struct.Struct("<i")
 
 
 class PackedGroup:
@@ -180,6 +181,16 @@ def _length(ext, canon) -> int:
     return n if n >= 0 and len(data) - head == n * itemsize else -1
 
 
+def _min_version(data: bytes, head: int, r: int) -> int:
+    """Min of the r int32 token versions at data[head:]. Usually a whole trajectory has one version: when
+    the first 4 bytes occur r times, non-overlapping, in the 4r bytes, they tile them, so every value is
+    the first (a C-level byte search, no array built); mixed versions take numpy's min."""
+    first = data[head:head + 4]
+    if data.count(first, head, head + 4 * r) == r:
+        return _LEN_I4.unpack(first)[0]
+    return int(np.frombuffer(data, np.int32, r, head).min())
+
+
 def _has_ext(value, depth: int = 0) -> bool:
     if type(value) is slice or depth > 32:
         return True
@@ -213,7 +224,7 @@ def _scan(d, data: bytes) -> PackedGroup | None:
                 or type(t.get("finish_reason", "")) is not str or type(t.get("response_text", "")) is not str
                 or not (mask is None or _length(mask, _MASK) == r)):
             return None
-        v = int(np.frombuffer(tv.stop, np.int32, r, tv_c[1]).min())
+        v = _min_version(tv.stop, tv_c[1], r)
         bv = v if bv is None or v < bv else bv
         rewards.append(float(reward))
         lengths.append(r)

@@ -136,3 +136,14 @@ def test_decode_cuts_packed_values_out_and_refuses_trailing_bytes():
         wire.decode(data + b"\x00", packed=("group",))
     with pytest.raises(wire.WireError):
         wire.decode(data[:-3], packed=("group",))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.sampled_from([0, 1, 7, 256, 65536, -1, 2**31 - 1, -2**31]), min_size=1, max_size=12),
+       uniform=st.booleans())
+def test_behavior_version_is_the_min_token_version(values, uniform):
+    versions = np.array([values[0]] * len(values) if uniform else values, np.int32)
+    t = Trajectory(np.zeros(1, np.int32), np.zeros(len(versions), np.int32), np.zeros(len(versions), np.float32),
+                   versions)
+    packed = PackedGroup.from_wire(wire.Packed(wire.pack_value(Group("g", 0, 0, "x", [t]).to_wire())))
+    assert packed.behavior_version == int(versions.min())  # the reference: numpy's min
