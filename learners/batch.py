@@ -44,11 +44,25 @@ class TrainBatch:
                 setattr(self, f.name, value.to(device, non_blocking=True))
         return self
 
-    def select(self, idx: slice) -> dict:
-        """Per-sample tensors of rows `idx` (for mini/micro batches), including every computed field."""
+    def select(self, idx: slice, trim: bool = False) -> dict:
+        """Per-sample tensors of rows `idx` (for mini/micro batches), including every computed field.
+        `trim`: cut the columns after the longest of these rows (right padding only; the forward pass and
+        every loss term are unchanged, the padding's compute is saved). Per-token results then have
+        `width(rows) - 1` columns: `pad_columns` restores the batch's width."""
         keys = ["input_ids", "attention_mask", "targets", "mask", "rollout_logprobs"] + \
             [k for k in _COMPUTED if getattr(self, k) is not None]
-        return {k: getattr(self, k)[idx] for k in keys}
+        rows = {k: getattr(self, k)[idx] for k in keys}
+        if trim and len(rows["attention_mask"]):
+            width = max(2, int(rows["attention_mask"].sum(-1).max()))
+            if width < rows["input_ids"].shape[1]:
+                rows = {k: v[:, :width] if k in ("input_ids", "attention_mask") else v[:, :width - 1]
+                        for k, v in rows.items()}
+        return rows
+
+    def pad_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-token [b, t] result of trimmed rows, zero-padded on the right to [b, T-1]."""
+        missing = self.mask.shape[1] - x.shape[1]
+        return torch.nn.functional.pad(x, (0, missing)) if missing > 0 else x
 
 
 _COMPUTED = ("logp_old", "ref_logp", "values", "advantages", "returns", "tis_weights")

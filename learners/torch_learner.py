@@ -105,7 +105,8 @@ class TorchLearner:
     def _batch_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
         """Logprobs of every target of the batch under `model` (no grad), micro-batch by micro-batch."""
         r = self.cfg.rollout
-        return torch.cat([forward_logprobs(model, batch.select(sl), r.rollout_temperature)
+        return torch.cat([batch.pad_columns(forward_logprobs(model, batch.select(sl, trim=True),
+                                                             r.rollout_temperature))
                           for sl in micro_slices(0, len(batch.input_ids), r.micro_batch_size)])
 
     def _refresh_reference(self) -> None:
@@ -193,7 +194,7 @@ class TorchLearner:
         token_denom = float(batch.mask[start:start + r.global_batch_size].sum().clamp(min=1.0))
 
         def loss_fn(sl: slice):
-            rows = batch.select(sl)
+            rows = batch.select(sl, trim=True)
             return actor_loss(forward_logits(self.model, rows), rows, a, r.rollout_temperature, token_denom,
                               self.plugins.custom_loss)
         return accumulate_step(list(self.model.parameters()), self.optimizer,
@@ -294,9 +295,11 @@ class TorchLearner:
                 t0 = time.time()
                 metrics = self.train_step([Group.from_wire(g) for g in reply["groups"]])
                 metrics["knob_version"] = self.knob_version
+                t_publish = time.time()
                 if (step + 1) % r.update_weights_interval == 0:
                     self.publish_next()
                 now = time.time()
+                metrics["perf/publish_s"] = now - t_publish  # weight publication: disk (+ broadcast) + VERSION
                 metrics.update(self._perf(step, now, t_start, now - last, now - t0, reply["stats"], prev_stats,
                                           metrics["train_tokens"]))
                 writer.log(metrics)

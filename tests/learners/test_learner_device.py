@@ -53,3 +53,44 @@ def test_batch_moves_every_tensor_and_keeps_values():
     assert same.to("cpu") is same  # already there: no copies
     for k, v in reference.items():
         assert torch.equal(getattr(same, k), v)
+
+
+def test_trimmed_micro_batches_give_the_same_logprobs_loss_and_gradients(tiny_world):
+    """Rows of very different lengths: cutting each micro-batch after its longest row must not change the
+    logprobs (padded back to the batch's width), the actor loss or any gradient."""
+    from transformers import AutoModelForCausalLM
+
+    from async_rl import config as C
+    from learners.objective import actor_loss
+    from learners.torch_learner import forward_logits, forward_logprobs
+
+    rng = np.random.default_rng(1)
+    groups = []
+    for g, lengths in enumerate([(1, 2), (12, 3)]):  # micro-batch 0 is short, micro-batch 1 is long
+        trajs = [Trajectory(np.array([5, 6, 7], np.int32), rng.integers(4, 19, n).astype(np.int32),
+                            rng.normal(size=n).astype(np.float32), np.zeros(n, np.int32), reward=float(i))
+                 for i, n in enumerate(lengths)]
+        groups.append(Group("g", g, g, "x", trajs))
+    batch = build_batch(groups, pad_id=0)
+    batch.logp_old = batch.rollout_logprobs + 0.1
+    batch.advantages = torch.tensor(rng.normal(size=batch.mask.shape), dtype=torch.float32) * batch.mask
+    model = AutoModelForCausalLM.from_pretrained(tiny_world["model_sft"], dtype=torch.float32)
+    algo = C.load(None, []).algo
+    results = {}
+    for trim in (False, True):
+        model.zero_grad()
+        logps, total = [], 0.0
+        for sl in (slice(0, 2), slice(2, 4)):
+            rows = batch.select(sl, trim=trim)
+            logps.append(batch.pad_columns(forward_logprobs(model, rows, 1.0)))
+            loss, _ = actor_loss(forward_logits(model, rows), rows, algo, 1.0, None, None)
+            loss.backward()
+            total += float(loss.detach())
+        results[trim] = (torch.cat(logps), total, [p.grad.clone() for p in model.parameters()])
+    short = batch.select(slice(0, 2), trim=True)
+    assert short["input_ids"].shape[1] == 5 and short["mask"].shape[1] == 4  # 3 prompt + 2 response tokens
+    full, cut = results[False], results[True]
+    torch.testing.assert_close(cut[0] * batch.mask, full[0] * batch.mask, atol=1e-5, rtol=1e-5)
+    assert abs(cut[1] - full[1]) < 1e-5
+    for a, b in zip(cut[2], full[2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
