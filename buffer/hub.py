@@ -226,7 +226,7 @@ class Hub:
         flight = self.state.in_flight[learner]
         reply = self._reply(msg, type="BATCH", lease=lease, groups=[_packed(g) for g in flight["groups"]],
                             **self._knobs("learner"),
-                            stats=self.stats())
+                            stats=self.stats(per_generator=False))
         return [(ident, reply)] + self._serve_acquires()
 
     def _on_priority(self, ident: bytes, msg: dict) -> list[Reply]:
@@ -285,7 +285,9 @@ class Hub:
                 self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
         return self._serve_acquires()
 
-    def stats(self) -> dict:
+    def stats(self, per_generator: bool = True) -> dict:
+        """Counters for STATS (and `async-rl status`); every BATCH carries them too, but without the
+        per-generator map, which costs O(generators) per batch and only status reads."""
         s, t = self.state, self.state.table
         gens = s.generators.values()
         counters = {**t.counters, **s.counters}
@@ -297,8 +299,9 @@ class Hub:
             "staleness_hist": {str(k): v for k, v in t.staleness_hist().items()},
             "gen_tokens": sum(g["gen_tokens"] for g in gens), "gen_busy_s": sum(g["busy_s"] for g in gens),
             "num_generators": len(s.generators), "prompt_epoch": s.dispenser.epoch,
-            "generators": {gid: {k: g[k] for k in ("groups", "running", "dropped", "gen_tokens")} | {
-                "alive": time.time() - g["last_seen"] < self.cfg.buffer.generator_timeout} for gid, g in s.generators.items()},
+            **({"generators": {gid: {k: g[k] for k in ("groups", "running", "dropped", "gen_tokens")} | {
+                "alive": time.time() - g["last_seen"] < self.cfg.buffer.generator_timeout}
+                for gid, g in s.generators.items()}} if per_generator else {}),
             "uptime_s": time.time() - self.started, "recovered_records": self.recovered_records,
             "wal_lsn": self.log.lsn if self.log else None, "done": s.done,
         }

@@ -181,3 +181,14 @@ def test_multi_group_put_is_all_or_nothing():
     assert again["duplicates"] == [True, False]
     s = hub.stats()
     assert s["accepted"] == 3 and s["duplicates"] == 1 and s["gen_tokens"] == 10
+
+
+def test_batch_stats_leave_out_the_per_generator_map_that_status_reads():
+    hub = Hub(cfg(), PROMPTS)
+    for gid in ("g0", "g1", "g2"):
+        hub.handle(b"g", {"type": "PUT", "group": group(gid=gid, seq=0)})
+    batch = reply_of(hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 2, "version": 0}), "BATCH")
+    assert "generators" not in batch["stats"] and batch["stats"]["num_generators"] == 3
+    assert batch["stats"]["accepted"] == 3 and batch["stats"]["in_flight"] == 2
+    status = reply_of(hub.handle(b"x", {"type": "STATS"}), "STATS")["stats"]
+    assert sorted(status["generators"]) == ["g0", "g1", "g2"] and status["generators"]["g1"]["groups"] == 1
