@@ -4,7 +4,8 @@ References: the torch learner (HF model, same RL math, same AdamW) on the same b
 losses and grad norms (float32, |diff| <= 1e-5 over 3 steps, micro-batched); TP=2 (two processes),
 DP=2 (balanced rows, token-budget micro-batches) and PP=2 (Megatron's 1F1B schedule over micro-batches of
 different lengths and row counts, tied embedding on both stages) give TP=1's; published weights load into HF and give
-the trained Megatron model's logits; a checkpoint resumes bit for bit (TP=2, cosine LR with warmup)."""
+the trained Megatron model's logits; a checkpoint resumes bit for bit (TP=2 and PP=2, cosine LR with
+warmup, KL to a reference model refreshed every step)."""
 from __future__ import annotations
 
 import pytest
@@ -92,9 +93,9 @@ def test_published_weights_load_into_hf_with_the_same_logits_and_live_lr(tiny_wo
         assert res["lr"] == 5e-4
 
 
-def _resume(world: dict, run_dir: str) -> dict:
-    words = ["tensor_model_parallel_size=2", "actor_num_gpus_per_node=2", "lr_decay_style=cosine",
-             "lr_warmup_iters=1", "min_lr=1e-4", "use_kl_loss=true", "kl_loss_coef=0.1", "ref_update_interval=1"]
+def _resume(world: dict, run_dir: str, parallel: list[str]) -> dict:
+    words = [*parallel, "actor_num_gpus_per_node=2", "lr_decay_style=cosine", "lr_warmup_iters=1", "min_lr=1e-4",
+             "use_kl_loss=true", "kl_loss_coef=0.1", "ref_update_interval=1"]
     first = _megatron(world, words, run_dir)
     first.train_step(groups(first, seed=0))
     first.save_checkpoint(1)
@@ -108,8 +109,10 @@ def _resume(world: dict, run_dir: str) -> dict:
             "metrics_again": [(m["loss/pg"], m["grad_norm"], m["lr"], m["kl"]) for m in again]}
 
 
-def test_checkpoint_resumes_bit_for_bit(tiny_world, tmp_path):
-    for res in mp_workers.run(2, _resume, tiny_world, str(tmp_path)):
+@pytest.mark.parametrize("parallel", [["tensor_model_parallel_size=2"], ["pipeline_model_parallel_size=2"]],
+                         ids=["tp2", "pp2"])
+def test_checkpoint_resumes_bit_for_bit(tiny_world, tmp_path, parallel):
+    for res in mp_workers.run(2, _resume, tiny_world, str(tmp_path), parallel):
         assert res["step"] == 1
         assert res["metrics_again"] == res["metrics"]  # exactly, not approximately
         assert res["same_params"]
