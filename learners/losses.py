@@ -74,23 +74,27 @@ def _block_backward(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, e
     return (grad * inv_temp).to(z.dtype)
 
 
+def _compile_on(device: torch.device) -> bool:
+    import os
+
+    return device.type == "cuda" and os.environ.get(_COMPILE_ENV, "1") != "0"
+
+
 def _kernel(name: str, fn, device: torch.device):
     """`fn` compiled by torch.compile (one fused kernel per block) on CUDA; `fn` itself elsewhere or if that
     fails (the failure is printed once)."""
-    import os
-
-    if device.type != "cuda" or os.environ.get(_COMPILE_ENV, "1") == "0" or _compiled.get("failed"):
+    if not _compile_on(device) or _compiled.get("failed"):
         return fn
     if name not in _compiled:
         _compiled[name] = torch.compile(fn, dynamic=True)
     compiled = _compiled[name]
 
     def run(*args):
+        if _compiled.get("failed"):
+            return fn(*args)
         try:
             return compiled(*args)
         except Exception as exc:  # noqa: BLE001 (no compiler or Triton there: eager blocks are still right)
-            if _compiled.get("failed"):
-                raise
             _compiled["failed"] = True
             print(f"learners.losses: torch.compile of the logprob kernels failed ({type(exc).__name__}: "
                   f"{str(exc)[:200]}); using eager blocks (set {_COMPILE_ENV}=0 to skip compiling)", flush=True)

@@ -92,3 +92,38 @@ def test_no_grad_and_other_shapes():
     torch.testing.assert_close(flat_logp.double(), ref_logp.reshape(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(flat_ent.double(), ref_ent.reshape(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(deep_logp.double().reshape(3, 7), ref_logp, rtol=1e-5, atol=1e-5)
+
+
+def _compiled_run(monkeypatch, compiler):
+    """One forward + backward with the block kernels going through `compiler` (as on a GPU)."""
+    monkeypatch.setattr(losses, "_compile_on", lambda device: True)
+    monkeypatch.setattr(losses, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", compiler)
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 200)  # several blocks of different sizes
+    logits, targets, (c1, c2) = _case(6, shape=(2, 9, 50), view=True)
+    x = logits.detach().requires_grad_(True)
+    logp, ent = losses.logprobs_and_entropy(x, targets, 0.8)
+    ((logp.double() * c1).sum() + (ent.double() * c2).sum()).backward()
+    ref_x = logits.detach().double().requires_grad_(True)
+    ref_logp, ref_ent = reference(ref_x, targets, 0.8)
+    ((ref_logp * c1).sum() + (ref_ent * c2).sum()).backward()
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_blocks_equal_the_reference(monkeypatch):
+    """The GPU path's torch.compile'd blocks (Inductor's CPU backend here, Triton on a GPU; dynamic shapes)."""
+    real_compile = torch.compile
+    _compiled_run(monkeypatch, real_compile)
+    assert {"fwd_h", "bwd11"} <= set(losses._compiled)
+
+
+def test_a_failing_compiler_falls_back_to_eager_blocks(monkeypatch, capsys):
+    """A machine without a working compiler (simulated: compiled functions raise) still gets right numbers."""
+    def broken(fn, **_):
+        def run(*args):
+            raise RuntimeError("no C compiler")
+        return run
+    _compiled_run(monkeypatch, broken)
+    assert losses._compiled.get("failed") and "using eager blocks" in capsys.readouterr().out
