@@ -147,3 +147,22 @@ def test_behavior_version_is_the_min_token_version(values, uniform):
                    versions)
     packed = PackedGroup.from_wire(wire.Packed(wire.pack_value(Group("g", 0, 0, "x", [t]).to_wire())))
     assert packed.behavior_version == int(versions.min())  # the reference: numpy's min
+
+
+def test_a_log_written_before_groups_were_packed_still_replays(tmp_path):
+    """WAL records of older hubs carry the decoded group map ("group") instead of its bytes ("blob")."""
+    from async_rl import config as C
+    from buffer.durable import DurableLog
+    from buffer.hub import Hub
+
+    cfg = C.load(None, ["rollout_batch_size=1", "n_samples_per_prompt=1", "max_staleness=5"])
+    old = Group("g", 0, 0, "x", [traj(3, version=0)])
+    log = DurableLog(tmp_path)
+    log.recover()
+    log.append({"op": "put", "group": old.to_wire(), "stats": {}, "priority": 1.0})
+    log.close()
+    hub = Hub(cfg, [{"input": "1+1=", "label": "2"}], DurableLog(tmp_path))
+    replies = hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0})
+    batch = [r for _, r in replies if r["type"] == "BATCH"][0]
+    got = Group.from_wire(wire.decode(wire.encode(batch))["groups"][0])  # as the learner receives it
+    assert_same_group(got, old)
