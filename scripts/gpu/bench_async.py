@@ -64,7 +64,10 @@ def run(out: Path, model: Path, data: Path, staleness: int, args) -> dict:
         f"groups_per_engine_call={args.groups_per_call}", "engine_cpus=[]", "learner_cpus=[]",
         "engine_num_threads=4", "learner_num_threads=4", "progress=false", "keep_weight_versions=2",
         "startup_timeout=900", "lr=1e-6",
-        *([f"engine_device=cuda", "learner_device=cuda", "bf16=true"] if gpu else []),
+        *([f"engine_device=cuda", "bf16=true"] if gpu else []),
+        *(["learner_device=cuda"] if gpu and args.backend == "torch" else []),
+        *(["train_backend=megatron", "use_dynamic_batch_size=true", f"max_tokens_per_gpu={args.max_tokens}",
+           f"log_probs_max_tokens_per_gpu={args.max_tokens}"] if args.backend == "megatron" else []),
         *stop_ids(model, args.stop_ids), *args.overrides,
     ]
     cmd = [sys.executable, "-m", "async_rl.cli", "launch", str(ROOT / "configs/quickstart.yaml"), *overrides,
@@ -103,6 +106,8 @@ def main() -> int:
     ap.add_argument("--micro", type=int, default=8, help="learner micro_batch_size")
     ap.add_argument("--concurrency", type=int, default=1024, help="samples in flight per engine (and its max batch)")
     ap.add_argument("--groups-per-call", type=int, default=4)
+    ap.add_argument("--backend", choices=["torch", "megatron"], default="torch", help="train_backend of the learner")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="megatron: max_tokens_per_gpu (dynamic batches)")
     ap.add_argument("--stop-ids", type=int, default=0, help="random stop ids: mean response length ~ vocab / this "
                     "(0 = every response runs to --response-len)")
     ap.add_argument("--out", default="/dev/shm/bench_async")
@@ -120,7 +125,7 @@ def main() -> int:
         results.append(run(out, model, data, s, args))
         print(f"max_staleness={s}: {results[-1]}", flush=True)
     base = results[0]["trained_tok_s"]
-    lines = [f"batch {args.batch} x {args.n} samples x <= {args.response_len} new tokens (stop ids: {args.stop_ids}), "
+    lines = [f"{args.backend} learner; batch {args.batch} x {args.n} samples x <= {args.response_len} new tokens (stop ids: {args.stop_ids}), "
              f"{args.steps} steps "
              f"({args.skip} warm-up left out)", "",
              "| max_staleness | trained tok/s | ratio | s/step | generated tok/s | learner busy | generator busy "
