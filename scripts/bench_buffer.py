@@ -12,6 +12,8 @@ Payload: one group of one 2k-token trajectory (100 prompt + 2000 response ids, l
 ~25 kB raw). Every path is one request in flight at a time (round-trip bound), client and server pinned
 to different cores, the client encoding every message the same way:
 - raw: a bare ROUTER that answers every message with a small reply (the floor of the transport)
+- decode + keep: a bare ROUTER that also cuts out, checks and keeps each group as the hub does (the floor
+  of any hub in Python: its own logic, accounting and log excluded)
 - PUT+ACK: the hub storing the group (in memory; and with the WAL at each fsync policy)
 - SAMPLE+ACK: the hub handing one stored group to a learner and taking the ack of the previous one
 - memory: hub RSS growth per stored group vs the group's raw array bytes
@@ -45,6 +47,22 @@ os.sched_setaffinity(0, [0])
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
 while True:
     ident, payload = s.recv_multipart()
+    s.send_multipart([ident, b"ok" * 32])
+"""
+
+# the floor of any hub written in Python: receive, cut the group out and check it as the hub does, keep it,
+# reply; no table, no accounting, no log
+KEEP_SERVER = """
+import sys, zmq, os
+os.sched_setaffinity(0, [0])
+sys.path.insert(0, sys.argv[2])
+from async_rl import wire
+from async_rl.types import PackedGroup
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
+kept = []
+while True:
+    ident, payload = s.recv_multipart()
+    kept.append(PackedGroup.from_wire(wire.decode(payload, packed=("group", "groups"))["group"]))
     s.send_multipart([ident, b"ok" * 32])
 """
 
@@ -148,9 +166,9 @@ def bench_hub_batched(seconds: float, per_msg: int, tmp: Path, src: Path = ROOT)
         proc.wait()
 
 
-def bench_raw(seconds: float) -> float:
+def bench_raw(seconds: float, server: str = RAW_SERVER) -> float:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, endpoint])
+    proc = subprocess.Popen([sys.executable, "-c", server, endpoint, str(ROOT)])
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(endpoint)
     groups = [make_group(i) for i in range(64)]
@@ -231,6 +249,7 @@ def main() -> int:
              ("hub + WAL, fsync=batch", "batch", "batch"), ("hub + WAL, fsync=always", "always", "always"))
     for _ in range(args.repeat):
         keep("raw DEALER/ROUTER round trip", bench_raw(args.seconds))
+        keep("server that only decodes, checks and keeps each group (no hub logic)", bench_raw(args.seconds, KEEP_SERVER))
         keep("raw, 8 groups per message (groups/s)", bench_raw_batched(args.seconds, 8))
         for tag, src in hubs:
             for label, state, fsync in paths[:1] if _ else paths:  # WAL rows once: fsync dominates them
