@@ -382,9 +382,6 @@ def _eval_rules(e) -> None:
 def _train_rules(cfg: "Config") -> None:
     t = cfg.train
     _one_of("train", t, "train_backend", ("torch", "megatron"))
-    if t.train_backend == "megatron" and cfg.rollout.update_weight_mode == "broadcast":
-        raise _err("rollout.update_weight_mode='broadcast': the megatron learner publishes to disk only so far; "
-                   "use update_weight_mode=disk, or train_backend=torch")
     for name in ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size"):
         _at_least("train", t, name, 1)

@@ -9,7 +9,9 @@ weights to `keep_weight_versions`, however far it falls behind.
 
 With update_weight_mode=broadcast, `BroadcastPublisher` also sends each version straight into the run's
 engines (async_rl.weight_broadcast) before it is written to disk; the disk copy stays the source for
-evals, restarted engines and generators that attach later.
+evals, restarted engines and generators that attach later. `send(model, v)` sends an HF model's state dict (the
+torch learner); `send_tensors(named, v, device)` sends HF-named tensors (the Megatron learner's rank 0, after
+the TP/PP gather), staging each bucket onto `device` when the tensors sit on the host and the group is NCCL.
 """
 from __future__ import annotations
 
@@ -74,6 +76,14 @@ def engine_urls(cfg, run_dir: str | Path) -> list[str]:
     return [d["url"].rstrip("/") for d in json.loads(specs.read_text())]
 
 
+def _staging(base, device):
+    """`base` (a WeightBroadcaster class) whose buckets are copied onto `device` right before each broadcast."""
+    class Staging(base):
+        def _broadcast(self, part) -> None:
+            super()._broadcast([(name, t.to(device)) for name, t in part])
+    return Staging
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -96,31 +106,46 @@ class BroadcastPublisher:
         self.failures = 0
         self.sent = 0
         self.last_seconds = 0.0
+        self.last_buckets = 0  # buckets of the last successful broadcast
 
-    def _connect(self, backend: str):
+    def _connect(self, backend: str, stage_on=None):
         from async_rl.weight_broadcast import WeightBroadcaster
         host = self.cfg.cluster.host
         self.attempt += 1
-        b = WeightBroadcaster(engine_urls(self.cfg, self.run_dir), host, _free_port(host), backend=backend,
-                              group_name=f"learner_weights_{os.getpid()}_{self.attempt}",
-                              ranks_per_engine=self.cfg.rollout.rollout_num_gpus_per_engine,
-                              timeout=self.timeout)
+        cls = WeightBroadcaster if stage_on is None else _staging(WeightBroadcaster, stage_on)
+        b = cls(engine_urls(self.cfg, self.run_dir), host, _free_port(host), backend=backend,
+                group_name=f"learner_weights_{os.getpid()}_{self.attempt}",
+                ranks_per_engine=self.cfg.rollout.rollout_num_gpus_per_engine, timeout=self.timeout)
         b.connect()
         return b
 
     def send(self, model, version: int) -> bool:
         """Broadcast `model`'s weights as `version` to every engine; True when all of them hold it."""
+        return self.send_tensors(model.state_dict().items(), version)
+
+    def send_tensors(self, named_tensors, version: int, device=None) -> bool:
+        """Broadcast (HF name, tensor) pairs as `version` to every engine, in update_weight_buffer_size
+        buckets; True when all of them hold it. `device`: where the collective runs (a CUDA device: NCCL,
+        each bucket copied there just before it is sent, so at most one bucket is on the device at a time);
+        None: where the tensors are."""
+        import torch
+
         from async_rl.weight_broadcast import WeightSyncError
         r = self.cfg.rollout
-        params = list(model.state_dict().items())
-        backend = "nccl" if params and params[0][1].is_cuda else "gloo"
+        params = list(named_tensors)
+        if not params:
+            raise ValueError(f"broadcast of v{version}: no tensors to send")
+        held = params[0][1].device
+        device = held if device is None else torch.device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        stage_on = device if device != held and device.type == "cuda" else None
         t0 = time.perf_counter()
         try:
             if self.broadcaster is None:
-                self.broadcaster = self._connect(backend)
+                self.broadcaster = self._connect(backend, stage_on)
             pause = None if r.interrupt_mode == "none" else r.interrupt_mode
-            self.broadcaster.update(params, weight_version=version, bucket_bytes=r.update_weight_buffer_size,
-                                    pause_mode=pause)
+            n_buckets = self.broadcaster.update(params, weight_version=version,
+                                                bucket_bytes=r.update_weight_buffer_size, pause_mode=pause)
         except (WeightSyncError, RuntimeError, OSError) as e:
             self.failures += 1
             self.log(f"learner: broadcast of v{version} failed ({e}); engines get it from disk, the next "
@@ -128,6 +153,7 @@ class BroadcastPublisher:
             self.close()
             return False
         self.last_seconds = time.perf_counter() - t0
+        self.last_buckets = n_buckets
         self.sent += 1
         if self.sent == 1 or self.sent % 100 == 0:
             self.log(f"learner: broadcast v{version} to {len(self.broadcaster.urls)} engine(s) in "

@@ -6,7 +6,8 @@ Megatron's optimizer on GPUs.
 
     torchrun --nproc-per-node N -m learners.megatron.learner --config C --run-dir D --hub H [--keys K]
 
-Invariants: global rank 0 alone talks to the hub and writes the run directory; it broadcasts each batch
+Invariants: global rank 0 alone talks to the hub, writes the run directory and (update_weight_mode=broadcast)
+sends the gathered weights to the engines; it broadcasts each batch
 (or the decision to stop) so every rank runs the same steps and collectives in the same order. Every rank
 builds the same TrainBatch from the broadcast groups; logprobs are computed on each DP rank's rows and
 summed over DP (disjoint rows, so exactly the whole batch's); each mini-batch's rows are split evenly
@@ -32,7 +33,7 @@ from learners.megatron.weights import HFExport, gather_hf, load_hf, read_hf_chec
 from learners.objective import actor_loss
 from learners import torch_learner
 from learners.torch_learner import TorchLearner
-from learners.weights import publish
+from learners.weights import eval_pin, publish
 
 
 def check_hardware(train, on_gpu: bool) -> None:
@@ -66,6 +67,8 @@ class MegatronLearner(TorchLearner):
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.layout.on_gpu else torch.device("cpu")
         self._stop_requested = False
         super().__init__(cfg, run_dir, hub_endpoint if self.layout.rank == 0 else None, keys_dir)
+        if self.layout.rank != 0:
+            self.broadcast = None  # update_weight_mode=broadcast: rank 0 holds the gathered HF tensors and sends
 
     # Ranks stop together: the loop's own check never fires; rank 0 turns a stop request into a broadcast
     # "no batch" in sample(), and every rank leaves the loop there.
@@ -223,12 +226,19 @@ class MegatronLearner(TorchLearner):
             self.optimizer.set_lr(self.cfg.optimizer.lr)
 
     def publish_next(self) -> None:
+        """Every rank takes part in the TP/PP gather; rank 0 alone then broadcasts the HF tensors to the
+        engines (update_weight_mode=broadcast, update_weight_buffer_size buckets), writes them to disk (evals,
+        restarted engines, late joiners) and announces the version."""
         state = gather_hf(self.model, self.shape, self.layout)  # collective
+        version = self.version + 1
         if self.layout.rank == 0:
+            if self.broadcast is not None:  # engines first (generation resumes sooner), then disk
+                self.broadcast.send_tensors(state.items(), version, device=self.device)
             export = HFExport(state, self.hf_config, self.cfg.ckpt.hf_checkpoint)
-            path = publish(export, self.tokenizer, self.run_dir, self.version + 1, self.cfg.ckpt.keep_weight_versions)
-            self.hub.request({"type": "VERSION", "version": self.version + 1, "weights_path": str(path)}, timeout=30)
-        self.version += 1
+            path = publish(export, self.tokenizer, self.run_dir, version, self.cfg.ckpt.keep_weight_versions,
+                           pin=eval_pin(self.cfg, version))
+            self.hub.request({"type": "VERSION", "version": version, "weights_path": str(path)}, timeout=30)
+        self.version = version
 
     def save_checkpoint(self, step: int) -> None:
         path = checkpoint.save(self, step, self.cfg.ckpt.keep_checkpoints)
