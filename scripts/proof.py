@@ -116,6 +116,18 @@ def setting_key(label: str):
     return (int(digits) if digits else 0, label)
 
 
+def _save(fig, axes, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def curves(runs: dict[str, list[dict]], path: Path, title: str, samples_per_step: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -136,15 +148,9 @@ def curves(runs: dict[str, list[dict]], path: Path, title: str, samples_per_step
         for ax, x in ((axes[0], samples), (axes[1], wall)):
             line, = ax.plot(x, mean, label=f"{label} ({len(seeds)} seeds)")
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
-    axes[0].set(xlabel="trained samples", ylabel=f"sampled reward (moving mean, min-max over seeds)")
+    axes[0].set(xlabel="trained samples", ylabel="sampled reward (moving mean, min-max over seeds)")
     axes[1].set(xlabel="wall time (s, mean over seeds)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, title, path)
 
 
 def system_figure(runs: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -173,13 +179,7 @@ def system_figure(runs: dict[str, list[dict]], path: Path, title: str) -> None:
     axes[0].set(xlabel="staleness of the step's oldest group (versions)", ylabel="fraction of steps",
                 title="staleness histogram")
     axes[1].set(ylabel="busy fraction", ylim=(0, 1.05), title="utilization")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, title, path)
 
 
 def table(runs: dict[str, list[dict]], base: str | None) -> str:
