@@ -179,6 +179,15 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_attach(args) -> int:
+    if args.node_resource and not args.address:
+        print(f"async-rl: --node-resource {args.node_resource}: only with --address HEAD:PORT (a Ray cluster's head)",
+              file=sys.stderr)
+        return 2
+    from async_rl.attach import attach
+    return attach(args.run_dir, args.engines, args.address, args.node_resource)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="async-rl", description="fully asynchronous RL post-training")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -205,10 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("overrides", nargs="+", help="key=value words (see async_rl/knobs.py for the live ones)")
     p.set_defaults(fn=cmd_set)
-    p = sub.add_parser("attach", help="add engines + generators on this machine to a running job")
+    p = sub.add_parser("attach", help="add engines + generators to a running job, on this machine or (--address) "
+                                      "on nodes of a Ray cluster")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--engines", type=int, default=1, help="engines to start (one generator each)")
-    p.set_defaults(fn=lambda a: __import__("async_rl.attach", fromlist=["attach"]).attach(a.run_dir, a.engines))
+    p.add_argument("--address", help="HEAD:PORT of a Ray cluster: start them there as Ray actors")
+    p.add_argument("--node-resource", help="with --address: only on nodes advertising this custom Ray resource, "
+                                           "e.g. generator for `ray start --resources='{\"generator\": 1}'`")
+    p.set_defaults(fn=cmd_attach)
     p = sub.add_parser("detach", help="drain and remove the generators `attach` added")
     p.add_argument("--run-dir", required=True)
     p.set_defaults(fn=lambda a: __import__("async_rl.attach", fromlist=["detach"]).detach(a.run_dir))

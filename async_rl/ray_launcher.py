@@ -118,7 +118,7 @@ class RayProc:
 
     def __init__(self, name: str, actor, on_restart=None):
         self.name, self.actor, self.on_restart = name, actor, on_restart
-        self.returncode, self.pid, self.node_ip, self.restarts = None, None, None, 0
+        self.returncode, self.pid, self.node_ip, self.node_id, self.restarts = None, None, None, None, 0
         self._checked = 0.0
         self._refresh(timeout=60)
 
@@ -132,7 +132,7 @@ class RayProc:
         except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
             return  # being restarted
         old = self.pid
-        self.pid, self.node_ip, self.returncode = st["pid"], st["node_ip"], st["returncode"]
+        self.pid, self.node_ip, self.node_id, self.returncode = st["pid"], st["node_ip"], st["node_id"], st["returncode"]
         if old is not None and st["pid"] != old:
             self.restarts += 1
             if self.on_restart:
@@ -329,7 +329,8 @@ class RayLauncher(Launcher):
         self.record(self.manifest.data.get("status", "running"))
 
     def record(self, status: str, **extra) -> None:
-        actors = {n: {"node_ip": ch.proc.node_ip, "ray_restarts": ch.proc.restarts} for n, ch in self.procs.children.items()}
+        actors = {n: {"node_ip": ch.proc.node_ip, "node_id": ch.proc.node_id, "ray_restarts": ch.proc.restarts}
+                  for n, ch in self.procs.children.items()}
         super().record(status, cluster={"kind": "ray", "address": self.address or "local", "actors": actors}, **extra)
 
     def _release(self) -> None:
@@ -340,3 +341,61 @@ class RayLauncher(Launcher):
                 remove_placement_group(self.pg)
         finally:
             ray.shutdown()  # disconnects; also ends the cluster when this launcher started it
+
+
+# ---- `async-rl attach --address HEAD [--node-resource NAME]`: engines + generators on a node that joined ----
+def nodes_with(resource: str | None) -> list[dict]:
+    """The alive Ray nodes that advertise `resource` (`ray start --resources='{"generator": 1}'`), or all alive
+    nodes when None, in a stable order (by node id)."""
+    import ray
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return sorted([n for n in alive if resource is None or n["Resources"].get(resource, 0) > 0],
+                  key=lambda n: n["NodeID"])
+
+
+class NodePlacement:
+    """`place(name)` for an attach: engine i and generator i go to nodes[i % len(nodes)] by hard node
+    affinity, so a generator reaches its engine on loopback; an engine takes cluster.engine_num_threads CPUs
+    there, a generator none (it waits on its engine)."""
+
+    def __init__(self, cfg: config_mod.Config, nodes: list[dict]):
+        self.cfg, self.nodes = cfg, nodes
+
+    def node_of(self, name: str) -> dict:
+        digits = name[len(name.rstrip("0123456789")):]
+        return self.nodes[int(digits or 0) % len(self.nodes)]
+
+    def __call__(self, name: str) -> dict:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        cpus = self.cfg.cluster.engine_num_threads if name.startswith("engine") else 0
+        gpus = self.cfg.rollout.rollout_num_gpus_per_engine if name.startswith("engine") and \
+            self.cfg.cluster.num_gpus_per_node > 0 else 0
+        return {"num_cpus": cpus, "num_gpus": gpus,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_of(name)["NodeID"], soft=False)}
+
+
+def attach_group(address: str, run_dir: Path, log_dir: Path, cfg: config_mod.Config, engines: int,
+                 node_resource: str | None) -> RayProcessGroup:
+    """Join the cluster at `address` and return the process group an attach starts its engines and
+    generators in, placed on the nodes advertising `node_resource`. Raises LaunchError when no node does,
+    or when they cannot hold the engines' CPUs (GPUs)."""
+    import ray
+    connect(address, run_dir)
+    nodes = nodes_with(node_resource)
+    if not nodes:
+        have = sorted({k for n in ray.nodes() if n.get("Alive") for k in n["Resources"] if "node:" not in k})
+        ray.shutdown()
+        raise LaunchError(f"--node-resource {node_resource}: no alive node of the Ray cluster at {address} advertises "
+                          f"it; start one with `ray start --address={address} --resources='{{\"{node_resource}\": 1}}'`"
+                          f"{f' (resources there: {have})' if have else ''}") from None
+    place = NodePlacement(cfg, nodes)
+    for node in nodes:
+        mine = sum(1 for i in range(engines) if place.node_of(f"engine{i}") is node)
+        need = mine * cfg.cluster.engine_num_threads
+        if need > node["Resources"].get("CPU", 0):
+            ray.shutdown()
+            raise LaunchError(f"--engines {engines}: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) would "
+                              f"hold {mine} engine(s) x cluster.engine_num_threads={cfg.cluster.engine_num_threads} "
+                              f"= {need} CPUs but has {node['Resources'].get('CPU', 0):g}; attach fewer engines, "
+                              f"lower cluster.engine_num_threads, or add nodes with --node-resource") from None
+    return RayProcessGroup(log_dir, place, cfg.cluster.max_restarts, on_close=ray.shutdown)

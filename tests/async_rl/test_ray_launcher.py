@@ -67,7 +67,11 @@ def ray_cluster(tmp_path_factory):
         nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
                                        '--resources={"generator": 1}', *common], stdout=open(root / "node.log", "w"),
                                       stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        yield {"address": f"127.0.0.1:{port}", "env": env, "root": root}
+        deadline = time.time() + 60
+        while "Ray runtime started" not in (root / "node.log").read_text():  # the second raylet has joined
+            assert nodes[1].poll() is None and time.time() < deadline, (root / "node.log").read_text()
+            time.sleep(0.3)
+        yield {"address": f"127.0.0.1:{port}", "env": env, "root": root, "node_pid": nodes[1].pid}
     finally:
         _stop_groups(nodes)
 
@@ -148,6 +152,95 @@ def test_killed_generator_is_restarted_by_ray_and_no_acked_group_is_lost(tmp_pat
     assert last["buffer/accepted"] == (last["buffer/consumed"] + last["buffer/evicted_stale"]
                                        + last["buffer/evicted_capacity"] + last["buffer/size"] + last["buffer/in_flight"])
     assert last["buffer/consumed"] == 39 * 4
+
+
+def ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def cli(cluster: dict, *args, **kw):
+    return subprocess.run([sys.executable, "-m", "async_rl.cli", *args], capture_output=True, text=True,
+                          env=cluster["env"], timeout=120, **kw)
+
+
+def test_attach_on_a_joined_node_streams_groups_that_are_trained_and_detach_removes_it(tmp_path, tiny_world,
+                                                                                        ray_cluster):
+    from async_rl.debug import find_rollouts, load_rollout
+    run_dir, saved = tmp_path / "run", tmp_path / "rollouts"
+    proc = launch(ray_cluster, write_config(tmp_path, tiny_world, 2000), run_dir, f"save_debug_rollout_data={saved}")
+    attached = None
+    try:
+        deadline = time.time() + 150
+        while len(rows(run_dir)) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.3)
+        attached = subprocess.Popen([sys.executable, "-m", "async_rl.cli", "attach", "--run-dir", str(run_dir),
+                                     "--address", ray_cluster["address"], "--node-resource", "generator"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ray_cluster["env"])
+        record, prefix = run_dir / "attached" / f"{attached.pid}.json", f"a{attached.pid}-g0-"
+        trained: list[int] = []  # learner steps whose batch holds a group of the attached generator
+        deadline = time.time() + 150
+        while not trained:
+            assert attached.poll() is None, attached.communicate()[0]
+            assert proc.poll() is None and time.time() < deadline, "the attached generator's groups were never trained on"
+            time.sleep(1.0)
+            trained = [i for i, path in find_rollouts(str(saved))
+                       if any(g.generator_id.startswith(prefix) for g in load_rollout(path)["groups"])]
+        where = json.loads(record.read_text())
+        gen = where["cluster"]["actors"]["generator0"]
+        assert where["cluster"]["actors"]["engine0"]["node_id"] == gen["node_id"]  # it reaches its engine on loopback
+        # independently of what attach wrote: Ray's own node table, and the process tree of this machine
+        nodes = subprocess.run(
+            [sys.executable, "-c", "import json, ray; ray.init(address='%s', log_to_driver=False); print(json.dumps("
+             "[n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('generator')]))"
+             % ray_cluster["address"]], capture_output=True, text=True, env=ray_cluster["env"], timeout=120)
+        assert json.loads(nodes.stdout.strip().splitlines()[-1]) == [gen["node_id"]], nodes.stderr
+        gen_pid = where["processes"]["generator0"]
+        assert ray_cluster["node_pid"] in ancestors(gen_pid)  # started under the second raylet, not the head
+        assert "Ray actor" in (run_dir / "logs" / f"attach-{attached.pid}" / "generator0.log").read_text()
+        consumed = rows(run_dir)[-1]["buffer/consumed"]
+        detach = cli(ray_cluster, "detach", "--run-dir", str(run_dir))
+        assert detach.returncode == 0, detach.stdout + detach.stderr
+        out, _ = attached.communicate(timeout=60)
+        assert attached.returncode == 0, out
+        assert not record.exists() and not alive(gen_pid)
+        deadline = time.time() + 60
+        while rows(run_dir)[-1]["buffer/consumed"] <= consumed + 8:  # the run goes on without it
+            assert proc.poll() is None and time.time() < deadline, "detaching must not disturb the run"
+            time.sleep(0.3)
+        stop = cli(ray_cluster, "stop", "--run-dir", str(run_dir))
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+    finally:
+        for p in (attached, proc):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                p.communicate(timeout=60)
+    last = rows(run_dir)[-1]
+    assert last["buffer/accepted"] == (last["buffer/consumed"] + last["buffer/evicted_stale"]
+                                       + last["buffer/evicted_capacity"] + last["buffer/size"] + last["buffer/in_flight"])
+
+
+def test_attach_to_a_resource_no_node_advertises_fails_clearly(tmp_path, ray_cluster):
+    from async_rl import config as config_mod
+    run_dir = tmp_path / "run"
+    # a run dir that looks alive (this process as its launcher); the check fails before anything starts
+    (run_dir / "logs").mkdir(parents=True)
+    config_mod.save(config_mod.load(None, ["hf_checkpoint=x", "prompt_data=y"]), run_dir / "config.yaml")
+    (run_dir / "run.json").write_text(json.dumps({"launcher_pid": os.getpid(), "status": "running",
+                                                  "endpoints": {"hub": "tcp://127.0.0.1:1", "engines": []}}))
+    out = cli(ray_cluster, "attach", "--run-dir", str(run_dir), "--address", ray_cluster["address"],
+              "--node-resource", "tpu_pod")
+    assert out.returncode == 1 and "--node-resource tpu_pod: no alive node" in out.stdout, out.stdout + out.stderr
+    assert "'generator'" in out.stdout  # what the cluster does advertise
+    assert not (run_dir / "attached").exists() or not list((run_dir / "attached").iterdir())
+    bad = cli(ray_cluster, "attach", "--run-dir", str(run_dir), "--node-resource", "generator")
+    assert bad.returncode == 2 and "--node-resource generator: only with --address" in bad.stderr
 
 
 def _cfg(**cluster):
