@@ -113,7 +113,7 @@ def test_broadcast_run_progresses_like_a_disk_run_over_num_epoch_passes(tmp_path
     assert "learner: broadcast v1 to 1 engine(s)" in learner_log and "broadcast of v" not in learner_log, learner_log
     # every version reached the engine by broadcast: the generator never had to load one from disk
     assert "missed the broadcast" not in (runs["broadcast"] / "logs" / "generator0.log").read_text()
-    assert "broadcast" not in (runs["disk"] / "logs" / "learner.log").read_text()
+    assert "learner: broadcast" not in (runs["disk"] / "logs" / "learner.log").read_text()
     assert (runs["broadcast"] / "weights" / "v12" / "config.json").exists()  # disk copy for evals and restarts
 
 
