@@ -42,7 +42,7 @@ class ClusterConfig:
     num_gpus_per_node: int = knob(0, "GPUs per node of the Ray cluster (slime's name); 0 = a CPU cluster: `--cluster ray` bundles ask for CPUs only (learner_num_threads, engine_num_threads). Else the learner's bundle takes train.actor_num_gpus_per_node GPUs and each engine's rollout.rollout_num_gpus_per_engine.")
     colocate: bool = knob(False, "Put engines on the learner's node (slime's name): `--cluster ray` packs every bundle onto one node (STRICT_PACK). Sharing the learner's GPUs needs offload, which is not built, so with num_gpus_per_node > 0 it is refused.")
     offload: bool = knob(False, "Offload engine and learner GPU memory between generation and training (slime's name). Not supported: in a fully asynchronous run engines and learner work at the same time; leave false.")
-    max_restarts: int = knob(3, "Times the local launcher's supervisor restarts each dead process over a run (Ray's actor option name): the hub from its WAL on the same port, an engine on its port (then re-synced to the current weights), a generator under a new incarnation id, the learner from its newest checkpoint (exact only when that checkpoint is its last step: ckpt.save_interval=1). 0 = a dead process fails the run; -1 = no limit. Engines restarted by their generator (use_fault_tolerance) are not counted here.")
+    max_restarts: int = knob(3, "Times the local launcher's supervisor restarts each dead process over a run (Ray's actor option name): the hub from its WAL on the same port, an engine on its port (then re-synced to the current weights), a generator under a new incarnation id, the learner from its newest checkpoint (exact at any ckpt.save_interval: the hub replays the batches trained since). 0 = a dead process fails the run; -1 = no limit. Engines restarted by their generator (use_fault_tolerance) are not counted here.")
     restart_backoff: float = knob(1.0, "Seconds between a process's death and its first restart; doubles with each further restart of that process (at most 30 s).")
 
 
@@ -53,7 +53,7 @@ class CkptConfig:
     keep_weight_versions: int = knob(3, "Published weight versions kept under run_dir/weights/ (older are deleted).")
     ref_load: str = knob("", "HF checkpoint dir of the reference model for KL (kl_coef / use_kl_loss); empty = hf_checkpoint.")
     ref_update_interval: int = knob(0, "Learner steps between copies of the current policy into the reference model; 0 = never.")
-    save_interval: int = knob(0, "Learner steps between resumable checkpoints in run_dir/checkpoints/step_N (model, optimizer, RNG, version, hub lease); 0 = only when the run ends or is stopped.")
+    save_interval: int = knob(50, "Learner steps between resumable checkpoints in run_dir/checkpoints/step_N (model, optimizer, RNG, version, hub lease); 0 = only when the run ends or is stopped. The hub keeps the batches trained since the last checkpoint (at most save_interval x rollout_batch_size groups, in memory and in its snapshots) so a learner restarted from it retrains them exactly; 0 keeps every batch of the run.")
     keep_checkpoints: int = knob(2, "Complete learner checkpoints kept (older are deleted).")
 
 

@@ -2,8 +2,8 @@
 cleanly at `num_rollout` or on Ctrl-C, and supervise: a dead hub, engine, generator or learner is started
 again (`cluster.max_restarts` times per process, with backoff) in a way that loses no acked group and trains
 none twice: the hub from its WAL on the same port, an engine on its port and re-synced to the current
-weights, a generator under a new incarnation id, the learner from its newest checkpoint, and only when that
-checkpoint holds its last trained step (else the run fails: the updates after it are gone). A process that
+weights, a generator under a new incarnation id, the learner from its newest checkpoint (the hub replays the
+batches it trained since, in order, so the restart is exact at any ckpt.save_interval). A process that
 may not be restarted fails the run, reported with the tail of its log.
 
 Exit codes: 0 the learner finished; 1 a process failed; 130 interrupted. In every case every child
@@ -114,6 +114,8 @@ class Launcher:
         if self.resume:
             if not (self.run_dir / "hub").is_dir():
                 raise LaunchError(f"--resume: {self.run_dir} holds no hub state (run_dir/hub); launch it without --resume")
+            if not self.cfg.debug.debug_rollout_only:  # after a crash: rows past the checkpoint are trained again
+                self._rewind_metrics(self._learner_resume_step())
         else:  # a new run starts with an empty hub and no metrics
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "hub", ignore_errors=True)
@@ -321,16 +323,21 @@ class Launcher:
         self.record("running")
 
     def _learner_resume_step(self) -> int:
-        """The step the restarted learner resumes at; LaunchError when updates after that checkpoint would be
-        lost (their batches were acked: the hub has them consumed, and published versions only grow)."""
+        """The step the restarted learner resumes at: its newest complete checkpoint. The torch learner gets the
+        batches of the steps after it replayed by the hub (buffer/hub.py) and retrains them exactly; the
+        megatron learner does not number its SAMPLEs yet, so for it a checkpoint older than its last trained
+        step is a LaunchError (those updates would be lost)."""
         from async_rl.metrics import read_metrics
         done = [int(p.name.split("_")[1]) for p in (self.run_dir / "checkpoints").glob("step_*") if (p / "DONE").exists()]
-        step, logged = max(done, default=0), len(read_metrics(self.run_dir))
+        step = max(done, default=0)
+        if self.cfg.train.train_backend != "megatron":
+            return step
+        logged = len(read_metrics(self.run_dir))
         if step < logged - 1:  # the batch of the last logged step is still un-acked: redoing it alone is exact
             raise LaunchError(f"the learner died after step {logged - 1} but its newest checkpoint is step_{step}: "
-                              f"the updates of steps {step}..{logged - 2} would be lost; set ckpt.save_interval=1 "
-                              f"so the supervisor can restart it exactly (now {self.cfg.ckpt.save_interval}), or "
-                              f"continue with `async-rl launch ... --resume`")
+                              f"the updates of steps {step}..{logged - 2} would be lost (train.train_backend=megatron "
+                              f"has no replay); set ckpt.save_interval=1 so the supervisor can restart it exactly "
+                              f"(now {self.cfg.ckpt.save_interval})")
         return step
 
     def _rewind_metrics(self, step: int) -> None:

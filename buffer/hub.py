@@ -9,7 +9,12 @@ Invariants it keeps:
 - Nothing acknowledged is lost: every state change is a log record (buffer/durable.py) written before
   the reply that acknowledges it; a hub killed with SIGKILL restarts into the same state.
 - Every request is idempotent, so clients simply resend on timeout: PUT by group key, ACQUIRE by
-  (generator_id, acquire_seq), SAMPLE by learner_id (an un-acked batch is delivered again), VERSION by number.
+  (generator_id, acquire_seq), SAMPLE by learner_id (an un-acked batch is delivered again), VERSION by number
+  (one at or below the hub's is a no-op: a learner retraining replayed steps publishes them again).
+- Nothing acked by the learner is lost to a learner crash: a SAMPLE that names its `step` has its batch kept
+  after the ack until a CHECKPOINT at a later step; a learner restarted from checkpoint k asks for step k,
+  k+1, ... and gets those same batches again (counted in `replayed`, not in `consumed`), then its un-acked
+  in-flight batch, then new ones.
 - A malformed message gets an ERROR reply and is counted (`buffer/malformed`); it never crashes the hub.
 
 Requests that cannot be served yet (ACQUIRE with no credit, SAMPLE with too few fresh groups) are parked
@@ -30,7 +35,7 @@ from buffer.state import HubState
 
 Reply = tuple[bytes, dict]
 TYPES = ("ACQUIRE", "PUT", "DROP", "SAMPLE", "ACK", "PRIORITY", "VERSION", "SET", "STATS", "STOP", "START",
-         "HEARTBEAT")
+         "HEARTBEAT", "CHECKPOINT")
 
 
 class Hub:
@@ -186,9 +191,44 @@ class Hub:
 
     def _on_sample(self, ident: bytes, msg: dict) -> list[Reply]:
         int(msg["num_groups"]), str(msg.get("learner_id", "learner"))
-        out = self._ack(msg.get("ack_lease"), str(msg.get("learner_id", "learner")))
+        learner = str(msg.get("learner_id", "learner"))
+        out = self._ack(msg.get("ack_lease"), learner)
+        if msg.get("step") is not None:
+            replay = self._replay(ident, msg, learner, int(msg["step"]))
+            if replay is not None:
+                return out + replay
         self.parked_sample = (ident, msg)
         return out + self._serve_sample()
+
+    def _replay(self, ident: bytes, msg: dict, learner: str, step: int) -> list[Reply] | None:
+        """The batch the learner trained at `step` before it restarted from an older checkpoint, or None
+        when `step` is new (or the in-flight one); an ERROR when that batch is no longer kept."""
+        entry = self.state.trained_entry(learner, step)
+        if entry is None:
+            kept = [e["step"] for e in self.state.trained.get(learner, [])]
+            flight = self.state.in_flight.get(learner, {}).get("step")
+            later = [s for s in kept + ([flight] if flight is not None else []) if s > step]
+            if not later:
+                return None
+            return [(ident, self._error(msg, f"step={step}: the learner already trained steps {sorted(later)} but the "
+                                             f"hub keeps only steps {kept} since its checkpoint at step "
+                                             f"{self.state.checkpointed.get(learner, 0)}; resume it from a checkpoint "
+                                             f"at or after step {self.state.checkpointed.get(learner, 0)}"))]
+        self.parked_sample = None
+        self.commit({"op": "replay", "learner": learner, "step": step})
+        reply = self._reply(msg, type="BATCH", lease=f"replay-{step}", replay=True,
+                            groups=[_packed(g) for g in entry["groups"]], **self._knobs("learner"),
+                            stats=self.stats(per_generator=False))
+        return [(ident, reply)]
+
+    def _on_checkpoint(self, ident: bytes, msg: dict) -> list[Reply]:
+        """The learner's checkpoint at `step` is complete: the batches of earlier steps need no replay."""
+        learner, step = str(msg.get("learner_id", "learner")), int(msg["step"])
+        if step < 0:
+            return [(ident, self._error(msg, f"step={step}: a checkpoint step is >= 0"))]
+        if step > self.state.checkpointed.get(learner, 0) or any(e["step"] < step for e in self.state.trained.get(learner, [])):
+            self.commit({"op": "checkpoint", "learner": learner, "step": step})
+        return [(ident, self._reply(msg, type="OK"))]
 
     def _on_ack(self, ident: bytes, msg: dict) -> list[Reply]:
         out = self._ack(str(msg["lease"]), str(msg.get("learner_id", "learner")))
@@ -221,8 +261,9 @@ class Hub:
             return self._serve_acquires()  # too few fresh groups; eviction may have returned credits
         self.parked_sample = None
         lease = flight["lease"] if flight is not None and not sampled else uuid.uuid4().hex
-        self.commit({"op": "lease", "learner": learner, "lease": lease, "keys": [list(k) for k, _ in sampled]},
-                    sampled)
+        step = msg.get("step")
+        self.commit({"op": "lease", "learner": learner, "lease": lease, "keys": [list(k) for k, _ in sampled],
+                     **({"step": int(step)} if step is not None else {})}, sampled)
         flight = self.state.in_flight[learner]
         reply = self._reply(msg, type="BATCH", lease=lease, groups=[_packed(g) for g in flight["groups"]],
                             **self._knobs("learner"),
@@ -239,9 +280,10 @@ class Hub:
 
     def _on_version(self, ident: bytes, msg: dict) -> list[Reply]:
         version = int(msg["version"])
-        if version < self.state.version:
-            return [(ident, self._error(msg, f"version={version}: below the hub's {self.state.version}; "
-                                             f"versions only grow"))]
+        if version < 0:
+            return [(ident, self._error(msg, f"version={version}: must be >= 0 (versions only grow from 0)"))]
+        if version < self.state.version:  # a restarted learner retraining replayed steps: the hub is ahead
+            return [(ident, self._reply(msg, type="OK", behind=True))]
         if version > self.state.version or str(msg["weights_path"]) != self.state.weights_path:
             self.commit({"op": "version", "version": version, "weights_path": str(msg["weights_path"])})
         return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
@@ -294,6 +336,7 @@ class Hub:
         counters["evicted_stale"] = t.counters["evicted_stale"] + s.counters["evicted_in_flight"]
         return {
             **counters, "version": s.version, "size": len(t), "in_flight": sum(len(f["keys"]) for f in s.in_flight.values()),
+            "replay_log_batches": sum(len(e) for e in s.trained.values()),
             "max_staleness": s.max_staleness, "alpha": t.alpha, "capacity": t.capacity,
             "credits_available": self.credits_available(),
             "staleness_hist": {str(k): v for k, v in t.staleness_hist().items()},

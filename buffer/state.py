@@ -10,6 +10,11 @@ Accounting identity at every moment (max_times_sampled = 1):
     accepted == consumed + evicted_stale + evicted_capacity + size + in_flight
 where in_flight counts groups handed to a learner that has not acked their batch yet, and consumed
 counts groups in acked batches.
+
+Trained since checkpoint: a learner that numbers its SAMPLEs (`step`) has each acked batch kept, by step, in
+`trained[learner]` until it reports a complete checkpoint at a later step (CHECKPOINT); a learner restarted
+from an older checkpoint gets those batches again, in their order (`replay` records count them in `replayed`,
+never in `consumed`: a group is consumed once). The log holds at most `ckpt.save_interval` batches.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from async_rl.types import Group, PackedGroup
 from buffer.prompts import PromptDispenser
 from buffer.table import Table
 
-HUB_COUNTERS = ("consumed", "running", "dropped_filtered", "reclaimed", "malformed", "evicted_in_flight")
+HUB_COUNTERS = ("consumed", "running", "dropped_filtered", "reclaimed", "malformed", "evicted_in_flight", "replayed")
 
 
 def gkey(key) -> tuple[str, int]:
@@ -40,7 +45,10 @@ class HubState:
         self.dropped_keys: set[tuple[str, int]] = set()
         self.generators: dict[str, dict] = {}
         self.last_grant: dict[str, dict] = {}      # gid -> {"acquire_seq", "prompts"} for idempotent ACQUIRE
-        self.in_flight: dict[str, dict] = {}       # learner_id -> {"lease", "keys", "groups"}
+        self.in_flight: dict[str, dict] = {}       # learner_id -> {"lease", "keys", "groups", "step"}
+        self.trained: dict[str, list[dict]] = {}   # learner_id -> [{"step", "keys", "groups"}] acked since its checkpoint
+        self.checkpointed: dict[str, int] = {}     # learner_id -> step of its newest complete checkpoint
+        self.replaying: dict[str, int] = {}        # learner_id -> step last replayed (a resent SAMPLE counts once)
         self.done = False
         self.knob_version = 0
         self.learner_knobs: dict = {}    # dotted config path -> value, set live by `async-rl set`
@@ -121,6 +129,8 @@ class HubState:
             sampled = self.table.sample_keys([gkey(k) for k in rec["keys"]])
         flight = self.in_flight.setdefault(rec["learner"], {"lease": rec["lease"], "keys": [], "groups": []})
         flight["lease"] = rec["lease"]
+        if rec.get("step") is not None:
+            flight["step"] = int(rec["step"])
         for key, group in sampled:
             flight["keys"].append(gkey(key))
             flight["groups"].append(group)
@@ -130,6 +140,28 @@ class HubState:
         if flight is not None and flight["lease"] == rec["lease"]:
             self.counters["consumed"] += len(flight["keys"])
             del self.in_flight[rec["learner"]]
+            step = flight.get("step")
+            if step is not None and step >= self.checkpointed.get(rec["learner"], 0):
+                kept = self.trained.setdefault(rec["learner"], [])
+                kept[:] = [e for e in kept if e["step"] != step]  # a step trained again replaces its entry
+                kept.append({"step": step, "keys": flight["keys"], "groups": flight["groups"]})
+
+    def _apply_checkpoint(self, rec: dict, _=None) -> None:
+        """The learner's checkpoint at `step` is complete: batches of earlier steps are in its weights."""
+        learner, step = rec["learner"], int(rec["step"])
+        self.checkpointed[learner] = max(step, self.checkpointed.get(learner, 0))
+        kept = [e for e in self.trained.get(learner, []) if e["step"] >= self.checkpointed[learner]]
+        self.trained[learner] = kept
+
+    def _apply_replay(self, rec: dict, _=None) -> None:
+        learner, step = rec["learner"], int(rec["step"])
+        entry = self.trained_entry(learner, step)
+        if entry is not None and self.replaying.get(learner) != step:
+            self.counters["replayed"] += len(entry["keys"])
+        self.replaying[learner] = step
+
+    def trained_entry(self, learner: str, step: int) -> dict | None:
+        return next((e for e in self.trained.get(learner, []) if e["step"] == step), None)
 
     def _apply_priorities(self, rec: dict, _=None) -> None:
         for gid, seq, p in rec["updates"]:
@@ -180,9 +212,11 @@ class HubState:
             "dropped_keys": [list(k) for k in self.dropped_keys], "counters": dict(self.counters),
             "generators": self.generators, "last_grant": self.last_grant,
             "knobs": [self.knob_version, self.learner_knobs, self.generator_knobs],
-            "in_flight": {lid: {"lease": f["lease"], "keys": [list(k) for k in f["keys"]],
-                                "groups": [g.data if isinstance(g, PackedGroup) else g.to_wire() for g in f["groups"]]}
+            "in_flight": {lid: {"lease": f["lease"], "step": f.get("step"), **_batch_wire(f)}
                           for lid, f in self.in_flight.items()},
+            "trained": {lid: [{"step": e["step"], **_batch_wire(e)} for e in entries]
+                        for lid, entries in self.trained.items()},
+            "checkpointed": self.checkpointed, "replaying": self.replaying,
         }
 
     def load_snapshot(self, snap: dict) -> None:
@@ -194,6 +228,18 @@ class HubState:
         self.counters = collections.Counter(snap["counters"])
         self.generators, self.last_grant = snap["generators"], snap["last_grant"]
         self.knob_version, self.learner_knobs, self.generator_knobs = snap.get("knobs", [0, {}, {}])
-        self.in_flight = {lid: {"lease": f["lease"], "keys": [gkey(k) for k in f["keys"]],
-                                "groups": [PackedGroup.from_wire(g) for g in f["groups"]]}
+        self.in_flight = {lid: {"lease": f["lease"], **_batch_from_wire(f),
+                                **({"step": f["step"]} if f.get("step") is not None else {})}
                           for lid, f in snap["in_flight"].items()}
+        self.trained = {lid: [{"step": e["step"], **_batch_from_wire(e)} for e in entries]
+                        for lid, entries in snap.get("trained", {}).items()}
+        self.checkpointed, self.replaying = snap.get("checkpointed", {}), snap.get("replaying", {})
+
+
+def _batch_wire(batch: dict) -> dict:
+    return {"keys": [list(k) for k in batch["keys"]],
+            "groups": [g.data if isinstance(g, PackedGroup) else g.to_wire() for g in batch["groups"]]}
+
+
+def _batch_from_wire(batch: dict) -> dict:
+    return {"keys": [gkey(k) for k in batch["keys"]], "groups": [PackedGroup.from_wire(g) for g in batch["groups"]]}

@@ -5,7 +5,9 @@ learner killed mid-save resumes from the previous checkpoint.
 
 Resume is exact on the learner side: the same weights, optimizer moments, step counter, version and RNG
 streams. The lease lets a resumed learner tell the hub that its last batch was already trained on (ACK),
-so that batch is neither lost nor trained twice; batches after the checkpoint are redelivered by the hub.
+so that batch is neither lost nor trained twice. The learner reports each complete checkpoint to the hub
+(CHECKPOINT), which keeps the batches of later steps; a learner resumed from step k gets the batches of
+steps k, k+1, ... replayed in their order, then its un-acked one, and retrains them as the first time.
 """
 from __future__ import annotations
 

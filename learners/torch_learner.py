@@ -61,7 +61,7 @@ def _mean(steps: list[dict], key: str) -> float | None:
 
 # the hub's counters logged every step: accepted == consumed + evicted_stale + evicted_capacity + size + in_flight
 BUFFER_KEYS = ("size", "in_flight", "accepted", "consumed", "evicted_stale", "evicted_capacity", "duplicates",
-               "running", "dropped_filtered", "reclaimed", "malformed", "credits_available", "max_staleness")
+               "running", "dropped_filtered", "reclaimed", "malformed", "credits_available", "max_staleness", "replayed")
 
 
 class TorchLearner:
@@ -86,6 +86,8 @@ class TorchLearner:
         self.hub = (HubClient(hub_endpoint, identity="learner", keys_dir=keys_dir,
                               resend_after=cfg.buffer.put_timeout) if hub_endpoint else None)
         self.lease = None  # the batch being trained on; acked with the next SAMPLE, redelivered if we die
+        self.step = 0  # the learner step the next SAMPLE is for: the hub replays steps trained before a restart
+        self.hub_version = 0  # the hub's version with the last batch: at or above ours while replaying
         self.knob_version = 0
         self.version = 0
         self.steps_done = 0  # learner steps trained (num_critic_only_steps, ref_update_interval)
@@ -235,7 +237,9 @@ class TorchLearner:
 
     # ---- the loop --------------------------------------------------------------------------------
     def publish_next(self) -> None:
-        if self.broadcast is not None:  # engines first (generation resumes sooner), then disk for everyone else
+        """Publish weights v+1. While retraining replayed steps the hub already has v+1 (and the engines a
+        newer one): the disk copy is rewritten, the engines are not rolled back, the hub takes VERSION as a no-op."""
+        if self.broadcast is not None and self.version + 1 > self.hub_version:  # engines first, then disk
             self.broadcast.send(self.model, self.version + 1)
         path = publish(self.model, self.tokenizer, self.run_dir, self.version + 1, self.cfg.ckpt.keep_weight_versions,
                        pin=eval_pin(self.cfg, self.version + 1))
@@ -251,12 +255,19 @@ class TorchLearner:
         if self.lease:  # that batch is in the checkpoint's weights: the hub may count it consumed
             self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=60)
             self.lease = None
+        self.report_checkpoint(int(state["step"]))  # the hub keeps (and replays) the batches after it
         print(f"learner: resumed from {path} (step {state['step']}, version {self.version})", flush=True)
         return int(state["step"])
 
     def save_checkpoint(self, step: int) -> None:
         path = checkpoint.save(self, step, self.cfg.ckpt.keep_checkpoints)
         print(f"learner: checkpoint {path}", flush=True)
+        self.report_checkpoint(step)
+
+    def report_checkpoint(self, step: int) -> None:
+        """Tell the hub a complete checkpoint holds steps < `step`: it stops keeping their batches for replay."""
+        if self.hub is not None:
+            self.hub.request({"type": "CHECKPOINT", "learner_id": "learner", "step": step}, timeout=60)
 
     def apply_knobs(self, reply: dict) -> None:
         """Live knobs (`async-rl set`) arrive with batches; apply each new set once."""
@@ -273,10 +284,13 @@ class TorchLearner:
         try:
             reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner",
                                       "num_groups": self.cfg.rollout.rollout_batch_size, "version": self.version,
-                                      "ack_lease": self.lease}, timeout=None, should_stop=lambda: self.stopping)
+                                      "ack_lease": self.lease, "step": self.step}, timeout=None,
+                                     should_stop=lambda: self.stopping)
         except HubTimeout:
             return None
-        self.lease = reply["lease"]
+        self.lease, self.hub_version = reply["lease"], int(reply.get("version", 0))
+        if reply.get("replay"):
+            print(f"learner: step {self.step}: retraining the batch the hub kept since the checkpoint", flush=True)
         return reply
 
     def run(self, start_step: int = 0) -> None:
@@ -288,6 +302,7 @@ class TorchLearner:
         step = start_step
         try:
             while step < r.num_rollout and not self.stopping:
+                self.step = step
                 reply = self.sample()
                 if reply is None:
                     break

@@ -4,6 +4,7 @@ once, and the hub's accounting shows no acked group lost or trained twice while 
 versions stay contiguous. The restart policy itself (budget, backoff) is checked without processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,14 +83,75 @@ def test_sigkill_one_process_the_run_finishes_exactly(tmp_path, tiny_world, vict
 
 
 @pytest.mark.e2e
-def test_a_learner_without_a_current_checkpoint_fails_the_run_clearly(tmp_path, tiny_world):
-    """save_interval=0: the updates since the start would be lost, so the supervisor refuses to restart it."""
-    proc, run_dir = _launch(tmp_path, tiny_world, "save_interval=0")
-    _wait_rows(proc, run_dir, 5)
-    os.kill(json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    assert "newest checkpoint is step_0" in out and "set ckpt.save_interval=1" in out, out[-3000:]
+def test_a_learner_killed_between_checkpoints_retrains_the_replayed_batches_exactly(tmp_path, tiny_world):
+    """save_interval=5, SIGKILL the learner at a step that is no checkpoint step: it resumes from the older
+    checkpoint, the hub replays the batches it trained since, and the run ends as if never interrupted."""
+    proc, run_dir = _launch(tmp_path, tiny_world, "save_interval=5")
+    trained_dir = tmp_path / "trained"
+    try:
+        deadline = time.time() + 120
+
+        def rows_now() -> int:
+            return len(read_rows(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        while rows_now() % 5 < 2 or rows_now() < 7:  # 2+ steps past checkpoint 5
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the run never got between checkpoints: {proc.communicate()[0][-3000:]}")
+            time.sleep(0.05)
+        os.kill(json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"], signal.SIGKILL)
+        logged = rows_now()
+        # what the killed learner trained after its checkpoint (its saved rollouts, read before any retraining)
+        first = {step: sorted(g.key for g in load_rollout(p)["groups"])
+                 for step, p in find_rollouts(str(trained_dir)) if 5 <= step < logged}
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-4000:]
+    assert "learner restarted (restart 1" in out, out[-3000:]
+    assert len(first) >= 2 and set(first) == set(range(5, logged)), (first.keys(), logged)
+    rows = read_rows(run_dir)
+    assert_exact_accounting(rows)  # steps and versions 0..19 each once; every group consumed once
+    assert rows[-1]["buffer/replayed"] >= BATCH  # at least one acked batch came back from the hub's log
+    trained = {step: sorted(g.key for g in load_rollout(p)["groups"]) for step, p in find_rollouts(str(trained_dir))}
+    assert sorted(trained) == list(range(STEPS))
+    assert {step: trained[step] for step in first} == first  # the replayed steps trained the same batches
+    keys = [k for groups in trained.values() for k in groups]
+    assert len(set(keys)) == len(keys), "a group was trained on in two steps"
+    assert "retraining the batch the hub kept" in (run_dir / "logs" / "learner.log").read_text()
+    assert_no_orphans(run_dir)
+
+
+@pytest.mark.e2e
+def test_launch_resume_after_a_crash_replays_the_steps_since_the_checkpoint(tmp_path, tiny_world):
+    """The whole run SIGKILLed (launcher and every child) between checkpoints; `launch --resume` continues from
+    the older checkpoint with the hub's replay: steps and versions 0..19 each once, books balanced."""
+    proc, run_dir = _launch(tmp_path, tiny_world, "save_interval=5", "max_restarts=0")
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(read_rows(run_dir)) % 5 < 2 or len(read_rows(run_dir)) < 7:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # a crash: nobody drains, checkpoints or acks anything
+    for p in json.loads((run_dir / "run.json").read_text())["processes"].values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p["pid"], signal.SIGKILL)
+    proc.wait()
+    cfg = write_config(tmp_path, tiny_world, num_rollout=STEPS)
+    resumed = cli("launch", str(cfg), *FAST, f"save_debug_rollout_data={tmp_path / 'trained'}", "save_interval=5",
+                  "--run-dir", str(run_dir), "--resume", start_new_session=True)
+    try:
+        out, _ = resumed.communicate(timeout=240)
+    finally:
+        if resumed.poll() is None:
+            resumed.send_signal(signal.SIGINT)
+            resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, out[-4000:]
+    rows = read_rows(run_dir)
+    assert_exact_accounting(rows)
+    assert rows[-1]["buffer/replayed"] >= BATCH
+    trained = [load_rollout(p)["groups"] for _, p in find_rollouts(str(tmp_path / "trained"))]
+    keys = [g.key for groups in trained for g in groups]
+    assert len(trained) == STEPS and len(set(keys)) == len(keys), "a group was trained on in two steps"
     assert_no_orphans(run_dir)
 
 
@@ -102,8 +164,8 @@ def test_restart_policy_budget_and_backoff():
 
 
 def test_learner_restart_point_and_metrics_rewind(tmp_path):
-    """The learner resumes at its newest checkpoint only when that loses no acked update; the rows of the
-    step it trains again are dropped, so steps stay contiguous with none repeated."""
+    """The learner resumes at its newest checkpoint (the megatron one only when that loses no acked update);
+    the rows of the steps it trains again are dropped, so steps stay contiguous with none repeated."""
     from async_rl import config as C
     from async_rl.launcher import LaunchError, Launcher
 
@@ -115,9 +177,11 @@ def test_learner_restart_point_and_metrics_rewind(tmp_path):
         if done:
             (tmp_path / "checkpoints" / f"step_{step}" / "DONE").write_text(str(step))
     checkpoint(3)
+    assert launcher._learner_resume_step() == 3  # the hub replays the batches of steps 3..4
+    megatron = Launcher(C.load(None, ["save_interval=1", "train_backend=megatron"]), tmp_path)
     with pytest.raises(LaunchError, match=r"died after step 5 but its newest checkpoint is step_3: the updates of "
-                                          r"steps 3..4 would be lost; set ckpt.save_interval=1"):
-        launcher._learner_resume_step()
+                                          r"steps 3..4 would be lost \(train.train_backend=megatron has no replay\)"):
+        megatron._learner_resume_step()  # it does not number its SAMPLEs, so it gets no replay
     checkpoint(6, done=False)  # killed while writing it: does not count
     checkpoint(5)
     assert launcher._learner_resume_step() == 5
