@@ -323,22 +323,10 @@ class Launcher:
         self.record("running")
 
     def _learner_resume_step(self) -> int:
-        """The step the restarted learner resumes at: its newest complete checkpoint. The torch learner gets the
-        batches of the steps after it replayed by the hub (buffer/hub.py) and retrains them exactly; the
-        megatron learner does not number its SAMPLEs yet, so for it a checkpoint older than its last trained
-        step is a LaunchError (those updates would be lost)."""
-        from async_rl.metrics import read_metrics
+        """The step the restarted learner resumes at: its newest complete checkpoint. The batches of the steps
+        after it are replayed by the hub (buffer/hub.py) and retrained exactly, by either backend."""
         done = [int(p.name.split("_")[1]) for p in (self.run_dir / "checkpoints").glob("step_*") if (p / "DONE").exists()]
-        step = max(done, default=0)
-        if self.cfg.train.train_backend != "megatron":
-            return step
-        logged = len(read_metrics(self.run_dir))
-        if step < logged - 1:  # the batch of the last logged step is still un-acked: redoing it alone is exact
-            raise LaunchError(f"the learner died after step {logged - 1} but its newest checkpoint is step_{step}: "
-                              f"the updates of steps {step}..{logged - 2} would be lost (train.train_backend=megatron "
-                              f"has no replay); set ckpt.save_interval=1 so the supervisor can restart it exactly "
-                              f"(now {self.cfg.ckpt.save_interval})")
-        return step
+        return max(done, default=0)
 
     def _rewind_metrics(self, step: int) -> None:
         """Drop metrics rows of steps the restarted learner trains again (their updates died with it)."""

@@ -211,9 +211,12 @@ class MegatronLearner(TorchLearner):
             try:
                 reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner",
                                           "num_groups": self.cfg.rollout.rollout_batch_size, "version": self.version,
-                                          "ack_lease": self.lease}, timeout=None,
+                                          "ack_lease": self.lease, "step": self.step}, timeout=None,
                                          should_stop=lambda: self._stop_requested)
-                self.lease = reply["lease"]
+                self.lease, self.hub_version = reply["lease"], int(reply.get("version", 0))
+                if reply.get("replay"):
+                    print(f"learner: step {self.step}: retraining the batch the hub kept since the checkpoint",
+                          flush=True)
             except HubTimeout:
                 reply = None
         shared = parallel.broadcast_object(None if reply is None else {k: v for k, v in reply.items() if k != "lease"})
@@ -232,7 +235,9 @@ class MegatronLearner(TorchLearner):
         state = gather_hf(self.model, self.shape, self.layout)  # collective
         version = self.version + 1
         if self.layout.rank == 0:
-            if self.broadcast is not None:  # engines first (generation resumes sooner), then disk
+            # engines first (generation resumes sooner), then disk; not while retraining replayed steps (the
+            # engines already hold a newer version; the hub takes this VERSION as a no-op)
+            if self.broadcast is not None and version > self.hub_version:
                 self.broadcast.send_tensors(state.items(), version, device=self.device)
             export = HFExport(state, self.hf_config, self.cfg.ckpt.hf_checkpoint)
             path = publish(export, self.tokenizer, self.run_dir, version, self.cfg.ckpt.keep_weight_versions,
@@ -244,6 +249,7 @@ class MegatronLearner(TorchLearner):
         path = checkpoint.save(self, step, self.cfg.ckpt.keep_checkpoints)
         if self.layout.rank == 0:
             print(f"learner: checkpoint {path}", flush=True)
+            self.report_checkpoint(step)  # the hub keeps (and replays) the batches after it
 
     def resume(self) -> int:
         path = common_checkpoint.latest(self.run_dir)
@@ -254,6 +260,7 @@ class MegatronLearner(TorchLearner):
             self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=60)
         self.lease = None
         if self.layout.rank == 0:
+            self.report_checkpoint(int(state["step"]))
             print(f"learner: resumed from {path} (step {state['step']}, version {self.version})", flush=True)
         return int(state["step"])
 

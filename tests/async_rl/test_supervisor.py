@@ -82,11 +82,32 @@ def test_sigkill_one_process_the_run_finishes_exactly(tmp_path, tiny_world, vict
     assert_no_orphans(run_dir)
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+MEGATRON_SITE = Path(__file__).resolve().parents[1] / "learners" / "megatron" / "cpu_site"
+
+
 @pytest.mark.e2e
-def test_a_learner_killed_between_checkpoints_retrains_the_replayed_batches_exactly(tmp_path, tiny_world):
+@pytest.mark.parametrize("backend", ["torch", "megatron"])
+def test_a_learner_killed_between_checkpoints_retrains_the_replayed_batches_exactly(tmp_path, tiny_world, backend,
+                                                                                     monkeypatch):
     """save_interval=5, SIGKILL the learner at a step that is no checkpoint step: it resumes from the older
-    checkpoint, the hub replays the batches it trained since, and the run ends as if never interrupted."""
-    proc, run_dir = _launch(tmp_path, tiny_world, "save_interval=5")
+    checkpoint, the hub replays the batches it trained since, and the run ends as if never interrupted. The
+    megatron learner (one rank under torchrun, on CPU through the test-only shim) has its rank process killed."""
+    extra = []
+    if backend == "megatron":
+        monkeypatch.setenv("ASYNC_RL_MEGATRON_CPU_SHIM", "1")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(MEGATRON_SITE), str(Path(__file__).resolve().parents[2]),
+                                                          os.environ.get("PYTHONPATH", "")]))
+        extra = ["train_backend=megatron"]
+    proc, run_dir = _launch(tmp_path, tiny_world, "save_interval=5", *extra)
     trained_dir = tmp_path / "trained"
     try:
         deadline = time.time() + 120
@@ -97,7 +118,8 @@ def test_a_learner_killed_between_checkpoints_retrains_the_replayed_batches_exac
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"the run never got between checkpoints: {proc.communicate()[0][-3000:]}")
             time.sleep(0.05)
-        os.kill(json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"], signal.SIGKILL)
+        learner = json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"]
+        os.kill(_children(learner)[0] if backend == "megatron" else learner, signal.SIGKILL)  # megatron: the rank
         logged = rows_now()
         # what the killed learner trained after its checkpoint (its saved rollouts, read before any retraining)
         first = {step: sorted(g.key for g in load_rollout(p)["groups"])
@@ -164,10 +186,10 @@ def test_restart_policy_budget_and_backoff():
 
 
 def test_learner_restart_point_and_metrics_rewind(tmp_path):
-    """The learner resumes at its newest checkpoint (the megatron one only when that loses no acked update);
+    """The learner (either backend) resumes at its newest checkpoint; the hub replays the later batches;
     the rows of the steps it trains again are dropped, so steps stay contiguous with none repeated."""
     from async_rl import config as C
-    from async_rl.launcher import LaunchError, Launcher
+    from async_rl.launcher import Launcher
 
     launcher = Launcher(C.load(None, ["save_interval=1"]), tmp_path)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "version": s}) + "\n" for s in range(6)))
@@ -179,9 +201,7 @@ def test_learner_restart_point_and_metrics_rewind(tmp_path):
     checkpoint(3)
     assert launcher._learner_resume_step() == 3  # the hub replays the batches of steps 3..4
     megatron = Launcher(C.load(None, ["save_interval=1", "train_backend=megatron"]), tmp_path)
-    with pytest.raises(LaunchError, match=r"died after step 5 but its newest checkpoint is step_3: the updates of "
-                                          r"steps 3..4 would be lost \(train.train_backend=megatron has no replay\)"):
-        megatron._learner_resume_step()  # it does not number its SAMPLEs, so it gets no replay
+    assert megatron._learner_resume_step() == 3  # the megatron learner numbers its SAMPLEs too: same replay
     checkpoint(6, done=False)  # killed while writing it: does not count
     checkpoint(5)
     assert launcher._learner_resume_step() == 5
