@@ -11,7 +11,13 @@ tests' negative controls).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,3 +59,37 @@ def chi2():
 def chi2_critical_value():
     """`chi2_critical_value(df)`: the p = 0.001 critical value used by `chi2`."""
     return chi2_critical
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def hub_service(tmp_path: Path, cfg_path: Path, keys: Path | None = None):
+    """A real hub process (`python -m buffer.service`) on a fixed port and state dir: yields (start, endpoint);
+    `start()` (re)starts it (after a SIGKILL it recovers from its WAL) and waits for its endpoint file. Every
+    process started is killed on exit."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "buffer.service", "--config", str(cfg_path), "--bind", endpoint,
+           "--state-dir", str(tmp_path / "hub"), "--endpoint-file", str(tmp_path / "ep"),
+           *(["--keys", str(keys)] if keys else [])]
+    procs = []
+
+    def start():
+        (tmp_path / "ep").unlink(missing_ok=True)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 30
+        while not (tmp_path / "ep").exists():
+            assert procs[-1].poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        return procs[-1]
+    try:
+        yield start, endpoint
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

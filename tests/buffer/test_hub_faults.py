@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,12 +16,7 @@ from async_rl import config as C
 from async_rl.hub_client import HubClient, HubTimeout
 from async_rl.keys import create_keys
 from async_rl.types import Group, Trajectory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.buffer.conftest import hub_service
 
 
 @pytest.fixture
@@ -33,24 +27,8 @@ def hub_setup(tmp_path):
     C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=2", "n_samples_per_prompt=2",
                          "max_staleness=1000", "snapshot_interval=40", "fsync=batch"]), cfg_path)
     keys = create_keys(tmp_path / "keys")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "buffer.service", "--config", str(cfg_path), "--bind", endpoint,
-           "--state-dir", str(tmp_path / "hub"), "--keys", str(keys), "--endpoint-file", str(tmp_path / "ep")]
-    procs = []
-
-    def start():
-        (tmp_path / "ep").unlink(missing_ok=True)
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.time() + 30
-        while not (tmp_path / "ep").exists():
-            assert procs[-1].poll() is None and time.time() < deadline
-            time.sleep(0.05)
-        return procs[-1]
-    yield {"start": start, "endpoint": endpoint, "keys": str(keys), "tmp": tmp_path}
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    with hub_service(tmp_path, cfg_path, keys) as (start, endpoint):
+        yield {"start": start, "endpoint": endpoint, "keys": str(keys), "tmp": tmp_path}
 
 
 def group(seq: int) -> dict:

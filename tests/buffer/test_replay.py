@@ -5,9 +5,6 @@ every group once and `replayed` counts the redeliveries."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from async_rl.hub_client import HubClient, HubError
 from async_rl.types import Group, Trajectory
 from buffer.durable import DurableLog
 from buffer.hub import Hub
-from tests.buffer.test_hub_faults import free_port
+from tests.buffer.conftest import hub_service
 
 BATCH = 2
 
@@ -48,24 +45,8 @@ def _config(tmp_path, **over):
 def hub_process(tmp_path):
     cfg_path = tmp_path / "c.yaml"
     C.save(_config(tmp_path), cfg_path)
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "buffer.service", "--config", str(cfg_path), "--bind", endpoint,
-           "--state-dir", str(tmp_path / "hub"), "--endpoint-file", str(tmp_path / "ep")]
-    procs = []
-
-    def start():
-        (tmp_path / "ep").unlink(missing_ok=True)
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.time() + 30
-        while not (tmp_path / "ep").exists():
-            assert procs[-1].poll() is None and time.time() < deadline
-            time.sleep(0.05)
-        return procs[-1]
-    yield start, endpoint
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    with hub_service(tmp_path, cfg_path) as (start, endpoint):
+        yield start, endpoint
 
 
 def sample(client: HubClient, step: int, ack) -> dict:
