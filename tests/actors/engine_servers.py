@@ -86,3 +86,29 @@ def stop(proc: subprocess.Popen) -> None:
         except (subprocess.TimeoutExpired, ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Reference greedy decoding with transformers' own forward and KV cache that, like ignore_eos, neither
+    stops nor masks at EOS."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def reference_logprobs(model, prompt, output, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Log-probs of `output` under the sampling distribution, from one full forward pass of the HF model."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1].float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        cut = probs.cumsum(-1) - probs > top_p
+        logits = logits.masked_fill(torch.zeros_like(cut).scatter(1, order, cut), float("-inf"))
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(output)[:, None]).squeeze(1)

@@ -65,17 +65,6 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-@torch.no_grad()
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Plain HF greedy decoding that, like ignore_eos, does not stop (nor mask) at EOS."""
-    out = model(torch.tensor([prompt]), use_cache=True)
-    tokens = []
-    for _ in range(n):
-        tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
 class Background:
     """A /generate call running in a thread; `.result` is its one GenerateResult."""
 
@@ -110,7 +99,7 @@ def test_generate_contract(server, engine, ckpts):
     tok = ckpts["tok"]
     prompts = [encode(tok, p) for p in PROMPTS]
     base = engine.generate(prompts, {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})
-    assert [r.output_ids for r in base] == [hf_greedy(ckpts["models"]["a"], p, 8) for p in prompts]
+    assert [r.output_ids for r in base] == [servers.hf_greedy(ckpts["models"]["a"], p, 8) for p in prompts]
     for r in base:
         assert r.finish_reason == "length" and len(r.output_logprobs) == 8 and r.token_versions == [0] * 8
         assert all(lp <= 0 for lp in r.output_logprobs)
@@ -140,7 +129,7 @@ def test_update_weights_from_disk(server, engine, ckpts):
     info = engine.model_info()
     assert str(info["weight_version"]) == "3" and info["model_path"] == str(ckpts["b"])
     res = engine.generate([prompt], {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})[0]
-    assert res.output_ids == hf_greedy(models["b"], prompt, 8) and res.token_versions == [3] * 8
+    assert res.output_ids == servers.hf_greedy(models["b"], prompt, 8) and res.token_versions == [3] * 8
     ok, message = engine.update_weights_from_disk(str(ckpts["root"] / "missing"), 4)
     assert not ok
     info = engine.model_info()
@@ -154,7 +143,7 @@ def test_pause_abort_returns_partial_output_and_holds_new_requests(server, engin
     res = bg.join(60)
     assert res.finish_reason == "abort" and 0 < len(res.output_ids) < n
     k = min(16, len(res.output_ids))  # long greedy runs may differ from HF at near-ties (other kernels)
-    assert res.output_ids[:k] == hf_greedy(ckpts["models"]["a"], prompt, k)
+    assert res.output_ids[:k] == servers.hf_greedy(ckpts["models"]["a"], prompt, k)
     held = Background(engine, prompt, 4)
     time.sleep(1.0)
     assert held.result is None, "a request sent while paused must wait for continue_generation"
@@ -177,12 +166,12 @@ def test_weight_update_mid_generation_stamps_token_versions(server, engine, ckpt
     k = res.token_versions.count(0)
     assert 0 < k < n and res.token_versions == [0] * k + [1] * (n - k)
     head = min(16, k)
-    assert res.output_ids[:head] == hf_greedy(models["a"], prompt, head)
+    assert res.output_ids[:head] == servers.hf_greedy(models["a"], prompt, head)
     if mode == "retract" and server["kind"].startswith("embedded"):
         # the KV cache was recomputed under the new weights: greedy of `b` from there on (SGLang's long runs
         # may differ from HF at near-ties, so this exact check is for the embedded engine)
         tail = min(16, n - k)
-        assert res.output_ids[k:k + tail] == hf_greedy(models["b"], prompt + res.output_ids[:k], tail)
+        assert res.output_ids[k:k + tail] == servers.hf_greedy(models["b"], prompt + res.output_ids[:k], tail)
 
 
 def test_abort_request_by_rid(server, engine, ckpts):
@@ -217,7 +206,7 @@ def test_update_weights_from_distributed_in_buckets(server, engine, ckpts):
         assert n_buckets > 2
         assert str(engine.model_info()["weight_version"]) == "9"
         res = engine.generate([prompt], {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})[0]
-        assert res.output_ids == hf_greedy(models["b"], prompt, 8) and res.token_versions == [9] * 8
+        assert res.output_ids == servers.hf_greedy(models["b"], prompt, 8) and res.token_versions == [9] * 8
     finally:
         sender.close()
 

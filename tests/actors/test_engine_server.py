@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine_client import EngineClient, EngineError
-from tests.actors.engine_servers import build_checkpoint, free_port
+from tests.actors.engine_servers import build_checkpoint, free_port, reference_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["1+2=", "17+5=", "3+14=", "20+20=", "7+7= 9", "12+"]
@@ -63,20 +63,6 @@ def encode(tok, text: str) -> list[int]:
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens)
     return out[0, len(prompt):].tolist()
-
-
-def reference_logprobs(model, prompt, output, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Log-probs of `output` under the sampling distribution, from one full forward pass."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1] / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        cut = probs.cumsum(-1) - probs > top_p
-        logits = logits.masked_fill(torch.zeros_like(cut).scatter(1, order, cut), float("-inf"))
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(output)[:, None]).squeeze(1)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, 5, 1.0), (1.3, -1, 0.8)])

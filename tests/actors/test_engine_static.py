@@ -16,7 +16,7 @@ import torch
 from actors import engine_static
 from actors.engine_model import Engine
 from actors.engine_protocol import Request, SamplingParams, Sequence
-from tests.actors.engine_servers import build_checkpoint
+from tests.actors.engine_servers import build_checkpoint, reference_logprobs
 
 ATOL = 1e-4
 
@@ -117,20 +117,6 @@ def test_static_batched_matches_one_at_a_time(engines, ckpts):
         assert s.output_ids == alone[0].output_ids
         torch.testing.assert_close(torch.tensor(s.output_logprobs), torch.tensor(alone[0].output_logprobs),
                                    atol=ATOL, rtol=0)
-
-
-def reference_logprobs(model, prompt, output, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Log-probs of `output` under the sampling distribution, from one full forward pass of the HF model."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1].float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        cut = probs.cumsum(-1) - probs > top_p
-        logits = logits.masked_fill(torch.zeros_like(cut).scatter(1, order, cut), float("-inf"))
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(output)[:, None]).squeeze(1)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, 5, 1.0), (1.3, -1, 0.8), (1.0, 3, 0.9)])

@@ -19,16 +19,6 @@ from learners.weights import BroadcastPublisher, engine_urls
 from tests.actors import engine_servers as servers
 
 
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    """HF greedy decoding that does not stop at EOS (as ignore_eos), the reference for the engine."""
-    out = model(torch.tensor([prompt]), use_cache=True)
-    tokens = []
-    for _ in range(n):
-        tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
 def test_broadcast_publisher_puts_the_learners_weights_into_the_engine(tmp_path, tiny_world):
     from transformers import AutoModelForCausalLM
 
@@ -48,7 +38,7 @@ def test_broadcast_publisher_puts_the_learners_weights_into_the_engine(tmp_path,
         assert pub.send(learner_model, 1)
         res = client.generate([prompt], params)[0]
         with torch.no_grad():
-            want = greedy(learner_model, prompt, 6)
+            want = servers.hf_greedy(learner_model, prompt, 6)
         assert res.output_ids == want != before and res.token_versions == [1] * 6
         assert str(client.model_info()["weight_version"]) == "1"
         # the engine loses the group (as a restarted engine would): that version fails (it still reaches disk
@@ -62,7 +52,7 @@ def test_broadcast_publisher_puts_the_learners_weights_into_the_engine(tmp_path,
         assert not pub.send(learner_model, 2) and pub.failures == 1 and pub.broadcaster is None
         assert pub.send(learner_model, 3) and pub.broadcaster.group_name != first_group
         with torch.no_grad():
-            want = greedy(learner_model, prompt, 6)
+            want = servers.hf_greedy(learner_model, prompt, 6)
         res = client.generate([prompt], params)[0]
         assert res.output_ids == want and res.token_versions == [3] * 6
         pub.close()

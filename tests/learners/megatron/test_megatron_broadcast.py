@@ -46,16 +46,6 @@ def _train_and_publish(words: list[str], run_dir: str, endpoint: str) -> dict:
             "buckets": pub.last_buckets if pub else 0}
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding with transformers' own forward and KV cache, never stopping at EOS (as ignore_eos)."""
-    out = model(torch.tensor([prompt]), use_cache=True)
-    tokens = []
-    for _ in range(n):
-        tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
 @pytest.fixture
 def hub_and_engine(tiny_world, tmp_path):
     """A real hub (buffer.service) and a real embedded engine serving the random-init tiny model (not the SFT'd
@@ -112,7 +102,7 @@ def test_megatron_broadcast_puts_the_published_weights_into_the_engine(tiny_worl
     # the engine now generates what HF generates on the weights the learner wrote to disk
     hf = AutoModelForCausalLM.from_pretrained(str(published), dtype=torch.float32).eval()
     with torch.no_grad():
-        want = hf_greedy(hf, PROMPT, NEW_TOKENS)
+        want = servers.hf_greedy(hf, PROMPT, NEW_TOKENS)
     after = client.generate([PROMPT], params)[0]
     assert after.output_ids == want, (after.output_ids, want)
     assert want != before.output_ids  # the engine's old weights generate something else: the check can fail
