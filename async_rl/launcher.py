@@ -255,7 +255,15 @@ class Launcher:
                 print("async-rl: stop requested: the learner checkpoints and the run ends", flush=True)
                 learner.proc.send_signal(signal.SIGTERM)
                 stop_sent = True
-            if learner.proc.poll() == 0:
+            code = learner.proc.poll()
+            if code == 0:
+                return
+            if self.stop_requested and code is not None:
+                # it died before it could checkpoint (e.g. SIGTERM before its handler was installed): no restart,
+                # the run stops; its last checkpoint plus the hub's replay log make `--resume` exact
+                self.restart_due.pop("learner", None)
+                print(f"async-rl: the learner exited with code {code} while stopping; `async-rl launch --resume` "
+                      f"continues from its last checkpoint", flush=True)
                 return
             self.supervise()
             time.sleep(0.5)

@@ -350,6 +350,15 @@ def main(argv: list[str] | None = None, learner_cls=None, description: str = "as
     ap.add_argument("--keys", default=None, help="CURVE keys dir of the run (none = no auth)")
     ap.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints (newest complete)")
     args = ap.parse_args(argv)
+    # SIGTERM (`async-rl stop`) may come while the model is still loading: remember it, stop at the first step
+    stop_asked: list[int] = []
+    learner = None
+
+    def stop(*_):
+        stop_asked.append(1)
+        if learner is not None:
+            learner.stopping = True
+    signal.signal(signal.SIGTERM, stop)
     cfg = config_mod.load(args.config)
     torch.set_num_threads(cfg.cluster.learner_num_threads)
     try:
@@ -357,10 +366,7 @@ def main(argv: list[str] | None = None, learner_cls=None, description: str = "as
     except errors as exc:
         print(f"learner: {exc}", file=sys.stderr, flush=True)
         return 2
-
-    def stop(*_):
-        learner.stopping = True
-    signal.signal(signal.SIGTERM, stop)
+    learner.stopping = bool(stop_asked)
     try:
         learner.run(learner.resume() if args.resume else 0)
     finally:

@@ -8,6 +8,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,6 +176,33 @@ def test_launch_resume_after_a_crash_replays_the_steps_since_the_checkpoint(tmp_
     trained = [load_rollout(p)["groups"] for _, p in find_rollouts(str(tmp_path / "trained"))]
     keys = [g.key for groups in trained for g in groups]
     assert len(trained) == STEPS and len(set(keys)) == len(keys), "a group was trained on in two steps"
+    assert_no_orphans(run_dir)
+
+
+@pytest.mark.e2e
+def test_stop_while_the_learner_awaits_its_restart_ends_the_run_without_restarting_it(tmp_path, tiny_world):
+    """`async-rl stop` while the learner is dead (here SIGKILLed, with a long restart backoff; in the wild, a
+    SIGTERM that came before its handler was installed): the stop wins, the learner is not restarted and
+    the run ends as stopped (before, the restarted learner never got the stop and trained on)."""
+    proc, run_dir = _launch(tmp_path, tiny_world, "restart_backoff=120")
+    stop = None
+    try:
+        _wait_rows(proc, run_dir, 3)
+        victim = json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(1.5)  # the supervisor (every 0.5 s) has seen it die and scheduled the restart
+        stop = subprocess.run([sys.executable, "-m", "async_rl.cli", "stop", "--run-dir", str(run_dir),
+                               "--timeout", "90"], capture_output=True, text=True, timeout=120)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            out = proc.communicate(timeout=60)[0]
+    assert stop.returncode == 0 and proc.returncode == 0, (stop.stdout, stop.stderr, out[-3000:])
+    assert "the learner exited with code -9 while stopping" in out, out[-3000:]
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "stopped" and manifest["processes"]["learner"]["restarts"] == 0
+    assert len(read_rows(run_dir)) < STEPS
     assert_no_orphans(run_dir)
 
 
