@@ -183,10 +183,10 @@ def _length(ext, canon) -> int:
 
 def _min_version(data: bytes, head: int, r: int) -> int:
     """Min of the r int32 token versions at data[head:]. Usually a whole trajectory has one version: when
-    the first 4 bytes occur r times, non-overlapping, in the 4r bytes, they tile them, so every value is
-    the first (a C-level byte search, no array built); mixed versions take numpy's min."""
+    the 4r bytes equal the first 4 repeated r times, every value is the first (one memcmp, no array built;
+    a byte search for them costs ~10x more, one hit per token); mixed versions take numpy's min."""
     first = data[head:head + 4]
-    if data.count(first, head, head + 4 * r) == r:
+    if data[head:head + 4 * r] == first * r:
         return _LEN_I4.unpack(first)[0]
     return int(np.frombuffer(data, np.int32, r, head).min())
 

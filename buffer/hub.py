@@ -57,24 +57,42 @@ class Hub:
                 gen["last_seen"] = time.time()  # give every generator a fresh timeout after a restart
         self.parked_acquire: dict[str, tuple[bytes, dict]] = {}
         self.parked_sample: tuple[bytes, dict] | None = None
+        self.pending: list[tuple[dict, PackedGroup]] = []  # PUT records logged and acked, applied by settle()
         self.records_since_snapshot = 0
         self.started = time.time()
         self._handlers = {kind: getattr(self, f"_on_{kind.lower()}") for kind in TYPES}
 
     # ---- durability ------------------------------------------------------------------------------
-    def commit(self, rec: dict, live=None) -> None:
-        """Log `rec`, then apply it (`live`: what the live path already computed, see HubState.apply)."""
+    def commit(self, rec: dict, live=None, defer: bool = False) -> None:
+        """Log `rec`, then apply it (`live`: what the live path already computed, see HubState.apply), or with
+        `defer` leave the apply to `settle()`, which runs before any other message is handled."""
         if self.log is not None:
             self.log.append(rec)
             self.records_since_snapshot += 1
-        self.state.apply(rec, live)
+        if defer:
+            self.pending.append((rec, live))
+        else:
+            self.state.apply(rec, live)
+
+    def settle(self) -> list[Reply]:
+        """Apply the deferred PUT records (their ACKs may be out already: an ACK needs the record logged and the
+        group checked, not inserted), then serve the SAMPLE they may unblock. The loop calls it right after
+        sending replies, so the insert overlaps the client's next request; `handle` calls it first, so every
+        message sees every earlier one applied."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        for rec, group in pending:
+            self.state.apply(rec, group)
+        return self._serve_sample()
 
     def flush(self) -> None:
-        """Called by the loop before replies go out: group commit, and a snapshot when one is due."""
+        """Called by the loop before replies go out: group commit, and a snapshot when one is due (never over
+        deferred records: the snapshot must hold everything the log before it holds)."""
         if self.log is None:
             return
         self.log.commit()
-        if self.records_since_snapshot >= self.cfg.buffer.snapshot_interval:
+        if self.records_since_snapshot >= self.cfg.buffer.snapshot_interval and not self.pending:
             self.log.snapshot(self.state.to_snapshot())
             self.records_since_snapshot = 0
 
@@ -86,16 +104,23 @@ class Hub:
 
     # ---- dispatch --------------------------------------------------------------------------------
     def handle(self, ident: bytes, msg: dict) -> list[Reply]:
+        """The replies to `msg`, with its state changes applied."""
+        out = self.handle_early(ident, msg)
+        return out + self.settle()
+
+    def handle_early(self, ident: bytes, msg: dict) -> list[Reply]:
+        """As `handle`, but a PUT's inserts may stay deferred (the loop sends the ACK, then calls settle())."""
+        out = self.settle()
         kind = msg.get("type")
         handler = self._handlers.get(kind) if type(kind) is str else None
         if handler is None:
-            return [(ident, self._error(msg, f"type={kind!r}: unknown message type; expected one of {list(TYPES)}"))]
+            return out + [(ident, self._error(msg, f"type={kind!r}: unknown message type; expected one of {list(TYPES)}"))]
         try:
-            return handler(ident, msg)
+            return out + handler(ident, msg)
         except wire.WireError as exc:
-            return [(ident, self._error(msg, str(exc)))]
+            return out + [(ident, self._error(msg, str(exc)))]
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError) as exc:
-            return [(ident, self._error(msg, f"{kind}: malformed message ({exc!r})"))]
+            return out + [(ident, self._error(msg, f"{kind}: malformed message ({exc!r})"))]
 
     def _error(self, msg: dict, text: str) -> dict:
         self.state.counters["malformed"] += 1
@@ -159,7 +184,7 @@ class Hub:
         """PUT carries one `group` or a list `groups` (one round trip and one fsync for a whole engine call);
         the whole message is checked before anything is logged, so it is stored entirely or not at all.
         Groups stay in their wire bytes (PackedGroup): checked on their headers, logged and handed to the
-        learner as they came."""
+        learner as they came. The inserts are deferred (see settle): the ACK goes out first."""
         wires = msg["groups"] if "groups" in msg else [msg["group"]]
         if not isinstance(wires, list) or not wires:
             raise ValueError("groups: must be a non-empty list of groups")
@@ -168,18 +193,18 @@ class Hub:
             self._check_group(group)
         stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else {}
         share = {k: v / len(groups) for k, v in stats.items() if isinstance(v, (int, float))} if stats else {}
-        keys, duplicates = [], []
+        keys, duplicates, here = [], [], set()
         now = time.time()
         for group in groups:
             self.state.generator(group.generator_id)["last_seen"] = now
-            duplicate = self.state.seen(group.key)
+            duplicate = self.state.seen(group.key) or group.key in here  # (a key twice in one PUT)
+            here.add(group.key)
             priority = 0.0 if duplicate else priorities.compute(self.priority_fn, group, self.state.version)
-            self.commit({"op": "put", "blob": group.data, "stats": share, "priority": priority}, group)
+            self.commit({"op": "put", "blob": group.data, "stats": share, "priority": priority}, group, defer=True)
             keys.append(list(group.key))
             duplicates.append(duplicate)
-        out = [(ident, self._reply(msg, type="ACK", key=keys[0], duplicate=duplicates[0], keys=keys,
-                                   duplicates=duplicates))]
-        return out + self._serve_sample()
+        return [(ident, self._reply(msg, type="ACK", key=keys[0], duplicate=duplicates[0], keys=keys,
+                                    duplicates=duplicates))]
 
     def _on_drop(self, ident: bytes, msg: dict) -> list[Reply]:
         gid = str(msg["generator_id"])
@@ -322,10 +347,11 @@ class Hub:
     def reclaim_silent_generators(self, now: float | None = None) -> list[Reply]:
         """Return the credits of generators silent for longer than buffer.generator_timeout."""
         now = time.time() if now is None else now
+        out = self.settle()
         for gid, gen in self.state.generators.items():
             if gen["running"] > 0 and now - gen["last_seen"] > self.cfg.buffer.generator_timeout:
                 self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
-        return self._serve_acquires()
+        return out + self._serve_acquires()
 
     def stats(self, per_generator: bool = True) -> dict:
         """Counters for STATS (and `async-rl status`); every BATCH carries them too, but without the

@@ -2,7 +2,9 @@
 
 Loop: drain every waiting message, let the Hub turn each into log records and replies, make the records
 durable (group commit), then send the replies. So no acknowledgement ever leaves before what it
-acknowledges is in the write-ahead log. On SIGTERM/SIGINT it snapshots and exits 0.
+acknowledges is in the write-ahead log. A PUT's groups are inserted into the table just after its ACK is sent
+(`Hub.settle`), while the client prepares its next request, and always before the next message is handled.
+On SIGTERM/SIGINT it snapshots and exits 0.
 """
 from __future__ import annotations
 
@@ -48,7 +50,21 @@ def _receive(sock: zmq.Socket, hub: Hub, max_bytes: int, flags: int = 0) -> list
         msg = wire.decode(payload, packed=PACKED)
     except wire.WireError as exc:
         return [(ident, hub._error({}, str(exc)))]
-    return hub.handle(ident, msg)
+    return hub.handle_early(ident, msg)
+
+
+def _send(sock: zmq.Socket, hub: Hub, replies: list) -> None:
+    """Make what the replies acknowledge durable (group commit), then send them."""
+    hub.flush()
+    for peer, reply in replies:
+        try:
+            payload = wire.encode(reply)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. an absurd number echoed back
+            payload = wire.encode(hub._error(reply, f"reply could not be encoded ({exc}); check the request"))
+        try:
+            sock.send_multipart([peer, payload])
+        except zmq.ZMQError as exc:  # peer gone; it resends after reconnecting
+            print(f"hub: reply to vanished peer dropped ({exc})", flush=True)
 
 
 def serve(hub: Hub, bind: str, endpoint_file: str | None = None, keys_dir: str | None = None) -> None:
@@ -86,19 +102,14 @@ def serve(hub: Hub, bind: str, endpoint_file: str | None = None, keys_dir: str |
         if now - last_reclaim > 1.0:
             last_reclaim = now
             replies += hub.reclaim_silent_generators(now)
-        hub.flush()
-        for peer, reply in replies:
-            try:
-                payload = wire.encode(reply)
-            except (TypeError, ValueError, OverflowError) as exc:  # e.g. an absurd number echoed back
-                payload = wire.encode(hub._error(reply, f"reply could not be encoded ({exc}); check the request"))
-            try:
-                sock.send_multipart([peer, payload])
-            except zmq.ZMQError as exc:  # peer gone; it resends after reconnecting
-                print(f"hub: reply to vanished peer dropped ({exc})", flush=True)
+        _send(sock, hub, replies)
+        later = hub.settle()  # deferred PUT inserts, while the client prepares its next request
+        if later:
+            _send(sock, hub, later)
         if now - last_log > 10:
             last_log = now
             print(f"hub stats {hub.stats()}", flush=True)
+    _send(sock, hub, hub.settle())
     if hub.log is not None:
         hub.log.snapshot(hub.state.to_snapshot())
         hub.log.close()

@@ -104,13 +104,14 @@ def baseline_tree(ref: str, tmp: Path) -> Path:
     return root
 
 
-def start_hub(tmp: Path, state: str | None, fsync: str, src: Path = ROOT) -> tuple[subprocess.Popen, str]:
+def start_hub(tmp: Path, state: str | None, fsync: str, src: Path = ROOT,
+              capacity: int = 0) -> tuple[subprocess.Popen, str]:
     data = tmp / "p.jsonl"
     data.write_text('{"input": "1+1=", "label": "2"}\n')
     cfg_path = tmp / f"c-{fsync}.yaml"
     C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=1", "n_samples_per_prompt=1",
                          "max_staleness=1000000", f"fsync={fsync}", "snapshot_interval=1000000000",
-                         "num_rollout=100000000"]), cfg_path)
+                         "num_rollout=100000000", f"capacity={capacity}"]), cfg_path)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     args = [sys.executable, "-m", "buffer.service", "--config", str(cfg_path), "--bind", endpoint]
     if state:
@@ -184,10 +185,11 @@ def bench_raw(seconds: float, server: str = RAW_SERVER) -> float:
         proc.kill()
 
 
-def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path, src: Path = ROOT) -> tuple[float, float]:
+def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path, src: Path = ROOT,
+              capacity: int = 0) -> tuple[float, float]:
     if state:
         shutil.rmtree(state, ignore_errors=True)
-    proc, endpoint = start_hub(tmp, state, fsync, src)
+    proc, endpoint = start_hub(tmp, state, fsync, src, capacity)
     client = HubClient(endpoint, "bench")
     groups = [make_group(i) for i in range(64)]
     try:
@@ -200,7 +202,8 @@ def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path, src: Pat
             reply = client.request({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0,
                                     "ack_lease": lease}, timeout=30)
             lease = reply["lease"]
-        sample_rate = rate(sample, seconds, max_calls=len(puts))  # never more than what is stored
+        held = min(len(puts), capacity) if capacity else len(puts)
+        sample_rate = rate(sample, seconds, max_calls=held)  # never more than what is stored
         return put_rate, sample_rate
     finally:
         client.close()
@@ -236,6 +239,8 @@ def main() -> int:
     ap.add_argument("--memory-groups", type=int, default=10000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each rate; the best is reported")
     ap.add_argument("--baseline", default=None, help="git ref: also bench the hub's code at that commit")
+    ap.add_argument("--quick", action="store_true",
+                    help="only raw, decode+keep and the in-memory hub (no WAL rows, no 8-group rows, no memory)")
     args = ap.parse_args()
     os.sched_setaffinity(0, [1])
     tmp = Path(tempfile.mkdtemp(prefix="bench_buffer-"))
@@ -250,16 +255,18 @@ def main() -> int:
     for _ in range(args.repeat):
         keep("raw DEALER/ROUTER round trip", bench_raw(args.seconds))
         keep("server that only decodes, checks and keeps each group (no hub logic)", bench_raw(args.seconds, KEEP_SERVER))
-        keep("raw, 8 groups per message (groups/s)", bench_raw_batched(args.seconds, 8))
+        if not args.quick:
+            keep("raw, 8 groups per message (groups/s)", bench_raw_batched(args.seconds, 8))
         for tag, src in hubs:
-            for label, state, fsync in paths[:1] if _ else paths:  # WAL rows once: fsync dominates them
+            for label, state, fsync in paths[:1] if _ or args.quick else paths:  # WAL rows once: fsync dominates
                 put, sample = bench_hub(args.seconds, str(tmp / state) if state else None, fsync, tmp, src)
                 keep(f"{label}: PUT+ACK{tag}", put)
                 keep(f"{label}: SAMPLE+ACK{tag}", sample)
-            keep(f"hub, in memory: PUT of 8 groups per message, as generators send (groups/s){tag}",
-                 bench_hub_batched(args.seconds, 8, tmp, src))
-    mem = {tag: bench_memory(args.memory_groups, tmp, src) for tag, src in hubs}
-    raw, raw8 = best["raw DEALER/ROUTER round trip"], best["raw, 8 groups per message (groups/s)"]
+            if not args.quick:
+                keep(f"hub, in memory: PUT of 8 groups per message, as generators send (groups/s){tag}",
+                     bench_hub_batched(args.seconds, 8, tmp, src))
+    mem = {} if args.quick else {tag: bench_memory(args.memory_groups, tmp, src) for tag, src in hubs}
+    raw, raw8 = best["raw DEALER/ROUTER round trip"], best.get("raw, 8 groups per message (groups/s)", 1.0)
     print(f"payload: 1 trajectory, 2k tokens, {RAW_BYTES} raw bytes; one request in flight; best of {args.repeat}\n")
     print("| path | msgs/s | vs raw |\n|---|---|---|")
     for label, value in best.items():

@@ -66,6 +66,33 @@ def test_put_is_idempotent_by_key():
     assert st_["accepted"] == 1 and st_["size"] == 1 and st_["duplicates"] == 1 and st_["running"] == 0
 
 
+def test_put_acks_before_inserting_and_every_later_message_sees_the_insert(tmp_path):
+    """The loop's early path (`handle_early`): the ACK comes before the insert, the record is already in the
+    WAL, no snapshot is taken over the deferred record, and the next message (any kind) sees it applied."""
+    from buffer.durable import DurableLog
+    words = [f"{k}={v}" for k, v in {"rollout_batch_size": 2, "n_samples_per_prompt": 2, "num_rollout": 100,
+                                     "max_staleness": 1, "snapshot_interval": 1}.items()]
+    log = DurableLog(str(tmp_path / "wal"), "never", 2)
+    hub = Hub(C.load(None, words), PROMPTS, log)
+    assert hub.handle_early(b"l", {"type": "SAMPLE", "num_groups": 2, "version": 0}) == []
+    ack = one(hub.handle_early(b"g", {"type": "PUT", "groups": [group(seq=0), group(seq=0)]}))
+    assert ack["type"] == "ACK" and ack["duplicates"] == [False, True]  # a key twice in one PUT counts once
+    assert len(hub.state.table) == 0 and log.lsn == 2  # logged, acked, not inserted yet
+    hub.flush()  # a snapshot is due (interval 1) but would miss the deferred records
+    assert not list((tmp_path / "wal").glob("snapshot-*"))
+    replies = hub.handle_early(b"g", {"type": "PUT", "group": group(seq=1)})  # settles the first PUT first
+    assert [r[1]["type"] for r in replies] == ["ACK"] and len(hub.state.table) == 1
+    batch = one(hub.settle())  # the second insert unblocks the parked SAMPLE
+    assert batch["type"] == "BATCH" and [g["seq"] for g in batch["groups"]] == [0, 1]
+    st_ = hub.stats()
+    assert st_["accepted"] == 2 and st_["duplicates"] == 1 and st_["in_flight"] == 2
+    hub.flush()
+    assert list((tmp_path / "wal").glob("snapshot-*"))
+    log.close()
+    recovered = Hub(C.load(None, words), PROMPTS, DurableLog(str(tmp_path / "wal"), "never", 2))
+    assert recovered.stats()["in_flight"] == 2 and recovered.stats()["accepted"] == 2
+
+
 def test_sample_parks_until_enough_then_serves_fifo():
     hub = make_hub()
     assert hub.handle(b"l", {"type": "SAMPLE", "num_groups": 2, "version": 0}) == []
