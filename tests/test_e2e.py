@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,9 +35,25 @@ def write_config(tmp_path: Path, world: dict, **rollout) -> Path:
     return path
 
 
+class Drained(subprocess.Popen):
+    """A Popen whose merged stdout/stderr a thread reads as it comes: a test that polls the run dir for minutes
+    never lets the pipe fill up, which would block the launcher in print() (its main thread then never gets
+    to act on `async-rl stop`). `communicate()` waits (TimeoutExpired as Popen's) and returns the output."""
+
+    def __init__(self, args, **kw):
+        super().__init__(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+        self._chunks: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._chunks.extend(self.stdout), daemon=True)
+        self._reader.start()
+
+    def communicate(self, input=None, timeout=None):
+        self.wait(timeout)
+        self._reader.join(timeout=30)
+        return "".join(self._chunks), None
+
+
 def cli(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "async_rl.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return Drained([sys.executable, "-m", "async_rl.cli", *args], **kw)
 
 
 def alive(pid: int) -> bool:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_e2e import Drained
+
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.e2e
 
@@ -87,9 +89,8 @@ def write_config(tmp_path: Path, world: dict, num_rollout: int, **buffer) -> Pat
 
 
 def launch(cluster: dict, cfg: Path, run_dir: Path, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "async_rl.cli", "launch", str(cfg), *extra, "--run-dir",
-                             str(run_dir), "--cluster", "ray", "--address", cluster["address"]],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster["env"])
+    return Drained([sys.executable, "-m", "async_rl.cli", "launch", str(cfg), *extra, "--run-dir", str(run_dir),
+                    "--cluster", "ray", "--address", cluster["address"]], env=cluster["env"])
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -178,9 +179,8 @@ def test_attach_on_a_joined_node_streams_groups_that_are_trained_and_detach_remo
         while len(rows(run_dir)) < 2:
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
             time.sleep(0.3)
-        attached = subprocess.Popen([sys.executable, "-m", "async_rl.cli", "attach", "--run-dir", str(run_dir),
-                                     "--address", ray_cluster["address"], "--node-resource", "generator"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ray_cluster["env"])
+        attached = Drained([sys.executable, "-m", "async_rl.cli", "attach", "--run-dir", str(run_dir),
+                            "--address", ray_cluster["address"], "--node-resource", "generator"], env=ray_cluster["env"])
         record, prefix = run_dir / "attached" / f"{attached.pid}.json", f"a{attached.pid}-g0-"
         trained: list[int] = []  # learner steps whose batch holds a group of the attached generator
         deadline = time.time() + 150
@@ -214,8 +214,10 @@ def test_attach_on_a_joined_node_streams_groups_that_are_trained_and_detach_remo
             time.sleep(0.3)
         stop = cli(ray_cluster, "stop", "--run-dir", str(run_dir), "--timeout", "200", timeout=240)
         if stop.returncode != 0:
+            masks = [ln for ln in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if ln.startswith("Sig")]
             proc.send_signal(signal.SIGINT)
-            pytest.fail(f"stop: {stop.stdout + stop.stderr}\nlauncher: {proc.communicate(timeout=60)[0][-4000:]}")
+            pytest.fail(f"stop: {stop.stdout + stop.stderr}\nlauncher signal masks: {masks}\n"
+                        f"launcher: {proc.communicate(timeout=60)[0][-4000:]}")
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
     finally:
