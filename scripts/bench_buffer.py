@@ -3,6 +3,7 @@
     python scripts/bench_buffer.py                 # ~2 min
     python scripts/bench_buffer.py --seconds 5 --memory-groups 20000
     python scripts/bench_buffer.py --baseline HEAD~3   # also the hub's code at a commit, side by side
+    python scripts/bench_buffer.py --cpu               # server CPU and page faults per PUT (+ the hub at capacity)
 
 Rates are the best of `--repeat` runs, raw and hub interleaved (other processes share the machine).
 `--baseline REF` runs a second hub from the buffer/ and async_rl/{wire,types}.py of commit REF (every
@@ -123,11 +124,25 @@ def start_hub(tmp: Path, state: str | None, fsync: str, src: Path = ROOT,
     return proc, endpoint
 
 
-def rate(fn, seconds: float, max_calls: int | None = None) -> float:
+COST: dict[str, list[tuple[float, float]]] = {}  # label -> [(server CPU us per message, page faults per message)]
+
+
+def _usage(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system, all threads) and minor page faults of process `pid` so far."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"), int(f[7])
+
+
+def rate(fn, seconds: float, max_calls: int | None = None, server: tuple[str, int] | None = None) -> float:
+    """Calls of fn per second; with server=(label, pid), also that process's CPU and page faults per call."""
+    before = _usage(server[1]) if server else None
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds and (max_calls is None or n < max_calls):
         fn(n)
         n += 1
+    if server and n:
+        cpu, faults = _usage(server[1])
+        COST.setdefault(server[0], []).append(((cpu - before[0]) / n * 1e6, (faults - before[1]) / n))
     return n / (time.perf_counter() - t0)
 
 
@@ -167,7 +182,7 @@ def bench_hub_batched(seconds: float, per_msg: int, tmp: Path, src: Path = ROOT)
         proc.wait()
 
 
-def bench_raw(seconds: float, server: str = RAW_SERVER) -> float:
+def bench_raw(seconds: float, server: str = RAW_SERVER, label: str = "") -> float:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-c", server, endpoint, str(ROOT)])
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -179,14 +194,14 @@ def bench_raw(seconds: float, server: str = RAW_SERVER) -> float:
         sock.recv()
     try:
         rate(one, 0.5)
-        return rate(one, seconds)
+        return rate(one, seconds, server=(label, proc.pid) if label else None)
     finally:
         sock.close()
         proc.kill()
 
 
 def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path, src: Path = ROOT,
-              capacity: int = 0) -> tuple[float, float]:
+              capacity: int = 0, label: str = "") -> tuple[float, float]:
     if state:
         shutil.rmtree(state, ignore_errors=True)
     proc, endpoint = start_hub(tmp, state, fsync, src, capacity)
@@ -194,7 +209,8 @@ def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path, src: Pat
     groups = [make_group(i) for i in range(64)]
     try:
         puts = []
-        put_rate = rate(lambda i: puts.append(client.put({**groups[i % 64], "seq": i}, {}, timeout=30)), seconds)
+        put_rate = rate(lambda i: puts.append(client.put({**groups[i % 64], "seq": i}, {}, timeout=30)), seconds,
+                        server=(label, proc.pid) if label else None)
         lease = None
 
         def sample(_):
@@ -233,12 +249,35 @@ def bench_memory(n_groups: int, tmp: Path, src: Path = ROOT) -> float:
         proc.wait()
 
 
+def cost_table(args, tmp: Path) -> int:
+    rows = {"raw ROUTER": lambda lb: bench_raw(args.seconds, RAW_SERVER, lb),
+            "decodes, checks and keeps each group": lambda lb: bench_raw(args.seconds, KEEP_SERVER, lb),
+            "hub, in memory: PUT+ACK": lambda lb: bench_hub(args.seconds, None, "never", tmp, label=lb)[0],
+            "hub at capacity 1000: PUT+ACK": lambda lb: bench_hub(args.seconds, None, "never", tmp, capacity=1000,
+                                                                  label=lb)[0]}
+    best: dict[str, float] = {}
+    for _ in range(args.repeat):
+        for label, fn in rows.items():
+            best[label] = max(best.get(label, 0.0), fn(label))
+    raw = best["raw ROUTER"]
+    print(f"best of {args.repeat}; server CPU (user + system, all threads) and minor page faults per message\n")
+    print("| server | msgs/s | vs raw | CPU per message (each run) | page faults per message |\n|---|---|---|---|---|")
+    for label, value in best.items():
+        cpu = " ".join(f"{c:.0f}" for c, _ in COST[label])
+        faults = sum(f for _, f in COST[label]) / len(COST[label])
+        print(f"| {label} | {value:,.0f} | {value / raw:.0%} | {cpu} us | {faults:.2f} |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--memory-groups", type=int, default=10000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each rate; the best is reported")
     ap.add_argument("--baseline", default=None, help="git ref: also bench the hub's code at that commit")
+    ap.add_argument("--cpu", action="store_true",
+                    help="only the single-group PUT paths, with the server's CPU and page faults per message "
+                         "(also the hub at capacity 1000, where each PUT evicts one group and memory is reused)")
     ap.add_argument("--quick", action="store_true",
                     help="only raw, decode+keep and the in-memory hub (no WAL rows, no 8-group rows, no memory)")
     args = ap.parse_args()
@@ -252,6 +291,8 @@ def main() -> int:
 
     paths = (("hub, in memory", None, "never"), ("hub + WAL, fsync=never", "never", "never"),
              ("hub + WAL, fsync=batch", "batch", "batch"), ("hub + WAL, fsync=always", "always", "always"))
+    if args.cpu:
+        return cost_table(args, tmp)
     for _ in range(args.repeat):
         keep("raw DEALER/ROUTER round trip", bench_raw(args.seconds))
         keep("server that only decodes, checks and keeps each group (no hub logic)", bench_raw(args.seconds, KEEP_SERVER))
