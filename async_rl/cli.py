@@ -34,11 +34,19 @@ def cmd_launch(args) -> int:
                   file=sys.stderr)
             return 2
         launcher = RayLauncher(cfg, run_dir, resume=args.resume, address=args.address)
+    out = None
+    if not sys.stdout.isatty():  # the supervisor must never block on a pipe nobody reads (async_rl/outstream.py)
+        from async_rl.outstream import Unblocked
+        out = sys.stdout = Unblocked(sys.stdout)
     try:
         return launch(cfg, run_dir, resume=args.resume, launcher=launcher)
     except config_mod.ConfigError as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if out is not None:
+            out.drain(timeout=10)
+            sys.stdout = out.stream
 
 
 def status_dict(run_dir: str) -> dict:

@@ -164,6 +164,40 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_world):
     assert_no_orphans(run_dir)
 
 
+def test_stop_works_while_nobody_reads_the_launchers_stdout(tmp_path, tiny_world):
+    """stdout is a pipe that is full before the launcher starts and never read: its prints must not block the
+    supervisor, so `async-rl stop` still ends the run (async_rl/outstream.py)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"#" * 4096)
+    except BlockingIOError:
+        os.set_blocking(w, True)
+    cfg = write_config(tmp_path, tiny_world, num_rollout=100000)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "async_rl.cli", "launch", str(cfg), "--run-dir", str(run_dir)],
+                            stdout=w, stderr=subprocess.STDOUT)
+    os.close(w)
+    try:
+        deadline = time.time() + 120
+        while not ((run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "the run never got to step 3"
+            time.sleep(0.2)
+        stop = subprocess.run([sys.executable, "-m", "async_rl.cli", "stop", "--run-dir", str(run_dir),
+                               "--timeout", "90"], capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        proc.wait(timeout=60)  # its last lines could not be written: it still exits, after drain's 10 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(r)
+    assert proc.returncode == 0
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
+    assert_no_orphans(run_dir)
+
+
 def test_stop_then_resume_continues_exactly(tmp_path, tiny_world):
     cfg = write_config(tmp_path, tiny_world, num_rollout=60)
     run_dir = tmp_path / "run"
