@@ -2,6 +2,7 @@
 sockets; we check the run-dir contract, the staleness invariant, clean shutdown and failure reporting."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -189,9 +190,13 @@ def test_stop_works_while_nobody_reads_the_launchers_stdout(tmp_path, tiny_world
         assert stop.returncode == 0, stop.stdout + stop.stderr
         proc.wait(timeout=60)  # its last lines could not be written: it still exits, after drain's 10 s
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # (without the fix: blocked in print(), it can neither stop nor clean up)
             proc.kill()
             proc.wait()
+            manifest = run_dir / "run.json"
+            for p in (json.loads(manifest.read_text())["processes"].values() if manifest.exists() else []):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p["pid"], signal.SIGKILL)
         os.close(r)
     assert proc.returncode == 0
     assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
