@@ -19,6 +19,7 @@ class Unblocked(io.TextIOBase):
         self.stream = stream
         self.dropped = 0  # lines not written because the queue was full (reported, then reset)
         self._partial = ""  # the text after the last newline written
+        self._count = threading.Lock()  # `dropped` is raised by writers and reset by the writer thread
         self._queue: queue.Queue = queue.Queue(max_lines)
         self._writer = threading.Thread(target=self._write_loop, name="stdout-writer", daemon=True)
         self._writer.start()
@@ -30,7 +31,8 @@ class Unblocked(io.TextIOBase):
                 if text is not None:
                     self.stream.write(text)
                 if self.dropped and (text is None or self._queue.empty()):  # caught up (or closing)
-                    n, self.dropped = self.dropped, 0
+                    with self._count:
+                        n, self.dropped = self.dropped, 0
                     self.stream.write(f"async-rl: {n} output line(s) dropped: stdout was not being read\n")
                 self.stream.flush()
             except (OSError, ValueError):  # reader gone (EPIPE) or stream closed: nothing more to write
@@ -47,7 +49,8 @@ class Unblocked(io.TextIOBase):
         try:
             self._queue.put_nowait(head + "\n")
         except queue.Full:
-            self.dropped += head.count("\n") + 1
+            with self._count:
+                self.dropped += head.count("\n") + 1
         return len(text)
 
     def flush(self) -> None:  # the writer thread flushes; flushing here could block
