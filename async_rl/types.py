@@ -145,6 +145,13 @@ class PackedGroup:
     def packed(self) -> Packed:
         return Packed(self.data)
 
+    def own(self) -> "PackedGroup":
+        """Make `data` bytes of its own. A group from `wire.decode` holds a view into its whole message;
+        the hub copies it out where the group is stored (after the PUT's ACK has gone out), not on receipt."""
+        if type(self.data) is not bytes:
+            self.data = bytes(self.data)
+        return self
+
     def to_group(self) -> Group:
         return Group.from_wire(wire.decode_value(self.data))
 
@@ -159,8 +166,9 @@ class PackedGroup:
         """From a Packed group (as `wire.decode(..., packed=...)` gives), its bytes, or a decoded map."""
         if isinstance(w, Packed):
             w = w.data
-        if isinstance(w, (bytes, bytearray)):
-            w = bytes(w)
+        if isinstance(w, memoryview) and not w.readonly or isinstance(w, bytearray):
+            w = bytes(w)  # a view into bytes is kept as it is (see `own`); a mutable buffer is copied
+        if isinstance(w, (bytes, memoryview)):
             fast = _scan(wire.peek_value(w), w)
             if fast is not None:
                 return fast

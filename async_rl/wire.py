@@ -5,8 +5,9 @@ raw little-endian bytes (msgpack ext type 1: dtype, shape, data), never as lists
 with an error instead of crashing.
 
 Hot path of the hub: `decode(data, packed=("group", "groups"))` leaves those top-level values as `Packed`
-(their exact msgpack bytes, cut out without decoding them), and `encode` splices `Packed` values back
-verbatim, so a group travels generator -> hub -> learner without its arrays being decoded or re-encoded.
+(their exact msgpack bytes, cut out without decoding them: a read-only view into `data`, not a copy), and
+`encode` splices `Packed` values back verbatim, so a group travels generator -> hub -> learner without its
+arrays being decoded or re-encoded.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def _ext_hook(code: int, data: bytes):
 
 
 class Packed(Mapping):
-    """A value kept in its wire form: `data` is its msgpack bytes (no schema stamp). `encode` splices it
+    """A value kept in its wire form: `data` is its msgpack bytes (no schema stamp; from `decode`, a read-only
+    memoryview into the message, which it keeps alive: `bytes(data)` to keep it apart). `encode` splices it
     verbatim where it stands as a top-level value or an item of a top-level list; reading it like a map
     decodes it once (arrays as numpy), so in-process callers see what a remote peer would."""
     __slots__ = ("data", "_value")
@@ -184,6 +186,7 @@ def _unpack_packed(data: bytes, packed: tuple) -> dict:
     up = msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False,
                           max_buffer_size=max(len(data), 1))
     up.feed(data)
+    view = memoryview(data)  # Packed values are views: the copy of a stored group is made where it is stored
     msg = {}
     for _ in range(up.read_map_header()):
         key = up.unpack()
@@ -194,11 +197,11 @@ def _unpack_packed(data: bytes, packed: tuple) -> dict:
                 for _ in range(up.read_array_header()):
                     start = up.tell()
                     up.skip()
-                    items.append(Packed(data[start:up.tell()]))
+                    items.append(Packed(view[start:up.tell()]))
                 msg[key] = items
             else:
                 up.skip()
-                msg[key] = Packed(data[start:up.tell()])
+                msg[key] = Packed(view[start:up.tell()])
         else:
             msg[key] = up.unpack()
     if up.tell() != len(data):

@@ -107,7 +107,7 @@ class HubState:
         if self.seen(group.key):
             self.table.counters["duplicates"] += 1
             return
-        self.table.insert(group.key, group, float(rec["priority"]))  # computed before logging: replay never calls user code
+        self.table.insert(group.key, group.own(), float(rec["priority"]))  # computed before logging: replay never calls user code
         self._release_credits(group.generator_id, 1)
         self._gen_stats(group.generator_id, rec.get("stats"))["groups"] += 1
 

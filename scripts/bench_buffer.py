@@ -249,12 +249,14 @@ def bench_memory(n_groups: int, tmp: Path, src: Path = ROOT) -> float:
         proc.wait()
 
 
-def cost_table(args, tmp: Path) -> int:
+def cost_table(args, tmp: Path, hubs: list[tuple[str, Path]]) -> int:
     rows = {"raw ROUTER": lambda lb: bench_raw(args.seconds, RAW_SERVER, lb),
-            "decodes, checks and keeps each group": lambda lb: bench_raw(args.seconds, KEEP_SERVER, lb),
-            "hub, in memory: PUT+ACK": lambda lb: bench_hub(args.seconds, None, "never", tmp, label=lb)[0],
-            "hub at capacity 1000: PUT+ACK": lambda lb: bench_hub(args.seconds, None, "never", tmp, capacity=1000,
-                                                                  label=lb)[0]}
+            "decodes, checks and keeps each group": lambda lb: bench_raw(args.seconds, KEEP_SERVER, lb)}
+    for tag, src in hubs:
+        rows[f"hub, in memory: PUT+ACK{tag}"] = lambda lb, src=src: bench_hub(args.seconds, None, "never", tmp, src,
+                                                                             label=lb)[0]
+        rows[f"hub at capacity 1000: PUT+ACK{tag}"] = lambda lb, src=src: bench_hub(
+            args.seconds, None, "never", tmp, src, capacity=1000, label=lb)[0]
     best: dict[str, float] = {}
     for _ in range(args.repeat):
         for label, fn in rows.items():
@@ -292,7 +294,7 @@ def main() -> int:
     paths = (("hub, in memory", None, "never"), ("hub + WAL, fsync=never", "never", "never"),
              ("hub + WAL, fsync=batch", "batch", "batch"), ("hub + WAL, fsync=always", "always", "always"))
     if args.cpu:
-        return cost_table(args, tmp)
+        return cost_table(args, tmp, hubs)
     for _ in range(args.repeat):
         keep("raw DEALER/ROUTER round trip", bench_raw(args.seconds))
         keep("server that only decodes, checks and keeps each group (no hub logic)", bench_raw(args.seconds, KEEP_SERVER))
