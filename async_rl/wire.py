@@ -181,31 +181,50 @@ def encode(msg: dict) -> bytes:
 _ARRAY_MARKERS = frozenset(range(0x90, 0xa0)) | {0xdc, 0xdd}
 
 
+_UNPACKER_BUFFER = 1 << 20  # one per thread, reused: a fresh buffer per message costs page faults on the hot path
+
+
+def _unpacker() -> msgpack.Unpacker:
+    up = getattr(_local, "unpacker", None)
+    if up is None:
+        up = _local.unpacker = msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False,
+                                                read_size=_UNPACKER_BUFFER, max_buffer_size=2**31 - 1)
+    return up
+
+
 def _unpack_packed(data: bytes, packed: tuple) -> dict:
-    """Walk the top-level map; values under `packed` keys are cut out as Packed (a list: each item)."""
-    up = msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False,
-                          max_buffer_size=max(len(data), 1))
-    up.feed(data)
+    """Walk the top-level map; values under `packed` keys are cut out as Packed (a list: each item).
+    The thread's Unpacker is reused (its buffer stays allocated); it is dropped after a message it could not
+    consume whole, and after one larger than its usual buffer (which it grew to hold)."""
+    up = _unpacker()
+    base = up.tell()  # (tell() counts from the Unpacker's creation)
     view = memoryview(data)  # Packed values are views: the copy of a stored group is made where it is stored
-    msg = {}
-    for _ in range(up.read_map_header()):
-        key = up.unpack()
-        if key in packed:
-            start = up.tell()
-            if start < len(data) and data[start] in _ARRAY_MARKERS:
-                items = []
-                for _ in range(up.read_array_header()):
-                    start = up.tell()
+    try:
+        up.feed(data)
+        msg = {}
+        for _ in range(up.read_map_header()):
+            key = up.unpack()
+            if key in packed:
+                start = up.tell() - base
+                if start < len(data) and data[start] in _ARRAY_MARKERS:
+                    items = []
+                    for _ in range(up.read_array_header()):
+                        start = up.tell() - base
+                        up.skip()
+                        items.append(Packed(view[start:up.tell() - base]))
+                    msg[key] = items
+                else:
                     up.skip()
-                    items.append(Packed(view[start:up.tell()]))
-                msg[key] = items
+                    msg[key] = Packed(view[start:up.tell() - base])
             else:
-                up.skip()
-                msg[key] = Packed(view[start:up.tell()])
-        else:
-            msg[key] = up.unpack()
-    if up.tell() != len(data):
-        raise ValueError(f"{len(data) - up.tell()} bytes of extra data after the message")
+                msg[key] = up.unpack()
+        if up.tell() - base != len(data):
+            raise ValueError(f"{len(data) - (up.tell() - base)} bytes of extra data after the message")
+    except BaseException:
+        _local.unpacker = None  # it may hold the rest of this message
+        raise
+    if len(data) > _UNPACKER_BUFFER:
+        _local.unpacker = None
     return msg
 
 

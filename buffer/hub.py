@@ -22,6 +22,7 @@ and answered when they can be. `Hub.handle` is the logic (testable without socke
 """
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 
@@ -61,6 +62,8 @@ class Hub:
         self.records_since_snapshot = 0
         self.started = time.time()
         self._handlers = {kind: getattr(self, f"_on_{kind.lower()}") for kind in TYPES}
+        # lease ids: this hub instance's random prefix + a counter (unique across restarts, no urandom per batch)
+        self._lease_prefix, self._leases = uuid.uuid4().hex[:16], itertools.count()
 
     # ---- durability ------------------------------------------------------------------------------
     def commit(self, rec: dict, live=None, defer: bool = False) -> None:
@@ -285,7 +288,7 @@ class Hub:
         if need and not sampled:
             return self._serve_acquires()  # too few fresh groups; eviction may have returned credits
         self.parked_sample = None
-        lease = flight["lease"] if flight is not None and not sampled else uuid.uuid4().hex
+        lease = flight["lease"] if flight is not None and not sampled else f"{self._lease_prefix}-{next(self._leases)}"
         step = msg.get("step")
         self.commit({"op": "lease", "learner": learner, "lease": lease, "keys": [list(k) for k, _ in sampled],
                      **({"step": int(step)} if step is not None else {})}, sampled)
@@ -357,16 +360,19 @@ class Hub:
         """Counters for STATS (and `async-rl status`); every BATCH carries them too, but without the
         per-generator map, which costs O(generators) per batch and only status reads."""
         s, t = self.state, self.state.table
-        gens = s.generators.values()
-        counters = {**t.counters, **s.counters}
+        counters = t.counters | s.counters
         counters["evicted_stale"] = t.counters["evicted_stale"] + s.counters["evicted_in_flight"]
+        gen_tokens = gen_busy_s = 0.0
+        for g in s.generators.values():  # (one pass: every BATCH carries these)
+            gen_tokens += g["gen_tokens"]
+            gen_busy_s += g["busy_s"]
         return {
             **counters, "version": s.version, "size": len(t), "in_flight": sum(len(f["keys"]) for f in s.in_flight.values()),
             "replay_log_batches": sum(len(e) for e in s.trained.values()),
             "max_staleness": s.max_staleness, "alpha": t.alpha, "capacity": t.capacity,
             "credits_available": self.credits_available(),
             "staleness_hist": {str(k): v for k, v in t.staleness_hist().items()},
-            "gen_tokens": sum(g["gen_tokens"] for g in gens), "gen_busy_s": sum(g["busy_s"] for g in gens),
+            "gen_tokens": gen_tokens, "gen_busy_s": gen_busy_s,
             "num_generators": len(s.generators), "prompt_epoch": s.dispenser.epoch,
             **({"generators": {gid: {k: g[k] for k in ("groups", "running", "dropped", "gen_tokens")} | {
                 "alive": time.time() - g["last_seen"] < self.cfg.buffer.generator_timeout}

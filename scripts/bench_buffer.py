@@ -5,7 +5,9 @@
     python scripts/bench_buffer.py --baseline HEAD~3   # also the hub's code at a commit, side by side
     python scripts/bench_buffer.py --cpu               # server CPU and page faults per PUT (+ the hub at capacity)
 
-Rates are the best of `--repeat` runs, raw and hub interleaved (other processes share the machine).
+Every row is measured once per round, all rows back to back, `--repeat` rounds. "vs raw" is the median over
+rounds of the row's rate over the raw rate of the same round (paired: a slow spell of the machine, shared
+with other jobs, slows both), with the lowest and highest such ratio; msgs/s is the median rate.
 `--baseline REF` runs a second hub from the buffer/ and async_rl/{wire,types}.py of commit REF (every
 other file as checked out), with the same client, after each hub of the working tree.
 
@@ -25,6 +27,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,8 +54,9 @@ while True:
     s.send_multipart([ident, b"ok" * 32])
 """
 
-# the floor of any hub written in Python: receive, cut the group out and check it as the hub does, keep it,
-# reply; no table, no accounting, no log
+# the floor of any hub written in Python: receive, cut the group out and check it as the hub does, reply,
+# then keep a copy of it (as the hub does: the copy into fresh memory happens after the reply); no table,
+# no accounting, no log
 KEEP_SERVER = """
 import sys, zmq, os
 os.sched_setaffinity(0, [0])
@@ -63,8 +67,9 @@ ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
 kept = []
 while True:
     ident, payload = s.recv_multipart()
-    kept.append(PackedGroup.from_wire(wire.decode(payload, packed=("group", "groups"))["group"]))
+    group = PackedGroup.from_wire(wire.decode(payload, packed=("group", "groups"))["group"])
     s.send_multipart([ident, b"ok" * 32])
+    kept.append(group.own())
 """
 
 
@@ -227,6 +232,94 @@ def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path, src: Pat
         proc.wait()
 
 
+class Running:
+    """A server kept running through every round, with the client calls the rounds time."""
+
+    def __init__(self, proc: subprocess.Popen, put, sample=None, close=None):
+        self.proc, self.put, self.sample, self._close = proc, put, sample, close
+        self.calls = {"put": 0, "sample": 0}  # PUT keys count on across bursts; SAMPLE never outruns PUT
+
+    def close(self) -> None:
+        if self._close:
+            self._close()
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def running_raw(server: str) -> Running:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-c", server, endpoint, str(ROOT)])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    groups = [make_group(i) for i in range(64)]
+
+    def put(i):  # the same client work as a hub PUT (encode the group), minus the hub
+        sock.send(wire.encode({"type": "PUT", "group": {**groups[i % 64], "seq": i}, "stats": {}, "rid": str(i)}))
+        sock.recv()
+    run = Running(proc, put, close=sock.close)
+    rate(put, 0.5)  # connected and warm
+    return run
+
+
+def running_hub(tmp: Path, src: Path, capacity: int = 0) -> Running:
+    proc, endpoint = start_hub(tmp, None, "never", src, capacity)
+    client = HubClient(endpoint, "bench")
+    groups = [make_group(i) for i in range(64)]
+    lease = None
+
+    def sample(_):
+        nonlocal lease
+        reply = client.request({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0,
+                                "ack_lease": lease}, timeout=30)
+        lease = reply["lease"]
+    run = Running(proc, lambda i: client.put({**groups[i % 64], "seq": i}, {}, timeout=30), sample, client.close)
+    return run
+
+
+def alternate(rows: dict[str, tuple[Running, str]], rounds: int, burst: float) -> dict[str, list[float]]:
+    """Rate of each row's call ("put" or "sample" of its server) in `rounds` bursts of `burst` seconds, the
+    rows taking turns (a rotated order each round), every server running throughout: a row and the raw
+    row of the same round see the same machine. PUT keys keep counting up across bursts."""
+    runs: dict[str, list[float]] = {label: [] for label in rows}
+    labels = list(rows)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            server, call = rows[label]
+            start = server.calls[call]
+            left = None if call == "put" else server.calls["put"] - server.calls["sample"]
+
+            def one(i, server=server, call=call, fn=getattr(server, call)):
+                fn(start + i)
+                server.calls[call] = start + i + 1
+            if left == 0:  # a SAMPLE row whose hub has handed out all it stored: no rate this round
+                runs[label].append(float("nan"))
+                continue
+            runs[label].append(rate(one, burst, max_calls=left, server=(label, server.proc.pid)))
+    return runs
+
+
+def in_memory_rows(args, tmp: Path, hubs: list[tuple[str, Path]]) -> dict[str, list[float]]:
+    """The in-memory rows, measured by `alternate` (PUT rows first, then SAMPLE from what they stored)."""
+    servers = {"raw": running_raw(RAW_SERVER), "keep": running_raw(KEEP_SERVER)}
+    try:
+        put = {"raw DEALER/ROUTER round trip": (servers["raw"], "put"),
+               "server that only decodes, checks and keeps each group (no hub logic)": (servers["keep"], "put")}
+        sample = {"raw DEALER/ROUTER round trip": (servers["raw"], "put")}
+        for tag, src in hubs:
+            servers[tag] = running_hub(tmp, src)
+            servers["cap" + tag] = running_hub(tmp, src, capacity=1000)
+            put[f"hub, in memory: PUT+ACK{tag}"] = (servers[tag], "put")
+            put[f"hub at capacity 1000 (memory reused): PUT+ACK{tag}"] = (servers["cap" + tag], "put")
+            sample[f"hub, in memory: SAMPLE+ACK{tag}"] = (servers[tag], "sample")
+        runs = alternate(put, args.repeat, args.seconds)
+        for label, values in alternate(sample, args.repeat, args.seconds).items():
+            runs.setdefault(label, []).extend(values)  # raw: paired with each SAMPLE round as well
+        return runs
+    finally:
+        for server in servers.values():
+            server.close()
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -250,32 +343,32 @@ def bench_memory(n_groups: int, tmp: Path, src: Path = ROOT) -> float:
 
 
 def cost_table(args, tmp: Path, hubs: list[tuple[str, Path]]) -> int:
-    rows = {"raw ROUTER": lambda lb: bench_raw(args.seconds, RAW_SERVER, lb),
-            "decodes, checks and keeps each group": lambda lb: bench_raw(args.seconds, KEEP_SERVER, lb)}
-    for tag, src in hubs:
-        rows[f"hub, in memory: PUT+ACK{tag}"] = lambda lb, src=src: bench_hub(args.seconds, None, "never", tmp, src,
-                                                                             label=lb)[0]
-        rows[f"hub at capacity 1000: PUT+ACK{tag}"] = lambda lb, src=src: bench_hub(
-            args.seconds, None, "never", tmp, src, capacity=1000, label=lb)[0]
-    best: dict[str, float] = {}
-    for _ in range(args.repeat):
-        for label, fn in rows.items():
-            best[label] = max(best.get(label, 0.0), fn(label))
-    raw = best["raw ROUTER"]
-    print(f"best of {args.repeat}; server CPU (user + system, all threads) and minor page faults per message\n")
-    print("| server | msgs/s | vs raw | CPU per message (each run) | page faults per message |\n|---|---|---|---|---|")
-    for label, value in best.items():
-        cpu = " ".join(f"{c:.0f}" for c, _ in COST[label])
-        faults = sum(f for _, f in COST[label]) / len(COST[label])
-        print(f"| {label} | {value:,.0f} | {value / raw:.0%} | {cpu} us | {faults:.2f} |")
+    runs = in_memory_rows(args, tmp, hubs)
+    print(f"{args.repeat} rounds of {args.seconds} s; server CPU (user + system, all threads) and minor page "
+          f"faults per message, median over rounds\n")
+    print("| server | msgs/s | vs raw (median, range) | CPU per message | page faults per message |\n"
+          "|---|---|---|---|---|")
+    raw = runs["raw DEALER/ROUTER round trip"]
+    for label, values in runs.items():
+        cpu = statistics.median(c for c, _ in COST[label])
+        faults = statistics.median(f for _, f in COST[label])
+        ref = raw if "SAMPLE" not in label else raw[args.repeat:]
+        print(f"| {label} | {statistics.median(v for v in values if v == v):,.0f} | {paired(values, ref)} | "
+              f"{cpu:.0f} us | {faults:.2f} |")
     return 0
+
+
+def paired(values: list[float], raw: list[float]) -> str:
+    """Median of the per-round ratios to raw, and their range."""
+    ratios = [v / r for v, r in zip(values, raw) if v == v]  # (nan: a round without this row)
+    return f"{statistics.median(ratios):.0%} ({min(ratios):.0%}-{max(ratios):.0%})"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--memory-groups", type=int, default=10000)
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each rate; the best is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds: every row once per round")
     ap.add_argument("--baseline", default=None, help="git ref: also bench the hub's code at that commit")
     ap.add_argument("--cpu", action="store_true",
                     help="only the single-group PUT paths, with the server's CPU and page faults per message "
@@ -286,35 +379,36 @@ def main() -> int:
     os.sched_setaffinity(0, [1])
     tmp = Path(tempfile.mkdtemp(prefix="bench_buffer-"))
     hubs = [("", ROOT)] + ([(f" [{args.baseline}]", baseline_tree(args.baseline, tmp))] if args.baseline else [])
-    best: dict[str, float] = {}
+    runs: dict[str, list[float]] = {}
 
     def keep(label: str, value: float) -> None:
-        best[label] = max(best.get(label, 0.0), value)
+        runs.setdefault(label, []).append(value)
 
     paths = (("hub, in memory", None, "never"), ("hub + WAL, fsync=never", "never", "never"),
              ("hub + WAL, fsync=batch", "batch", "batch"), ("hub + WAL, fsync=always", "always", "always"))
     if args.cpu:
         return cost_table(args, tmp, hubs)
-    for _ in range(args.repeat):
-        keep("raw DEALER/ROUTER round trip", bench_raw(args.seconds))
-        keep("server that only decodes, checks and keeps each group (no hub logic)", bench_raw(args.seconds, KEEP_SERVER))
-        if not args.quick:
+    runs.update(in_memory_rows(args, tmp, hubs))
+    if not args.quick:
+        for _ in range(args.repeat):
             keep("raw, 8 groups per message (groups/s)", bench_raw_batched(args.seconds, 8))
-        for tag, src in hubs:
-            for label, state, fsync in paths[:1] if _ or args.quick else paths:  # WAL rows once: fsync dominates
-                put, sample = bench_hub(args.seconds, str(tmp / state) if state else None, fsync, tmp, src)
-                keep(f"{label}: PUT+ACK{tag}", put)
-                keep(f"{label}: SAMPLE+ACK{tag}", sample)
-            if not args.quick:
+            for tag, src in hubs:
+                for label, state, fsync in paths[1:]:
+                    put, sample = bench_hub(args.seconds, str(tmp / state), fsync, tmp, src)
+                    keep(f"{label}: PUT+ACK{tag}", put)
+                    keep(f"{label}: SAMPLE+ACK{tag}", sample)
                 keep(f"hub, in memory: PUT of 8 groups per message, as generators send (groups/s){tag}",
                      bench_hub_batched(args.seconds, 8, tmp, src))
+            keep("raw DEALER/ROUTER round trip (WAL rounds)", bench_raw(args.seconds))
     mem = {} if args.quick else {tag: bench_memory(args.memory_groups, tmp, src) for tag, src in hubs}
-    raw, raw8 = best["raw DEALER/ROUTER round trip"], best.get("raw, 8 groups per message (groups/s)", 1.0)
-    print(f"payload: 1 trajectory, 2k tokens, {RAW_BYTES} raw bytes; one request in flight; best of {args.repeat}\n")
-    print("| path | msgs/s | vs raw |\n|---|---|---|")
-    for label, value in best.items():
-        ref = raw8 if "8 groups" in label else raw
-        print(f"| {label} | {value:,.0f} | {value / ref:.0%} |")
+    raw, raw8 = runs["raw DEALER/ROUTER round trip"], runs.get("raw, 8 groups per message (groups/s)")
+    print(f"payload: 1 trajectory, 2k tokens, {RAW_BYTES} raw bytes; one request in flight; {args.repeat} rounds "
+          f"of {args.seconds} s\n")
+    print("| path | msgs/s | vs raw (median, range) |\n|---|---|---|")
+    for label, values in runs.items():
+        ref = (raw8 if "8 groups" in label else raw[args.repeat:] if "in memory: SAMPLE" in label
+               else runs.get("raw DEALER/ROUTER round trip (WAL rounds)") if "WAL" in label else raw)
+        print(f"| {label} | {statistics.median(v for v in values if v == v):,.0f} | {paired(values, ref)} |")
     for tag, m in mem.items():
         print(f"\nhub{tag} memory per stored group: {m:.2f}x its raw array bytes ({args.memory_groups} groups)")
     return 0
