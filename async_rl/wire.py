@@ -184,19 +184,23 @@ _ARRAY_MARKERS = frozenset(range(0x90, 0xa0)) | {0xdc, 0xdd}
 _UNPACKER_BUFFER = 1 << 20  # one per thread, reused: a fresh buffer per message costs page faults on the hot path
 
 
-def _unpacker() -> msgpack.Unpacker:
+def _unpacker(size: int) -> msgpack.Unpacker:
+    """The thread's reused Unpacker for a message of `size` bytes, or a new one for a message larger than its
+    buffer. Its limits (lengths of strings, arrays, maps) are its buffer size, as unpackb's are the data's."""
+    if size > _UNPACKER_BUFFER:
+        return msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False, max_buffer_size=size)
     up = getattr(_local, "unpacker", None)
     if up is None:
         up = _local.unpacker = msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False,
-                                                read_size=_UNPACKER_BUFFER, max_buffer_size=2**31 - 1)
+                                                max_buffer_size=_UNPACKER_BUFFER)
     return up
 
 
 def _unpack_packed(data: bytes, packed: tuple) -> dict:
     """Walk the top-level map; values under `packed` keys are cut out as Packed (a list: each item).
     The thread's Unpacker is reused (its buffer stays allocated); it is dropped after a message it could not
-    consume whole, and after one larger than its usual buffer (which it grew to hold)."""
-    up = _unpacker()
+    consume whole."""
+    up = _unpacker(len(data))
     base = up.tell()  # (tell() counts from the Unpacker's creation)
     view = memoryview(data)  # Packed values are views: the copy of a stored group is made where it is stored
     try:
@@ -223,8 +227,6 @@ def _unpack_packed(data: bytes, packed: tuple) -> dict:
     except BaseException:
         _local.unpacker = None  # it may hold the rest of this message
         raise
-    if len(data) > _UNPACKER_BUFFER:
-        _local.unpacker = None
     return msg
 
 

@@ -166,3 +166,52 @@ def test_a_log_written_before_groups_were_packed_still_replays(tmp_path):
     batch = [r for _, r in replies if r["type"] == "BATCH"][0]
     got = Group.from_wire(wire.decode(wire.encode(batch))["groups"][0])  # as the learner receives it
     assert_same_group(got, old)
+
+
+def test_decoded_groups_are_views_into_the_message_until_stored():
+    g = Group("gen", 1, 0, "lab", [traj(8)])
+    data = wire.encode({"type": "PUT", "group": g.to_wire(), "rid": "r"})
+    packed = wire.decode(data, packed=("group",))["group"]
+    assert type(packed.data) is memoryview and packed.data.readonly and packed.data.obj is data  # no copy on receipt
+    group = PackedGroup.from_wire(packed)
+    assert group.data.obj is data
+    assert group.own() is group and type(group.data) is bytes and group.data == bytes(packed.data)
+    assert_same_group(group.to_group(), g)
+    # a writable buffer may change under the hub: it is copied on receipt
+    buf = bytearray(wire.pack_value(g.to_wire()))
+    for source in (buf, memoryview(buf)):
+        kept = PackedGroup.from_wire(source)
+        assert type(kept.data) is bytes
+    buf[:] = b"\x00" * len(buf)
+    assert_same_group(kept.to_group(), g)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from(["ok", "truncated", "extra", "garbage", "big"]),
+                                st.integers(0, 1000)), min_size=1, max_size=12))
+def test_the_reused_unpacker_decodes_every_message_as_a_fresh_decode_would(steps):
+    """wire.decode(..., packed=...) reuses one Unpacker per thread; whatever came before (a truncated message,
+    trailing bytes, garbage, one larger than its buffer), each message decodes as msgpack.unpackb says."""
+    import msgpack
+    for kind, n in steps:
+        msg = {"type": "PUT", "group": {"seq": n, "x": "y" * (n % 50)}, "rid": str(n),
+               "groups": [{"seq": i} for i in range(n % 3)]}
+        if kind == "big":
+            msg["pad"] = b"p" * (wire._UNPACKER_BUFFER + n)
+        data = wire.encode(msg)
+        data = {"truncated": data[:max(1, n % len(data))], "extra": data + b"\xc0",
+                "garbage": bytes([0x80 + n % 16]) + data[1:n % 40]}.get(kind, data)
+        try:
+            reference = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception:
+            reference = None
+        try:
+            out = wire.decode(data, packed=("group", "groups"))
+        except wire.WireError:
+            out = None
+        if reference is None or not isinstance(reference, dict) or reference.get("schema") != wire.SCHEMA_VERSION:
+            assert out is None
+            continue
+        assert out is not None
+        assert {k: (v.value if isinstance(v, wire.Packed) else [x.value for x in v] if k == "groups" else v)
+                for k, v in out.items()} == reference
