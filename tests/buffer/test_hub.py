@@ -93,6 +93,32 @@ def test_put_acks_before_inserting_and_every_later_message_sees_the_insert(tmp_p
     assert recovered.stats()["in_flight"] == 2 and recovered.stats()["accepted"] == 2
 
 
+def test_a_stored_group_owns_its_bytes_and_the_message_is_not_kept(tmp_path):
+    """A PUT off the wire (wire.decode with packed groups) carries views into its message; the table stores
+    copies, made when the deferred insert runs, so no stored group pins a whole message, in memory or replayed."""
+    import sys
+    from buffer.durable import DurableLog
+    from buffer.service import PACKED
+    words = [f"{k}={v}" for k, v in {"rollout_batch_size": 2, "n_samples_per_prompt": 2, "num_rollout": 100,
+                                     "max_staleness": 1}.items()]
+    hub = Hub(C.load(None, words), PROMPTS, DurableLog(str(tmp_path / "wal"), "never", 2))
+    payload = wire.encode({"type": "PUT", "groups": [group(seq=0), group(seq=1)], "stats": {}, "rid": "r"})
+    refs = sys.getrefcount(payload)
+    msg = wire.decode(payload, packed=PACKED)
+    assert one(hub.handle_early(b"g", msg))["type"] == "ACK"
+    assert all(type(g.data) is memoryview for _, g in hub.pending)  # nothing copied before the ACK
+    hub.settle()
+    del msg
+    stored = [hub.state.table._items[("g0", s)].group for s in (0, 1)]
+    assert all(type(g.data) is bytes for g in stored)
+    assert sys.getrefcount(payload) == refs  # no view into the message is left anywhere
+    hub.flush()
+    hub.log.close()
+    replayed = Hub(C.load(None, words), PROMPTS, DurableLog(str(tmp_path / "wal"), "never", 2))
+    batch = one(replayed.handle(b"l", {"type": "SAMPLE", "num_groups": 2, "version": 0}))
+    assert [g["seq"] for g in batch["groups"]] == [0, 1]
+
+
 def test_sample_parks_until_enough_then_serves_fifo():
     hub = make_hub()
     assert hub.handle(b"l", {"type": "SAMPLE", "num_groups": 2, "version": 0}) == []
