@@ -192,7 +192,7 @@ def _unpacker(size: int) -> msgpack.Unpacker:
     up = getattr(_local, "unpacker", None)
     if up is None:
         up = _local.unpacker = msgpack.Unpacker(None, ext_hook=_ext_hook, raw=False, strict_map_key=False,
-                                                max_buffer_size=_UNPACKER_BUFFER)
+                                                max_buffer_size=_UNPACKER_BUFFER, read_size=64 << 10)
     return up
 
 
