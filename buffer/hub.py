@@ -360,7 +360,7 @@ class Hub:
         """Counters for STATS (and `async-rl status`); every BATCH carries them too, but without the
         per-generator map, which costs O(generators) per batch and only status reads."""
         s, t = self.state, self.state.table
-        counters = t.counters | s.counters
+        counters = {**t.counters, **s.counters}
         counters["evicted_stale"] = t.counters["evicted_stale"] + s.counters["evicted_in_flight"]
         gen_tokens = gen_busy_s = 0.0
         for g in s.generators.values():  # (one pass: every BATCH carries these)
