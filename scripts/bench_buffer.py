@@ -4,6 +4,7 @@
     python scripts/bench_buffer.py --seconds 5 --memory-groups 20000
     python scripts/bench_buffer.py --baseline HEAD~3   # also the hub's code at a commit, side by side
     python scripts/bench_buffer.py --cpu               # server CPU and page faults per PUT (+ the hub at capacity)
+    python scripts/bench_buffer.py --ab put --baseline HEAD~3 --repeat 30 --seconds 0.25   # one path, A/B
 
 Every row is measured once per round, all rows back to back, `--repeat` rounds. "vs raw" is the median over
 rounds of the row's rate over the raw rate of the same round (paired: a slow spell of the machine, shared
@@ -342,6 +343,32 @@ def bench_memory(n_groups: int, tmp: Path, src: Path = ROOT) -> float:
         proc.wait()
 
 
+def ab_table(args, tmp: Path, hubs: list[tuple[str, Path]]) -> int:
+    """Only raw, this hub and the --baseline hub, on one path: PUT into a growing table (--ab put), PUT at
+    capacity 1000 (--ab put-capacity) or SAMPLE (--ab sample: after PUT rounds that fill the tables)."""
+    if len(hubs) != 2:
+        raise SystemExit("--ab needs --baseline REF: it compares this hub with the one at REF")
+    capacity = 1000 if args.ab == "put-capacity" else 0
+    servers = {"raw": running_raw(RAW_SERVER), "after": running_hub(tmp, hubs[0][1], capacity),
+               "before" + hubs[1][0]: running_hub(tmp, hubs[1][1], capacity)}
+    try:
+        call = "sample" if args.ab == "sample" else "put"
+        if call == "sample":
+            alternate({k: (v, "put") for k, v in servers.items()}, args.repeat, args.seconds * 1.5)
+        runs = alternate({k: (v, "put" if k == "raw" else call) for k, v in servers.items()}, args.repeat,
+                         args.seconds)
+    finally:
+        for server in servers.values():
+            server.close()
+    print(f"--ab {args.ab}: {args.repeat} rounds of {args.seconds} s\n\n| server | msgs/s | vs raw (median, range) |"
+          f"\n|---|---|---|")
+    for label, values in runs.items():
+        print(f"| {label} | {statistics.median(values):,.0f} | {paired(values, runs['raw'])} |")
+    before = [v for k, v in runs.items() if k.startswith("before")][0]
+    print(f"\nafter / before, per round: {paired(runs['after'], before)}")
+    return 0
+
+
 def cost_table(args, tmp: Path, hubs: list[tuple[str, Path]]) -> int:
     runs = in_memory_rows(args, tmp, hubs)
     print(f"{args.repeat} rounds of {args.seconds} s; server CPU (user + system, all threads) and minor page "
@@ -375,6 +402,8 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true",
                     help="only the single-group PUT paths, with the server's CPU and page faults per message "
                          "(also the hub at capacity 1000, where each PUT evicts one group and memory is reused)")
+    ap.add_argument("--ab", choices=("put", "put-capacity", "sample"), default=None,
+                    help="only raw, this hub and the --baseline hub on one path, for a tighter comparison")
     ap.add_argument("--quick", action="store_true",
                     help="only raw, decode+keep and the in-memory hub (no WAL rows, no 8-group rows, no memory)")
     args = ap.parse_args()
@@ -388,6 +417,8 @@ def main() -> int:
 
     paths = (("hub, in memory", None, "never"), ("hub + WAL, fsync=never", "never", "never"),
              ("hub + WAL, fsync=batch", "batch", "batch"), ("hub + WAL, fsync=always", "always", "always"))
+    if args.ab:
+        return ab_table(args, tmp, hubs)
     if args.cpu:
         return cost_table(args, tmp, hubs)
     runs.update(in_memory_rows(args, tmp, hubs))
