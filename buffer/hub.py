@@ -246,7 +246,7 @@ class Hub:
         self.commit({"op": "replay", "learner": learner, "step": step})
         reply = self._reply(msg, type="BATCH", lease=f"replay-{step}", replay=True,
                             groups=[_packed(g) for g in entry["groups"]], **self._knobs("learner"),
-                            stats=self.stats(per_generator=False))
+                            stats=self.counters())
         return [(ident, reply)]
 
     def _on_checkpoint(self, ident: bytes, msg: dict) -> list[Reply]:
@@ -295,7 +295,7 @@ class Hub:
         flight = self.state.in_flight[learner]
         reply = self._reply(msg, type="BATCH", lease=lease, groups=[_packed(g) for g in flight["groups"]],
                             **self._knobs("learner"),
-                            stats=self.stats(per_generator=False))
+                            stats=self.counters())
         return [(ident, reply)] + self._serve_acquires()
 
     def _on_priority(self, ident: bytes, msg: dict) -> list[Reply]:
@@ -356,30 +356,37 @@ class Hub:
                 self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
         return out + self._serve_acquires()
 
-    def stats(self, per_generator: bool = True) -> dict:
-        """Counters for STATS (and `async-rl status`); every BATCH carries them too, but without the
-        per-generator map, which costs O(generators) per batch and only status reads."""
+    def counters(self) -> dict:
+        """What every BATCH carries, for the learner's `buffer/*` metrics: the accounting counters (accepted ==
+        consumed + evicted_stale + size + in_flight), admission and the generators' totals. A learner samples
+        per step, so this is built per batch: keep it to O(1) work (plus O(generators) for the totals)."""
         s, t = self.state, self.state.table
-        counters = {**t.counters, **s.counters}
-        counters["evicted_stale"] = t.counters["evicted_stale"] + s.counters["evicted_in_flight"]
+        out = {**t.counters, **s.counters}
+        out["evicted_stale"] = t.counters["evicted_stale"] + s.counters["evicted_in_flight"]
         gen_tokens = gen_busy_s = 0.0
-        for g in s.generators.values():  # (one pass: every BATCH carries these)
+        for g in s.generators.values():
             gen_tokens += g["gen_tokens"]
             gen_busy_s += g["busy_s"]
-        return {
-            **counters, "version": s.version, "size": len(t), "in_flight": sum(len(f["keys"]) for f in s.in_flight.values()),
-            "replay_log_batches": sum(len(e) for e in s.trained.values()),
-            "max_staleness": s.max_staleness, "alpha": t.alpha, "capacity": t.capacity,
-            "credits_available": self.credits_available(),
-            "staleness_hist": {str(k): v for k, v in t.staleness_hist().items()},
-            "gen_tokens": gen_tokens, "gen_busy_s": gen_busy_s,
-            "num_generators": len(s.generators), "prompt_epoch": s.dispenser.epoch,
-            **({"generators": {gid: {k: g[k] for k in ("groups", "running", "dropped", "gen_tokens")} | {
-                "alive": time.time() - g["last_seen"] < self.cfg.buffer.generator_timeout}
-                for gid, g in s.generators.items()}} if per_generator else {}),
-            "uptime_s": time.time() - self.started, "recovered_records": self.recovered_records,
-            "wal_lsn": self.log.lsn if self.log else None, "done": s.done,
-        }
+        out.update(version=s.version, size=len(t), in_flight=sum(len(f["keys"]) for f in s.in_flight.values()),
+                   replay_log_batches=sum(len(e) for e in s.trained.values()), max_staleness=s.max_staleness,
+                   credits_available=self.credits_available(), gen_tokens=gen_tokens, gen_busy_s=gen_busy_s,
+                   num_generators=len(s.generators), done=s.done)
+        return out
+
+    def stats(self, per_generator: bool = True) -> dict:
+        """Everything STATS (and `async-rl status`) shows: `counters()` plus the table's knobs and staleness
+        histogram, the hub's uptime and log position, and (per_generator) each generator's counts."""
+        s, t = self.state, self.state.table
+        now = time.time()
+        out = self.counters()
+        out.update(alpha=t.alpha, capacity=t.capacity,
+                   staleness_hist={str(k): v for k, v in t.staleness_hist().items()}, prompt_epoch=s.dispenser.epoch,
+                   uptime_s=now - self.started, recovered_records=self.recovered_records,
+                   wal_lsn=self.log.lsn if self.log else None)
+        if per_generator:
+            out["generators"] = {gid: {k: g[k] for k in ("groups", "running", "dropped", "gen_tokens")} | {
+                "alive": now - g["last_seen"] < self.cfg.buffer.generator_timeout} for gid, g in s.generators.items()}
+        return out
 
 
 def _packed(group) -> wire.Packed:

@@ -183,7 +183,8 @@ def test_multi_group_put_is_all_or_nothing():
     assert s["accepted"] == 3 and s["duplicates"] == 1 and s["gen_tokens"] == 10
 
 
-def test_batch_stats_leave_out_the_per_generator_map_that_status_reads():
+def test_batch_stats_carry_what_the_learner_logs_and_leave_the_rest_to_status():
+    from learners.torch_learner import BUFFER_KEYS  # what the learner writes as buffer/* from each BATCH
     hub = Hub(cfg(), PROMPTS)
     for gid in ("g0", "g1", "g2"):
         hub.handle(b"g", {"type": "PUT", "group": group(gid=gid, seq=0)})
@@ -192,3 +193,6 @@ def test_batch_stats_leave_out_the_per_generator_map_that_status_reads():
     assert batch["stats"]["accepted"] == 3 and batch["stats"]["in_flight"] == 2
     status = reply_of(hub.handle(b"x", {"type": "STATS"}), "STATS")["stats"]
     assert sorted(status["generators"]) == ["g0", "g1", "g2"] and status["generators"]["g1"]["groups"] == 1
+    assert set(BUFFER_KEYS) | {"gen_tokens", "gen_busy_s", "num_generators", "version"} <= set(batch["stats"])
+    assert {k: status[k] for k in batch["stats"]} == batch["stats"]  # nothing happened in between: same values
+    assert {"staleness_hist", "uptime_s", "wal_lsn"} <= set(status) - set(batch["stats"])
