@@ -15,7 +15,8 @@ other file as checked out), with the same client, after each hub of the working 
 Payload: one group of one 2k-token trajectory (100 prompt + 2000 response ids, logprobs, versions:
 ~25 kB raw). Every path is one request in flight at a time (round-trip bound), client and server pinned
 to different cores, the client encoding every message the same way:
-- raw: a bare ROUTER that answers every message with a small reply (the floor of the transport)
+- raw: a bare ROUTER that answers every message with a small reply (the floor of the transport); for the
+  SAMPLE rows also shaped as SAMPLE: a small request, one group back as a BATCH, decoded by the client
 - decode + keep: a bare ROUTER that also cuts out, checks and keeps each group as the hub does (the floor
   of any hub in Python: its own logic, accounting and log excluded)
 - PUT+ACK: the hub storing the group (in memory; and with the WAL at each fsync policy)
@@ -53,6 +54,23 @@ ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
 while True:
     ident, payload = s.recv_multipart()
     s.send_multipart([ident, b"ok" * 32])
+"""
+
+# the floor of the SAMPLE path: a small request in, one group (as a BATCH) back, which the client decodes as a
+# learner's client does; the reply is encoded once, at start
+RAW_BATCH_SERVER = """
+import sys, zmq, os
+os.sched_setaffinity(0, [0])
+sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, os.path.join(sys.argv[2], "scripts"))
+from async_rl import wire
+from bench_buffer import make_group
+reply = wire.encode({"type": "BATCH", "rid": "r", "version": 0, "weights_path": "", "lease": "0" * 19,
+                     "groups": [make_group(1)], "knob_version": 0, "knobs": {}, "stats": {}})
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
+while True:
+    ident, payload = s.recv_multipart()
+    s.send_multipart([ident, reply])
 """
 
 # the floor of any hub written in Python: receive, cut the group out and check it as the hub does, reply,
@@ -238,7 +256,8 @@ class Running:
 
     def __init__(self, proc: subprocess.Popen, put, sample=None, close=None):
         self.proc, self.put, self.sample, self._close = proc, put, sample, close
-        self.calls = {"put": 0, "sample": 0}  # PUT keys count on across bursts; SAMPLE never outruns PUT
+        self.calls = {"put": 0, "sample": 0}  # PUT keys count on across bursts; a hub's SAMPLE never outruns PUT
+        self.holds = False  # a hub: SAMPLE takes what PUT stored
 
     def close(self) -> None:
         if self._close:
@@ -257,8 +276,13 @@ def running_raw(server: str) -> Running:
     def put(i):  # the same client work as a hub PUT (encode the group), minus the hub
         sock.send(wire.encode({"type": "PUT", "group": {**groups[i % 64], "seq": i}, "stats": {}, "rid": str(i)}))
         sock.recv()
-    run = Running(proc, put, close=sock.close)
-    rate(put, 0.5)  # connected and warm
+
+    def sample(i):  # the same client work as a learner's SAMPLE (encode the request, decode the batch)
+        sock.send(wire.encode({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0, "ack_lease": None,
+                               "rid": str(i)}))
+        wire.decode(sock.recv())
+    run = Running(proc, put, sample, close=sock.close)
+    rate(sample if server is RAW_BATCH_SERVER else put, 0.5)  # connected and warm
     return run
 
 
@@ -274,6 +298,7 @@ def running_hub(tmp: Path, src: Path, capacity: int = 0) -> Running:
                                 "ack_lease": lease}, timeout=30)
         lease = reply["lease"]
     run = Running(proc, lambda i: client.put({**groups[i % 64], "seq": i}, {}, timeout=30), sample, client.close)
+    run.holds = True
     return run
 
 
@@ -287,7 +312,7 @@ def alternate(rows: dict[str, tuple[Running, str]], rounds: int, burst: float) -
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             server, call = rows[label]
             start = server.calls[call]
-            left = None if call == "put" else server.calls["put"] - server.calls["sample"]
+            left = server.calls["put"] - server.calls["sample"] if call == "sample" and server.holds else None
 
             def one(i, server=server, call=call, fn=getattr(server, call)):
                 fn(start + i)
@@ -299,13 +324,17 @@ def alternate(rows: dict[str, tuple[Running, str]], rounds: int, burst: float) -
     return runs
 
 
+RAW_SAMPLE = "raw round trip shaped as SAMPLE (small request, one group back, decoded)"
+
+
 def in_memory_rows(args, tmp: Path, hubs: list[tuple[str, Path]]) -> dict[str, list[float]]:
     """The in-memory rows, measured by `alternate` (PUT rows first, then SAMPLE from what they stored)."""
-    servers = {"raw": running_raw(RAW_SERVER), "keep": running_raw(KEEP_SERVER)}
+    servers = {"raw": running_raw(RAW_SERVER), "keep": running_raw(KEEP_SERVER),
+               "raw batch": running_raw(RAW_BATCH_SERVER)}
     try:
         put = {"raw DEALER/ROUTER round trip": (servers["raw"], "put"),
                "server that only decodes, checks and keeps each group (no hub logic)": (servers["keep"], "put")}
-        sample = {"raw DEALER/ROUTER round trip": (servers["raw"], "put")}
+        sample = {"raw DEALER/ROUTER round trip": (servers["raw"], "put"), RAW_SAMPLE: (servers["raw batch"], "sample")}
         for tag, src in hubs:
             servers[tag] = running_hub(tmp, src)
             servers["cap" + tag] = running_hub(tmp, src, capacity=1000)
@@ -345,18 +374,19 @@ def bench_memory(n_groups: int, tmp: Path, src: Path = ROOT) -> float:
 
 def ab_table(args, tmp: Path, hubs: list[tuple[str, Path]]) -> int:
     """Only raw, this hub and the --baseline hub, on one path: PUT into a growing table (--ab put), PUT at
-    capacity 1000 (--ab put-capacity) or SAMPLE (--ab sample: after PUT rounds that fill the tables)."""
+    capacity 1000 (--ab put-capacity) or SAMPLE (--ab sample: after PUT rounds that fill the tables; raw is
+    then the SAMPLE-shaped round trip)."""
     if len(hubs) != 2:
         raise SystemExit("--ab needs --baseline REF: it compares this hub with the one at REF")
     capacity = 1000 if args.ab == "put-capacity" else 0
-    servers = {"raw": running_raw(RAW_SERVER), "after": running_hub(tmp, hubs[0][1], capacity),
+    servers = {"raw": running_raw(RAW_BATCH_SERVER if args.ab == "sample" else RAW_SERVER),
+               "after": running_hub(tmp, hubs[0][1], capacity),
                "before" + hubs[1][0]: running_hub(tmp, hubs[1][1], capacity)}
     try:
         call = "sample" if args.ab == "sample" else "put"
-        if call == "sample":
-            alternate({k: (v, "put") for k, v in servers.items()}, args.repeat, args.seconds * 1.5)
-        runs = alternate({k: (v, "put" if k == "raw" else call) for k, v in servers.items()}, args.repeat,
-                         args.seconds)
+        if call == "sample":  # fill the hubs
+            alternate({k: (v, "put") for k, v in servers.items() if k != "raw"}, args.repeat, args.seconds * 1.5)
+        runs = alternate({k: (v, call) for k, v in servers.items()}, args.repeat, args.seconds)
     finally:
         for server in servers.values():
             server.close()
@@ -375,14 +405,28 @@ def cost_table(args, tmp: Path, hubs: list[tuple[str, Path]]) -> int:
           f"faults per message, median over rounds\n")
     print("| server | msgs/s | vs raw (median, range) | CPU per message | page faults per message |\n"
           "|---|---|---|---|---|")
-    raw = runs["raw DEALER/ROUTER round trip"]
-    for label, values in runs.items():
-        cpu = statistics.median(c for c, _ in COST[label])
-        faults = statistics.median(f for _, f in COST[label])
-        ref = raw if "SAMPLE" not in label else raw[args.repeat:]
-        print(f"| {label} | {statistics.median(v for v in values if v == v):,.0f} | {paired(values, ref)} | "
+    for label, values, ratio in with_refs(runs, args.repeat):
+        cpu = statistics.median(c for c, _ in COST[label.split(" [vs")[0]])
+        faults = statistics.median(f for _, f in COST[label.split(" [vs")[0]])
+        print(f"| {label} | {statistics.median(v for v in values if v == v):,.0f} | {ratio} | "
               f"{cpu:.0f} us | {faults:.2f} |")
     return 0
+
+
+def with_refs(runs: dict[str, list[float]], rounds: int):
+    """(label, values, ratio to the raw row it is measured against) for every row. A SAMPLE row is shown
+    against the SAMPLE-shaped raw round trip (same bytes, same client decode) and against the PUT-shaped one."""
+    raw, raw8 = runs["raw DEALER/ROUTER round trip"], runs.get("raw, 8 groups per message (groups/s)")
+    for label, values in runs.items():
+        if label == RAW_SAMPLE:
+            yield label + " [vs the PUT-shaped raw]", values, paired(values, raw[rounds:])
+        elif "in memory: SAMPLE" in label:
+            yield label, values, paired(values, runs[RAW_SAMPLE])
+            yield label + " [vs the PUT-shaped raw]", values, paired(values, raw[rounds:])
+        else:
+            ref = (raw8 if "8 groups" in label else runs.get("raw DEALER/ROUTER round trip (WAL rounds)")
+                   if "WAL" in label else raw)
+            yield label, values, paired(values, ref)
 
 
 def paired(values: list[float], raw: list[float]) -> str:
@@ -434,14 +478,11 @@ def main() -> int:
                      bench_hub_batched(args.seconds, 8, tmp, src))
             keep("raw DEALER/ROUTER round trip (WAL rounds)", bench_raw(args.seconds))
     mem = {} if args.quick else {tag: bench_memory(args.memory_groups, tmp, src) for tag, src in hubs}
-    raw, raw8 = runs["raw DEALER/ROUTER round trip"], runs.get("raw, 8 groups per message (groups/s)")
     print(f"payload: 1 trajectory, 2k tokens, {RAW_BYTES} raw bytes; one request in flight; {args.repeat} rounds "
           f"of {args.seconds} s ({args.wal_rounds} of the WAL and 8-group rows)\n")
     print("| path | msgs/s | vs raw (median, range) |\n|---|---|---|")
-    for label, values in runs.items():
-        ref = (raw8 if "8 groups" in label else raw[args.repeat:] if "in memory: SAMPLE" in label
-               else runs.get("raw DEALER/ROUTER round trip (WAL rounds)") if "WAL" in label else raw)
-        print(f"| {label} | {statistics.median(v for v in values if v == v):,.0f} | {paired(values, ref)} |")
+    for label, values, ratio in with_refs(runs, args.repeat):
+        print(f"| {label} | {statistics.median(v for v in values if v == v):,.0f} | {ratio} |")
     for tag, m in mem.items():
         print(f"\nhub{tag} memory per stored group: {m:.2f}x its raw array bytes ({args.memory_groups} groups)")
     return 0
