@@ -286,8 +286,8 @@ def running_raw(server: str) -> Running:
     return run
 
 
-def running_hub(tmp: Path, src: Path, capacity: int = 0) -> Running:
-    proc, endpoint = start_hub(tmp, None, "never", src, capacity)
+def running_hub(tmp: Path, src: Path, capacity: int = 0, state: str | None = None) -> Running:
+    proc, endpoint = start_hub(tmp, state, "never", src, capacity)
     client = HubClient(endpoint, "bench")
     groups = [make_group(i) for i in range(64)]
     lease = None
@@ -374,14 +374,15 @@ def bench_memory(n_groups: int, tmp: Path, src: Path = ROOT) -> float:
 
 def ab_table(args, tmp: Path, hubs: list[tuple[str, Path]]) -> int:
     """Only raw, this hub and the --baseline hub, on one path: PUT into a growing table (--ab put), PUT at
-    capacity 1000 (--ab put-capacity) or SAMPLE (--ab sample: after PUT rounds that fill the tables; raw is
+    capacity 1000 (--ab put-capacity), PUT with the WAL at fsync=never (--ab put-wal) or SAMPLE (--ab sample: after PUT rounds that fill the tables; raw is
     then the SAMPLE-shaped round trip)."""
     if len(hubs) != 2:
         raise SystemExit("--ab needs --baseline REF: it compares this hub with the one at REF")
     capacity = 1000 if args.ab == "put-capacity" else 0
+    wal = (lambda name: str(tmp / name)) if args.ab == "put-wal" else (lambda name: None)
     servers = {"raw": running_raw(RAW_BATCH_SERVER if args.ab == "sample" else RAW_SERVER),
-               "after": running_hub(tmp, hubs[0][1], capacity),
-               "before" + hubs[1][0]: running_hub(tmp, hubs[1][1], capacity)}
+               "after": running_hub(tmp, hubs[0][1], capacity, wal("wal-after")),
+               "before" + hubs[1][0]: running_hub(tmp, hubs[1][1], capacity, wal("wal-before"))}
     try:
         call = "sample" if args.ab == "sample" else "put"
         if call == "sample":  # fill the hubs
@@ -446,7 +447,7 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true",
                     help="only the single-group PUT paths, with the server's CPU and page faults per message "
                          "(also the hub at capacity 1000, where each PUT evicts one group and memory is reused)")
-    ap.add_argument("--ab", choices=("put", "put-capacity", "sample"), default=None,
+    ap.add_argument("--ab", choices=("put", "put-capacity", "put-wal", "sample"), default=None,
                     help="only raw, this hub and the --baseline hub on one path, for a tighter comparison")
     ap.add_argument("--quick", action="store_true",
                     help="only raw, decode+keep and the in-memory hub (no WAL rows, no 8-group rows, no memory)")
