@@ -206,49 +206,24 @@ def bench_hub_batched(seconds: float, per_msg: int, tmp: Path, src: Path = ROOT)
         proc.wait()
 
 
-def bench_raw(seconds: float, server: str = RAW_SERVER, label: str = "") -> float:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-c", server, endpoint, str(ROOT)])
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(endpoint)
-    groups = [make_group(i) for i in range(64)]
-
-    def one(i):  # the same client work as a hub PUT (encode the group), minus the hub
-        sock.send(wire.encode({"type": "PUT", "group": {**groups[i % 64], "seq": i}, "stats": {}, "rid": str(i)}))
-        sock.recv()
+def bench_raw(seconds: float) -> float:
+    """The raw round trip on a server of its own (the WAL rounds' reference)."""
+    run = running_raw(RAW_SERVER)
     try:
-        rate(one, 0.5)
-        return rate(one, seconds, server=(label, proc.pid) if label else None)
+        return rate(run.put, seconds)
     finally:
-        sock.close()
-        proc.kill()
+        run.close()
 
 
-def bench_hub(seconds: float, state: str | None, fsync: str, tmp: Path, src: Path = ROOT,
-              capacity: int = 0, label: str = "") -> tuple[float, float]:
-    if state:
-        shutil.rmtree(state, ignore_errors=True)
-    proc, endpoint = start_hub(tmp, state, fsync, src, capacity)
-    client = HubClient(endpoint, "bench")
-    groups = [make_group(i) for i in range(64)]
+def bench_hub(seconds: float, state: str, fsync: str, tmp: Path, src: Path = ROOT) -> tuple[float, float]:
+    """PUT+ACK, then SAMPLE+ACK of what was stored, on a hub of its own (the WAL rows)."""
+    shutil.rmtree(state, ignore_errors=True)
+    run = running_hub(tmp, src, state=state, fsync=fsync)
     try:
-        puts = []
-        put_rate = rate(lambda i: puts.append(client.put({**groups[i % 64], "seq": i}, {}, timeout=30)), seconds,
-                        server=(label, proc.pid) if label else None)
-        lease = None
-
-        def sample(_):
-            nonlocal lease
-            reply = client.request({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0,
-                                    "ack_lease": lease}, timeout=30)
-            lease = reply["lease"]
-        held = min(len(puts), capacity) if capacity else len(puts)
-        sample_rate = rate(sample, seconds, max_calls=held)  # never more than what is stored
-        return put_rate, sample_rate
+        put = alternate({f"PUT {fsync}": (run, "put")}, 1, seconds)[f"PUT {fsync}"][0]
+        return put, alternate({f"SAMPLE {fsync}": (run, "sample")}, 1, seconds)[f"SAMPLE {fsync}"][0]
     finally:
-        client.close()
-        proc.terminate()
-        proc.wait()
+        run.close()
 
 
 class Running:
@@ -286,8 +261,8 @@ def running_raw(server: str) -> Running:
     return run
 
 
-def running_hub(tmp: Path, src: Path, capacity: int = 0, state: str | None = None) -> Running:
-    proc, endpoint = start_hub(tmp, state, "never", src, capacity)
+def running_hub(tmp: Path, src: Path, capacity: int = 0, state: str | None = None, fsync: str = "never") -> Running:
+    proc, endpoint = start_hub(tmp, state, fsync, src, capacity)
     client = HubClient(endpoint, "bench")
     groups = [make_group(i) for i in range(64)]
     lease = None
