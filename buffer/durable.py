@@ -34,47 +34,6 @@ def _pack(record: dict) -> bytes:
     return msgpack.packb(record, default=wire._default, use_bin_type=True)
 
 
-_SPLICE = 4096  # a top-level bytes-like value this large is written from where it lies, not copied
-_BIN = ((0xff, struct.Struct(">BB"), 0xc4), (0xffff, struct.Struct(">BH"), 0xc5), (0xffffffff, struct.Struct(">BI"), 0xc6))
-
-
-def _pack_parts(record: dict) -> list:
-    """`_pack(record)` as a list of pieces whose concatenation is byte-identical to it, with each large
-    top-level bytes-like value (a PUT's group) left as it is: the WAL writes it with writev, no copy."""
-    packer = wire._packer()
-    parts, run = [], [packer.pack_map_header(len(record))]
-    for key, value in record.items():
-        run.append(packer.pack(key))
-        if isinstance(value, (bytes, memoryview)) and len(value) >= _SPLICE:
-            n = len(value) if type(value) is bytes else value.nbytes
-            for limit, head, marker in _BIN:
-                if n <= limit:
-                    run.append(head.pack(marker, n))
-                    break
-            else:
-                raise ValueError(f"a {n}-byte value cannot be logged (msgpack bin holds at most 4 GiB)")
-            parts.append(b"".join(run))
-            parts.append(value)
-            run = []
-        else:
-            run.append(_pack(value))
-    if run:
-        parts.append(b"".join(run))
-    return parts
-
-
-def _write_all(fd: int, parts: list) -> None:
-    """writev until every byte of `parts` is written (a regular file may take less than all in one call)."""
-    views = [memoryview(p).cast("B") for p in parts]
-    while views:
-        done = os.writev(fd, views)
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
-        if views and done:
-            views[0] = views[0][done:]
-
-
 def _unpack(data: bytes) -> dict:
     return msgpack.unpackb(data, ext_hook=wire._ext_hook, raw=False, strict_map_key=False)
 
@@ -143,14 +102,9 @@ class DurableLog:
         self._file = open(self.dir / f"wal-{self.lsn + 1:012d}.log", "ab", buffering=0)
 
     def append(self, record: dict) -> int:
-        parts = _pack_parts(record)
-        length, crc = 0, 0
-        for part in parts:
-            length += len(part) if type(part) is bytes else part.nbytes
-            crc = zlib.crc32(part, crc)
-        # one writev, the group from where it lies; a hub killed mid-write leaves a torn tail, cut off on recovery
-        _write_all(self._file.fileno(), [_HEAD.pack(length, crc), *parts])
-        self.bytes_written += _HEAD.size + length
+        body = wire.pack_value(record)  # (the thread's Packer: packb would build one, 1 MiB buffer, per record)
+        self._file.write(_HEAD.pack(len(body), zlib.crc32(body)) + body)  # one write: never half a header
+        self.bytes_written += _HEAD.size + len(body)
         self.lsn += 1
         if self.fsync == "always":
             os.fsync(self._file.fileno())

@@ -5,6 +5,7 @@
     python scripts/bench_buffer.py --baseline HEAD~3   # also the hub's code at a commit, side by side
     python scripts/bench_buffer.py --cpu               # server CPU and page faults per PUT (+ the hub at capacity)
     python scripts/bench_buffer.py --ab put --baseline HEAD~3 --repeat 30 --seconds 0.25   # one path, A/B
+    python scripts/bench_buffer.py --in-process --repeat 7 --baseline HEAD~3   # the hub's own work, no sockets
 
 Every row is measured once per round, all rows back to back, `--repeat` rounds. "vs raw" is the median over
 rounds of the row's rate over the raw rate of the same round (paired: a slow spell of the machine, shared
@@ -411,6 +412,88 @@ def paired(values: list[float], raw: list[float]) -> str:
     return f"{statistics.median(ratios):.0%} ({min(ratios):.0%}-{max(ratios):.0%})"
 
 
+IN_PROCESS = """
+import sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from async_rl import config as C, wire
+from buffer.durable import DurableLog
+from buffer.hub import Hub
+from bench_buffer import make_group
+tmp = Path(tempfile.mkdtemp())
+(tmp / "p.jsonl").write_text('{"input": "1+1=", "label": "2"}\\n')
+N, pc = 2500, time.perf_counter
+
+
+def hub(capacity, wal=False):
+    cfg = C.load(None, [f"prompt_data={tmp / 'p.jsonl'}", "rollout_batch_size=1", "n_samples_per_prompt=1",
+                        "max_staleness=1000000", "num_rollout=100000000", "snapshot_interval=1000000000",
+                        f"capacity={capacity}"])
+    log = DurableLog(tempfile.mkdtemp(dir=tmp), "never") if wal else None
+    if log is not None:
+        log.recover()
+    return Hub(cfg, [{"input": "1+1=", "label": "2"}], log)
+
+
+puts = [wire.encode({"type": "PUT", "group": {**make_group(i % 64), "seq": i}, "stats": {}, "rid": str(i)})
+        for i in range(N)]
+sample = wire.encode({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0, "rid": "r"})
+
+
+def put_round(h):  # what the hub loop does per PUT: decode, handle, flush, encode (ACK sent), then settle
+    early = total = 0.0
+    for p in puts:
+        t0 = pc()
+        out = [wire.encode(r) for _, r in h.handle_early(b"g", wire.decode(p, packed=("group", "groups")))]
+        h.flush()
+        t1 = pc()
+        h.settle()
+        early, total = early + t1 - t0, total + pc() - t0
+    return early / N * 1e6, total / N * 1e6
+
+
+def sample_round(h):
+    lease, t = None, 0.0
+    for _ in range(N - 10):
+        t0 = pc()
+        msg = wire.decode(sample, packed=("group", "groups"))
+        msg["ack_lease"] = lease
+        replies = h.handle_early(b"l", msg)
+        out = [wire.encode(r) for _, r in replies]
+        h.settle()
+        t += pc() - t0
+        lease = replies[0][1]["lease"]
+    return t / (N - 10) * 1e6
+
+
+best = {}
+for _ in range(int(sys.argv[3])):
+    early, total = put_round(hub(1000))
+    filled = hub(0)
+    put_round(filled)
+    wal = put_round(hub(1000, wal=True))[1]
+    for k, v in {"PUT before its ACK": early, "PUT in all": total, "PUT in all, WAL fsync=never": wal,
+                 "SAMPLE+ACK": sample_round(filled)}.items():
+        best[k] = min(best.get(k, 1e9), v)
+print(repr(best))
+"""
+
+
+def in_process_table(args, hubs: list[tuple[str, Path]]) -> int:
+    """The hub's server-side work per message, driven in process (no sockets): the best of --repeat runs of
+    2,500 messages (capacity 1000 for PUT, so memory is reused), each hub's code in a process of its own."""
+    import ast
+    res = {tag: ast.literal_eval(subprocess.run(
+        [sys.executable, "-c", IN_PROCESS, str(src), str(ROOT / "scripts"), str(args.repeat)], check=True,
+        capture_output=True, text=True).stdout) for tag, src in hubs}
+    print(f"in process, best of {args.repeat} runs of 2,500 messages, us per message\n")
+    print("| work | " + " | ".join(f"hub{tag}" for tag in res) + " |\n|---|" + "---|" * len(res))
+    for key in res[""]:
+        print(f"| {key} | " + " | ".join(f"{r[key]:.1f}" for r in res.values()) + " |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -424,6 +507,8 @@ def main() -> int:
                          "(also the hub at capacity 1000, where each PUT evicts one group and memory is reused)")
     ap.add_argument("--ab", choices=("put", "put-capacity", "put-wal", "sample"), default=None,
                     help="only raw, this hub and the --baseline hub on one path, for a tighter comparison")
+    ap.add_argument("--in-process", action="store_true",
+                    help="the hub's own work per PUT / SAMPLE, driven in process without sockets (best of --repeat)")
     ap.add_argument("--quick", action="store_true",
                     help="only raw, decode+keep and the in-memory hub (no WAL rows, no 8-group rows, no memory)")
     args = ap.parse_args()
@@ -437,6 +522,8 @@ def main() -> int:
 
     paths = (("hub, in memory", None, "never"), ("hub + WAL, fsync=never", "never", "never"),
              ("hub + WAL, fsync=batch", "batch", "batch"), ("hub + WAL, fsync=always", "always", "always"))
+    if args.in_process:
+        return in_process_table(args, hubs)
     if args.ab:
         return ab_table(args, tmp, hubs)
     if args.cpu:
