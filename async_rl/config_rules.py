@@ -248,10 +248,29 @@ def _algo_rules(cfg: "Config") -> None:
         raise _err(f"algo.tis_clip={a.tis_clip}: must be > tis_clip_low={a.tis_clip_low}")
     _algo_kl_rules(a)
     _algo_plugin_rules(a)
+    _group_baseline_rule(cfg)
+
+
+# Estimators whose baseline is the group's mean reward: one sample per prompt leaves nothing to compare.
+GROUP_BASELINE_ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus_baseline")
+
+
+def kl_reward_shaping(a) -> bool:
+    """Whether kl_coef shapes rewards: not under grpo/gspo (as in slime) unless grpo_kl_reward_shaping."""
+    return a.kl_coef != 0 and (a.advantage_estimator not in ("grpo", "gspo") or a.grpo_kl_reward_shaping)
+
+
+def _group_baseline_rule(cfg: "Config") -> None:
+    a, n = cfg.algo, cfg.rollout.n_samples_per_prompt
+    if (n == 1 and a.loss_type == "policy_loss" and a.advantage_estimator in GROUP_BASELINE_ESTIMATORS
+            and not a.disable_rewards_normalization):
+        raise _err(f"rollout.n_samples_per_prompt=1: advantage_estimator={a.advantage_estimator} subtracts the "
+                   f"group's mean reward, so a group of one gets advantage 0 and trains on nothing; set "
+                   f"n_samples_per_prompt >= 2 (slime's examples use 8-16), or use reinforce_plus_plus or ppo")
 
 
 def _algo_kl_rules(a) -> None:
-    if a.kl_coef != 0 and a.kl_loss_coef != 0:
+    if kl_reward_shaping(a) and a.kl_loss_coef != 0:
         raise _err(f"algo.kl_coef={a.kl_coef} and algo.kl_loss_coef={a.kl_loss_coef}: use one KL penalty, "
                    f"reward shaping (kl_coef) or the KL loss (use_kl_loss + kl_loss_coef); set the other to 0")
     if a.kl_loss_coef != 0 and not a.use_kl_loss:
@@ -488,6 +507,11 @@ def check_paths(cfg: "Config") -> None:
         if not Path(value).is_file():
             raise _err(f"{sec}.{name}={value!r}: file not found; point it at a JSONL prompt file")
     resolve_num_rollout(cfg)
+    a = cfg.algo
+    if a.kl_coef != 0 and not kl_reward_shaping(a):
+        print(f"config: algo.kl_coef={a.kl_coef} is ignored under advantage_estimator={a.advantage_estimator}, as "
+              f"in slime; for a KL penalty set use_kl_loss=true kl_loss_coef=..., or grpo_kl_reward_shaping=true "
+              f"to shape rewards with it", flush=True)
 
 
 def resolve_num_rollout(cfg: "Config") -> None:

@@ -22,6 +22,7 @@ import torch
 
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
+from async_rl.config_rules import kl_reward_shaping
 from async_rl.hub_client import HubClient, HubTimeout, group_priorities
 from async_rl.metrics import MetricsWriter
 from async_rl.types import Group
@@ -51,7 +52,7 @@ def forward_logprobs(model, rows: dict, temperature: float) -> torch.Tensor:
 
 
 def needs_reference(algo) -> bool:
-    return algo.kl_coef != 0 or algo.use_kl_loss
+    return kl_reward_shaping(algo) or algo.use_kl_loss
 
 
 def _mean(steps: list[dict], key: str) -> float | None:
