@@ -30,8 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from async_rl.config import AlgoConfig, field_choices
+
 _UNIFORM_RTOL = 4 * torch.finfo(torch.float32).eps
-ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
+ESTIMATORS = field_choices(AlgoConfig, "advantage_estimator")
 
 
 @dataclass

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from learners.advantages import grpo_advantages  # noqa: F401  (re-export)
-
-_LOG_RATIO_BOUND = 20.0
+from learners.kl import LOG_RATIO_BOUND as _LOG_RATIO_BOUND
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
