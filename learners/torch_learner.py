@@ -23,7 +23,7 @@ import torch
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
 from async_rl.config_rules import kl_reward_shaping
-from async_rl.hub_client import HubClient, HubTimeout, group_priorities
+from async_rl.hub_client import HubClient, HubTimeout
 from async_rl.metrics import MetricsWriter
 from async_rl.types import Group
 from async_rl.plugins import PluginError
@@ -35,6 +35,7 @@ from learners.kl import approx_kl
 from learners.objective import actor_loss
 from learners.optim import accumulate_step, build_optimizer as _build_optimizer, micro_slices
 from learners.plugins import load_algo_plugins
+from learners.priorities import group_priorities
 from learners.weights import BroadcastPublisher, eval_pin, publish
 
 
