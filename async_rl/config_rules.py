@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import re
 from typing import TYPE_CHECKING, Literal, get_args, get_origin, get_type_hints
 
@@ -337,7 +338,8 @@ def _optimizer_rules(cfg: "Config") -> None:
 
 def _buffer_rules(cfg: "Config") -> None:
     b = cfg.buffer
-    _at_least("buffer", b, "max_staleness", 0)
+    if max_staleness_problem(b.max_staleness):
+        raise _err(max_staleness_problem(b.max_staleness))
     for name in ("put_timeout", "generator_timeout", "heartbeat_interval"):
         if getattr(b, name) <= 0:
             raise _err(f"buffer.{name}={getattr(b, name)}: must be > 0 seconds")
@@ -425,6 +427,16 @@ _MEGATRON_ONLY = ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipe
                   "context_parallel_size", "sequence_parallel", "use_dynamic_batch_size", "max_tokens_per_gpu",
                   "log_probs_max_tokens_per_gpu", "balance_data", "recompute_granularity", "recompute_method",
                   "recompute_num_layers")
+
+
+def max_staleness_problem(value) -> str:
+    """'' when `value` is a valid `buffer.max_staleness`, else the error naming field, value and fix. The one
+    check of the bound: the config loader, buffer/staleness.py (table and live SET) all call it; it lives
+    here because async_rl/ never imports buffer/."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        return (f"buffer.max_staleness={value!r}: must be >= 0 and an integer: the versions generators may run "
+                f"ahead of the learner (0 = synchronous on-policy), e.g. max_staleness=2")
+    return ""
 
 
 def torch_device_problem(value: str) -> str:
