@@ -1,0 +1,194 @@
+"""Pulling published weights from a run's weight server (async_rl/weight_server.py) into a local store, on a
+host that does not share the run's filesystem. Shared by generators (actors/) and the attach command.
+
+`WeightPuller(endpoint, dest, keys).pull(version)` -> `dest/v{version}`, a complete HF checkpoint dir.
+
+Invariants:
+- A version appears in `dest` only whole: chunks go into `dest/.v{N}.partial/`, every chunk is checked
+  against the manifest's sha256 before it is written, and the dir is renamed into place once every chunk is.
+- Resumable: each written chunk is journaled (`dest/.v{N}.journal`); a pull cut off (connection dropped,
+  server restarted, this process killed) continues from the journal, re-requesting only what is missing
+  (journaled chunks are re-checked against the manifest, so a torn write is fetched again).
+- No reply within `resend_after` seconds: a fresh socket, and every outstanding chunk asked again; replies
+  are matched by request id, so a late duplicate is ignored.
+- Pulls of one version by several processes on a host (one per attached generator) take turns on a file
+  lock, so the bytes cross the network once.
+"""
+from __future__ import annotations
+
+import collections
+import fcntl
+import hashlib
+import itertools
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import zmq
+
+from async_rl import wire
+
+
+class WeightPullError(RuntimeError):
+    """The server refused (e.g. the version is gone) or kept sending bytes that do not match the manifest."""
+
+
+class WeightPuller:
+    def __init__(self, endpoint: str, dest: str | Path, keys: str | Path | None = None, window: int = 8,
+                 resend_after: float = 5.0, keep: int = 3):
+        if window < 1 or keep < 1:
+            raise ValueError(f"window={window}, keep={keep}: both must be >= 1")
+        self.endpoint, self.dest, self.keys = endpoint, Path(dest), keys
+        self.window, self.resend_after, self.keep = window, resend_after, keep
+        self.dest.mkdir(parents=True, exist_ok=True)
+        self._rids = itertools.count()
+        self.stats = {"chunks": 0, "bytes": 0, "reconnects": 0, "bad_chunks": 0, "resumed_chunks": 0,
+                      "max_frame": 0, "seconds": 0.0}
+
+    # ---- the socket ------------------------------------------------------------------------------
+    def _socket(self) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"pull-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode())
+        sock.setsockopt(zmq.RCVHWM, 4 * self.window)
+        if self.keys:
+            from async_rl.keys import secure_client
+            secure_client(sock, self.keys)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _ask(self, msg: dict, timeout: float) -> dict:
+        """One small request, resent on a fresh socket until answered or `timeout`."""
+        deadline = time.monotonic() + timeout
+        rid = f"{os.getpid()}-{next(self._rids)}"
+        while time.monotonic() < deadline:
+            sock = self._socket()
+            try:
+                sock.send(wire.encode({**msg, "rid": rid}))
+                if sock.poll(int(1000 * min(self.resend_after, max(0.1, deadline - time.monotonic())))):
+                    frames = sock.recv_multipart()
+                    reply = wire.decode(frames[0])
+                    if reply.get("rid") == rid:
+                        if reply.get("type") == "ERROR":
+                            raise WeightPullError(f"weight server {self.endpoint}: {reply.get('error')}")
+                        return reply
+            finally:
+                sock.close()
+            self.stats["reconnects"] += 1
+        raise TimeoutError(f"{msg['type']}: no answer from the weight server {self.endpoint} in {timeout:.0f}s")
+
+    def latest(self, timeout: float = 60.0) -> int:
+        return int(self._ask({"type": "VERSIONS"}, timeout)["latest"])
+
+    # ---- a pull ----------------------------------------------------------------------------------
+    def pull(self, version: int, timeout: float = 600.0) -> Path:
+        """`dest/v{version}`, pulled unless already here; raises WeightPullError / TimeoutError."""
+        final = self.dest / f"v{version}"
+        if final.is_dir():
+            return final
+        with open(self.dest / f".v{version}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another generator of this host may be pulling it now
+            if not final.is_dir():
+                t0 = time.monotonic()
+                self._pull(version, final, time.monotonic() + timeout)
+                self.stats["seconds"] = time.monotonic() - t0
+                self.prune(version)
+        return final
+
+    def _pull(self, version: int, final: Path, deadline: float) -> None:
+        manifest = self._ask({"type": "MANIFEST", "version": version}, max(1.0, deadline - time.monotonic()))
+        partial, journal = self.dest / f".v{version}.partial", self.dest / f".v{version}.journal"
+        entries = {f["name"]: f for f in manifest["files"]}
+        fds = {}
+        try:
+            for name, f in entries.items():
+                path = partial / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fds[name] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                os.ftruncate(fds[name], f["size"])
+            done = self._resume(journal, entries, fds, manifest["chunk_bytes"])
+            todo = collections.deque((n, i) for n, f in entries.items() for i in range(len(f["sha256"]))
+                                     if (n, i) not in done)
+            with open(journal, "a") as log:
+                self._fetch(version, todo, entries, fds, log, deadline)
+            for fd in fds.values():
+                os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        os.replace(partial, final)
+        journal.unlink(missing_ok=True)
+
+    def _resume(self, journal: Path, entries: dict, fds: dict, chunk_bytes: int) -> set:
+        """Chunks an earlier, cut-off pull already wrote and that still match the manifest."""
+        done = set()
+        if not journal.exists():
+            return done
+        for line in journal.read_text().splitlines():
+            name, _, index = line.rpartition("\t")
+            if name in entries and index.isdigit() and int(index) < len(entries[name]["sha256"]):
+                data = os.pread(fds[name], chunk_bytes, int(index) * chunk_bytes)
+                if hashlib.sha256(data).hexdigest() == entries[name]["sha256"][int(index)]:
+                    done.add((name, int(index)))
+        self.stats["resumed_chunks"] += len(done)
+        return done
+
+    def _fetch(self, version: int, todo: collections.deque, entries: dict, fds: dict, log, deadline: float) -> None:
+        sock, outstanding, retries = self._socket(), {}, collections.Counter()
+        try:
+            while todo or outstanding:
+                while todo and len(outstanding) < self.window:
+                    name, index = todo.popleft()
+                    rid = f"{os.getpid()}-{next(self._rids)}"
+                    sock.send(wire.encode({"type": "CHUNK", "version": version, "name": name, "index": index,
+                                           "rid": rid}))
+                    outstanding[rid] = (name, index)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pull of v{version} from {self.endpoint}: {len(todo) + len(outstanding)} "
+                                       f"chunk(s) still missing at the deadline")
+                if not sock.poll(int(1000 * self.resend_after)):
+                    # silence: the connection may be dead; a fresh socket, and ask for everything outstanding again
+                    sock.close()
+                    sock = self._socket()
+                    todo.extendleft(reversed(list(outstanding.values())))
+                    outstanding.clear()
+                    self.stats["reconnects"] += 1
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                head = wire.decode(frames[0].bytes)
+                key = outstanding.pop(head.get("rid"), None)
+                if key is None:
+                    continue  # a late answer to a request asked again since
+                if head.get("type") == "ERROR":
+                    raise WeightPullError(f"weight server {self.endpoint}: {head.get('error')}")
+                self._store(key, head, frames[1].buffer if len(frames) > 1 else b"", entries, fds, log,
+                            retries, todo)
+        finally:
+            sock.close()
+
+    def _store(self, key, head, data, entries, fds, log, retries, todo) -> None:
+        name, index = key
+        expected = entries[name]["sha256"][index]
+        self.stats["max_frame"] = max(self.stats["max_frame"], len(data))
+        if hashlib.sha256(data).hexdigest() != expected or head.get("sha256") != expected:
+            self.stats["bad_chunks"] += 1
+            retries[key] += 1
+            if retries[key] > 3:
+                raise WeightPullError(f"chunk {index} of {name} (v{head.get('version')}) failed its checksum "
+                                      f"{retries[key]} times: the server's copy differs from its manifest")
+            todo.append(key)
+            return
+        os.pwrite(fds[name], data, int(head["offset"]))
+        log.write(f"{name}\t{index}\n")
+        log.flush()
+        self.stats["chunks"] += 1
+        self.stats["bytes"] += len(data)
+
+    def prune(self, newest: int) -> None:
+        """Keep the newest `keep` complete versions here (never `newest`, the one just pulled)."""
+        versions = sorted(int(p.name[1:]) for p in self.dest.glob("v*") if p.name[1:].isdigit())
+        for v in versions[:-self.keep]:
+            if v != newest:
+                shutil.rmtree(self.dest / f"v{v}", ignore_errors=True)
