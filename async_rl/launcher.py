@@ -12,6 +12,7 @@ process is gone when `launch` returns.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -25,7 +26,8 @@ from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
 from async_rl.procs import ProcessGroup, RestartPolicy
 from async_rl.progress import Progress
-from async_rl.run_dir import Manifest
+from async_rl.preflight import check_before_start
+from async_rl.run_dir import Manifest, RunDirBusy, lock_run_dir
 
 
 class LaunchError(RuntimeError):
@@ -90,12 +92,26 @@ class Launcher:
         self.engine_urls: list[str] = []
         self.restart_policy = RestartPolicy(cfg.cluster.max_restarts, cfg.cluster.restart_backoff)
         self.restart_due: dict[str, float] = {}  # dead process -> when its restart is due (monotonic)
+        self.lock_fd: int | None = None  # run_dir/launch.lock, held from prepare() to the end of launch()
+
+    def release(self) -> None:
+        """Give up the run directory (launch() does, once every process is gone and run.json is final)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def key_args(self) -> list[str]:
         return ["--keys", str(self.keys_dir)] if self.keys_dir else []
 
     def prepare(self) -> None:
         check_paths(self.cfg)
+        check_before_start(self.cfg)
+        if self.resume and not (self.run_dir / "hub").is_dir():  # checked before anything is created there
+            raise LaunchError(f"--resume: {self.run_dir} holds no hub state (run_dir/hub); launch it without --resume")
+        try:  # held for the run's life: a second launch into this dir stops here, having touched nothing
+            self.lock_fd = lock_run_dir(self.run_dir)
+        except RunDirBusy as exc:
+            raise LaunchError(str(exc)) from None
         d = self.cfg.debug
         if d.debug_train_only:
             from async_rl.debug import check_load_data
@@ -112,8 +128,6 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "hub.endpoint").unlink(missing_ok=True)
         if self.resume:
-            if not (self.run_dir / "hub").is_dir():
-                raise LaunchError(f"--resume: {self.run_dir} holds no hub state (run_dir/hub); launch it without --resume")
             if not self.cfg.debug.debug_rollout_only:  # after a crash: rows past the checkpoint are trained again
                 self._rewind_metrics(self._learner_resume_step())
         else:  # a new run starts with an empty hub and no metrics
@@ -386,10 +400,11 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
     except LaunchError as exc:
         print(f"async-rl: {exc}", flush=True)
         return 2
-    progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress)
+    progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress, resume=resume)
+    signals = _Interrupts(launcher.procs)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, _raise_interrupt)
+        signal.signal(sig, signals.handle)
     signal.signal(signal.SIGUSR1, lambda *_: setattr(launcher, "stop_requested", True))
     code, status, evals = 1, "failed", {}
     try:
@@ -411,19 +426,43 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
         print(f"async-rl: run failed: {exc}", flush=True)
     except KeyboardInterrupt:
         progress.stop()
-        print("async-rl: interrupted; stopping every process", flush=True)
+        print("async-rl: interrupted; stopping every process (interrupt again to kill them now)", flush=True)
         code, status = 130, "interrupted"
     finally:
+        signals.cleaning = True  # from here an interrupt hurries the shutdown; it never aborts it
         launcher.procs.stop_all()
-        launcher.record(status, exit_code=code, finished=time.time())
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        launcher.record(status, exit_code=code, finished=time.time(), ended_by=signals.why(status))
+    if signals.count > 1:
+        print("async-rl: interrupted again: every process was killed", flush=True)
     from async_rl.report import write_report
     summary = write_report(launcher.run_dir, evals=evals)
     if summary:
         print(summary, flush=True)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    launcher.release()
     return code
 
 
-def _raise_interrupt(*_):
-    raise KeyboardInterrupt
+class _Interrupts:
+    """SIGINT/SIGTERM during a run: the first raises KeyboardInterrupt (out of whatever the launcher waits on);
+    any later one, or one during the shutdown, only makes the shutdown kill at once (ProcessGroup.hurry)
+    instead of raising inside it, which would orphan the children and leave run.json saying `running`."""
+
+    def __init__(self, procs: ProcessGroup):
+        self.procs, self.count, self.cleaning, self.signals = procs, 0, False, []
+
+    def handle(self, signum, _frame) -> None:
+        self.count += 1
+        self.signals.append(signal.Signals(signum).name)
+        if self.count == 1 and not self.cleaning:
+            raise KeyboardInterrupt
+        self.procs.hurry = True
+
+    def why(self, status: str) -> str:
+        """How the run ended, for run.json's `ended_by`."""
+        if status != "interrupted":
+            return {"completed": "num_rollout reached", "stopped": "async-rl stop"}.get(status, "a process failed")
+        if self.count > 1:
+            return f"{' then '.join(self.signals)}: the second killed every process without waiting"
+        return f"{self.signals[0]}: every process stopped"

@@ -55,3 +55,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def elapsed_before(run_dir: str | Path, step: int) -> float:
+    """The `time` of the last logged step before `step`: where a resumed learner's clock continues from, so
+    `time` (and the summary's wall time) counts the training of every launch, not only the last one."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", step) < step and r.get("time") is not None]
+    return float(rows[-1]["time"]) if rows else 0.0

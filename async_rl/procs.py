@@ -1,7 +1,8 @@
 """Local child processes of a run: each in its own session (so a signal to the launcher's terminal does not
 race the launcher's own shutdown), logging to `run_dir/logs/NAME.log`, optionally pinned to CPU cores.
 
-`ProcessGroup.stop_all` guarantees no orphans: SIGTERM, a grace period, then SIGKILL of each process group.
+`ProcessGroup.stop_all` guarantees no orphans: SIGTERM, a grace period, then SIGKILL of each process group;
+setting `hurry` (a second Ctrl-C, from a signal handler) cuts the grace period short, never the SIGKILL.
 `ProcessGroup.respawn` starts a dead child again with the command line, cores and priority it first had (the
 launcher's supervisor decides when; `RestartPolicy` how often and after what backoff).
 """
@@ -39,6 +40,7 @@ class ProcessGroup:
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
         self.children: dict[str, Child] = {}
+        self.hurry = False  # set from a signal handler: stop waiting out the grace period, SIGKILL now
 
     def start(self, name: str, module: str, args: list[str], cpus: list[int] | None = None,
               threads: int = 1, critical: bool = True, nice: int = 0) -> Child:
@@ -107,10 +109,8 @@ class ProcessGroup:
                 self._signal(child, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for child in children:
-            try:
-                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+            while not self.hurry and child.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
         for child in children:
             self._signal(child, signal.SIGKILL)  # also reaps grandchildren left in the group
             try:

@@ -24,7 +24,7 @@ from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
 from async_rl.config_rules import kl_reward_shaping
 from async_rl.hub_client import HubClient, HubTimeout
-from async_rl.metrics import MetricsWriter
+from async_rl.metrics import MetricsWriter, elapsed_before
 from async_rl.types import Group
 from async_rl.plugins import PluginError
 from learners import checkpoint, losses, offpolicy
@@ -299,7 +299,8 @@ class TorchLearner:
         """Train from `start_step` to num_rollout (or until stopped), then checkpoint and ack the last batch."""
         r, interval = self.cfg.rollout, self.cfg.ckpt.save_interval
         writer = self._writer()
-        t_start = last = time.time()
+        last = time.time()
+        t_start = last - (elapsed_before(self.run_dir, start_step) if start_step else 0.0)  # resumed: time continues
         prev_stats = {"gen_tokens": 0, "gen_busy_s": 0.0}
         step = start_step
         try:
