@@ -20,7 +20,7 @@ from actors.engine_client import EngineClient
 from actors.rewards import RewardScorer
 from async_rl import config as config_mod
 from async_rl.config_rules import eval_datasets
-from async_rl.data import load_prompt_data
+from async_rl.data import eval_data_config, load_prompt_data
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -41,8 +41,8 @@ def pass_at_ks(correct: list[int], n: int) -> dict[str, float]:
 
 
 def load_eval_set(cfg: config_mod.Config, path: str) -> list[dict]:
-    """An eval set with the data section's keys and chat template, cut to eval_max_prompts."""
-    return load_prompt_data(cfg.data, cfg.ckpt.hf_checkpoint, path)[:cfg.eval.eval_max_prompts]
+    """An eval set with the data section's keys (eval.eval_*_key where set) and chat template, cut to eval_max_prompts."""
+    return load_prompt_data(eval_data_config(cfg), cfg.ckpt.hf_checkpoint, path)[:cfg.eval.eval_max_prompts]
 
 
 def prompt_ids(cfg: config_mod.Config, tokenizer, prompt: dict) -> list[int]:

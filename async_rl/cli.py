@@ -176,6 +176,8 @@ def cmd_config(args) -> int:
             print(f"\n## {sec.name}\n{type(section).__doc__}\n")
             for f in fields(section):
                 print(f"- `{sec.name}.{f.name}` (default `{getattr(section, f.name)!r}`): {f.metadata.get('doc', '')}")
+        from async_rl.slime_flags import doc
+        print(f"\n{doc()}")
         return 0
     try:
         cfg = config_mod.load(args.config, args.overrides)
@@ -199,9 +201,10 @@ def cmd_attach(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="async-rl", description="fully asynchronous RL post-training")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("launch", help="run a job: async-rl launch CONFIG [key=value ...] --run-dir DIR")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. rollout.n_samples_per_prompt=8 or max_staleness=0")
+    p = sub.add_parser("launch", help="run a job: async-rl launch [CONFIG] [key=value | --slime-flag value ...] --run-dir DIR")
+    p.add_argument("config", nargs="?", help="YAML config (optional: defaults plus the overrides)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. rollout.n_samples_per_prompt=8 or max_staleness=0; "
+                                                "slime's dashed flags too: --rollout-batch-size 8 --use-tis")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/TIMESTAMP)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its learner checkpoint and hub state")
@@ -241,8 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _slime_words(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`launch` / `config` take slime's dashed flags (async_rl/slime_flags.py) as key=value words; with no YAML
+    (slime's run scripts have none) a first word that is no file is an override, not the config."""
+    from async_rl.slime_flags import to_words
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    own = {o: a.nargs != 0 for a in sub._actions for o in a.option_strings}
+    return [argv[0], *to_words(argv[1:], own)]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, slime's dashed flags included; raises ConfigError for a flag that cannot be taken."""
+    ap = build_parser()
+    if argv and argv[0] in ("launch", "config"):
+        argv = _slime_words(ap, argv)
+    args = ap.parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except config_mod.ConfigError as exc:
+        print(f"async-rl: config error: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.fn(args)
     except BrokenPipeError:  # `async-rl config --doc | head`: the reader has what it wanted

@@ -137,6 +137,9 @@ class EvalConfig:
     eval_top_k: int = knob(-1, "Top-k of the eval_interval evals; -1 disables.")
     eval_max_prompts: int = knob(200, "Eval prompts used per evaluation.")
     eval_max_response_len: int = knob(0, "Max new tokens in evaluation; 0 = rollout_max_response_len.")
+    eval_input_key: str = knob("", "Key of the prompt in the eval files; empty = data.input_key.")
+    eval_label_key: str = knob("", "Key of the label in the eval files; empty = data.label_key.")
+    eval_tool_key: str = knob("", "Key of per-prompt tool specs in the eval files; empty = data.tool_key.")
 
 
 @dataclass
@@ -217,7 +220,15 @@ class LoggingConfig:
     use_wandb: bool = knob(False, "Log metrics to Weights & Biases.")
     wandb_mode: str = knob("offline", "`offline` or `disabled` (no network here); `online` needs network.")
     wandb_project: str = knob("async-rl", "W&B project name.")
-    use_tensorboard: bool = knob(False, "Write TensorBoard event files to run_dir/tensorboard.")
+    use_tensorboard: bool = knob(False, "Write TensorBoard event files to run_dir/tensorboard (/tb_project_name/tb_experiment_name when set).")
+    wandb_group: str = knob("", "W&B group of the run (slime's --wandb-group); empty = none.")
+    wandb_run_id: str = knob("", "W&B run id; the same id again continues that W&B run (resume='allow'); empty = a new id.")
+    wandb_dir: str = knob("", "Directory W&B writes its files to; empty = the run directory.")
+    wandb_team: str = knob("", "W&B entity (team or user) the run is logged under; empty = your default.")
+    wandb_host: str = knob("", "W&B server URL (a self-hosted one); empty = W&B's default.")
+    wandb_key: str = knob("", "W&B API key (else the WANDB_API_KEY environment variable or `wandb login`); it is written to config.yaml, so prefer the variable.")
+    tb_project_name: str = knob("", "With use_tensorboard: a subdirectory of run_dir/tensorboard for the project.")
+    tb_experiment_name: str = knob("", "With use_tensorboard: a subdirectory (under tb_project_name) for this run.")
 
 
 @dataclass
@@ -292,6 +303,9 @@ def resolve_key(key: str) -> tuple[str, str]:
         return tuple(index[key][0].split("."))  # type: ignore[return-value]
     elif len(index.get(key, [])) > 1:
         raise ConfigError(f"{key}: ambiguous, it is in {index[key]}; write the dotted path")
+    from async_rl.slime_flags import explain  # a slime option with no field here says why, and what instead
+    if explain(key):
+        raise ConfigError(explain(key))
     all_keys = [p for paths in index.values() for p in paths] + list(index)
     close = difflib.get_close_matches(key, all_keys, n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see `async-rl config --doc`"
