@@ -20,6 +20,10 @@ def cmd_launch(args) -> int:
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:  # validated above; print what launch would do, start and write nothing
+        from async_rl.plan import plan
+        print(f"{args.config or '(no YAML)'}: the config is valid; --dry-run starts nothing\n{plan(cfg)}")
+        return 0
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     launcher = None
     if args.address and args.cluster != "ray":
@@ -212,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local processes (default) or Ray actors placed by the cluster.* options")
     p.add_argument("--address", default=None,
                    help="--cluster ray: the Ray head (HOST:PORT or auto); default start a local Ray for the run")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the placement, batch arithmetic and a "
+                                                          "memory estimate per GPU; start nothing")
     p.set_defaults(fn=cmd_launch)
     p = sub.add_parser("stop", help="drain, checkpoint and end a running job (exit 0); resume it with launch --resume")
     p.add_argument("--run-dir", required=True)

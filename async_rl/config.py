@@ -37,6 +37,8 @@ class ClusterConfig:
     learner_num_threads: int = knob(1, "torch threads in the learner process.")
     engine_cpus: list = knob([], "CPU cores engines and generators are pinned to ([] = no pinning).")
     learner_cpus: list = knob([], "CPU cores the learner is pinned to ([] = no pinning).")
+    engine_gpus: list = knob([], "GPU ids the local launcher gives the engines, in turn rollout_num_gpus_per_engine each (1 for embedded engines): engine i runs with CUDA_VISIBLE_DEVICES = its ids (so engine_device=cuda is its first); [] = every GPU visible (engine_device picks). `launch --dry-run` prints the result.")
+    learner_gpus: list = knob([], "GPU ids the learner runs on (its CUDA_VISIBLE_DEVICES; megatron's ranks take them in order, the torch learner its first with learner_device=cuda); [] = every GPU visible.")
     startup_timeout: float = knob(120.0, "Seconds to wait for a process to become ready before failing.")
     actor_num_nodes: int = knob(1, "Nodes the learner spans (slime's name); `--cluster ray` places it in one bundle of train.actor_num_gpus_per_node GPUs. Only 1: the learner runs under one torchrun --standalone.")
     num_gpus_per_node: int = knob(0, "GPUs per node of the Ray cluster (slime's name); 0 = a CPU cluster: `--cluster ray` bundles ask for CPUs only (learner_num_threads, engine_num_threads). Else the learner's bundle takes train.actor_num_gpus_per_node GPUs and each engine's rollout.rollout_num_gpus_per_engine.")

@@ -191,6 +191,8 @@ def _cluster_rules(cfg: "Config") -> None:
 
 def _placement_rules(cfg: "Config") -> None:
     """The slime placement options that `--cluster ray` honours, and a clear no for those it cannot."""
+    from async_rl import placement
+    placement.check(cfg)  # cluster.engine_gpus / learner_gpus (the local launcher's GPU assignment)
     c = cfg.cluster
     _at_least("cluster", c, "num_gpus_per_node", 0)
     if c.actor_num_nodes != 1:

@@ -26,6 +26,7 @@ from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
 from async_rl.procs import ProcessGroup, RestartPolicy
 from async_rl.progress import Progress
+from async_rl.placement import assignment, gpu_env
 from async_rl.preflight import check_before_start
 from async_rl.run_dir import Manifest, RunDirBusy, lock_run_dir
 
@@ -88,6 +89,7 @@ class Launcher:
         self.run_dir = Path(run_dir)
         self.cfg_path = self.run_dir / "config.yaml"
         self.procs = ProcessGroup(self.run_dir / "logs")
+        self.procs.env = {name: gpu_env(cfg, name) for name in assignment(cfg)}  # cluster.engine_gpus / learner_gpus
         self.hub_endpoint = ""
         self.engine_urls: list[str] = []
         self.restart_policy = RestartPolicy(cfg.cluster.max_restarts, cfg.cluster.restart_backoff)
@@ -180,7 +182,7 @@ class Launcher:
                                    critical=not r.use_fault_tolerance)
             specs.append({"url": url, "cmd": cmd, "log": str(child.log), "pid": child.proc.pid,
                           "owner": f"g{i}" if i < c.num_generators else "g0",
-                          "env": {"OMP_NUM_THREADS": str(c.engine_num_threads)}})
+                          "env": {"OMP_NUM_THREADS": str(c.engine_num_threads), **gpu_env(self.cfg, f"engine{i}")}})
             self.engine_urls.append(url)
         (self.run_dir / "engines.json").write_text(json.dumps(specs, indent=1))
         for i, url in enumerate(self.engine_urls):
