@@ -98,6 +98,7 @@ class RolloutConfig:
     rollout_top_p: float = knob(1.0, "Top-p (nucleus) sampling.")
     rollout_top_k: int = knob(-1, "Top-k sampling; -1 disables.")
     rollout_stop_token_ids: list = knob([], "Extra token ids that end a response (EOS always does).")
+    rollout_stop: list = knob([], "Stop strings: a response ends once its decoded text contains one (SGLang's `stop`; the embedded engine checks the decoded tail), e.g. [\"</answer>\"]; also in evals.")
     update_weights_interval: int = knob(1, "Learner steps between weight publications (version v -> v+1).")
     groups_per_engine_call: int = knob(4, "Groups a generator batches into one /generate call.")
     rm_type: str = knob("exact_match", "Built-in reward (actors/rm_hub): `exact_match` (stripped response == label), `math` (last \\boxed{} answer equivalent to the label: 1/0), `dapo` (DAPO: text after the last `Answer:`, +1/-1), `deepscaler` (boxed answer after `</think>`: 1/0), `f1` (SQuAD token F1), `gpqa` (multiple-choice letter A-D: 1/0), `remote_rm` (HTTP POST to rm_url).")
@@ -142,6 +143,7 @@ class EvalConfig:
     eval_input_key: str = knob("", "Key of the prompt in the eval files; empty = data.input_key.")
     eval_label_key: str = knob("", "Key of the label in the eval files; empty = data.label_key.")
     eval_tool_key: str = knob("", "Key of per-prompt tool specs in the eval files; empty = data.tool_key.")
+    eval_reward_key: str = knob("", "When the reward fn returns a dict, the entry evals score by; empty = rollout.reward_key.")
 
 
 @dataclass

@@ -44,8 +44,6 @@ EXPLAINED = {
                   "config.json (Llama, Qwen2, Qwen3)",
     "rollout_max_context_len": "not built; bound prompt plus response with data.rollout_max_prompt_len (longer "
                                "prompts are dropped at load) and rollout.rollout_max_response_len",
-    "rollout_stop": "stop strings are not built (engines stop on token ids); use "
-                    "rollout.rollout_stop_token_ids=[ID, ...] with the token ids of your stop words",
     "buffer_filter_path": "the hub's table picks what the learner trains on: buffer.selector (fifo, lifo, "
                           "uniform, prioritized), buffer.priority_fn=module.fn (a priority per group) and "
                           "buffer.remover",
@@ -61,7 +59,6 @@ EXPLAINED = {
     "eval_function_path": "not built: evals generate like the rollout (rollout.custom_generate_function_path "
                           "applies) and score with rm_type / custom_rm_path",
     "eval_min_new_tokens": "not built: the engines have no min_new_tokens; set eval.eval_max_response_len",
-    "eval_reward_key": "not built: evals take the reward like the rollout does (rollout.reward_key)",
     "ref_ckpt_step": "ckpt.ref_load is an HF checkpoint dir, with no steps in it; point it at one version's "
                      "weights, e.g. RUN_DIR/weights/vN",
     "load": f"a run's checkpoints live in run_dir/checkpoints ({_RESUME}); to start from other weights set "

@@ -100,8 +100,9 @@ def test_a_yaml_file_and_flags_and_words_mix(tmp_path):
 
 
 @pytest.mark.parametrize("words,needle", [
-    (["--rollout-stop", "</s>"], "rollout_stop_token_ids"),  # explained, with what to use instead
-    (["rollout_stop=x"], "rollout_stop_token_ids"),  # the same as a key=value word
+    (["--rollout-max-context-len", "4096"], "rollout_max_prompt_len"),  # explained, with what to use instead
+    (["rollout_max_context_len=4096"], "rollout_max_prompt_len"),  # the same as a key=value word
+    (["--rollout-stop", ""], "must be non-empty strings"),
     (["--use-hf-config-for-megatron", "false"], "cannot be turned off"),
     (["--rollout-batchsize", "3"], "did you mean rollout_batch_size"),
     (["--rollout-batch-size"], "needs a value"),
@@ -162,3 +163,26 @@ def test_wandb_and_tensorboard_options_reach_their_loggers(tmp_path):
     assert args["dir"] == str(tmp_path / "wb") and args["name"] == "run7"
     assert tensorboard_dir(cfg, tmp_path / "run7") == tmp_path / "run7" / "tensorboard" / "math" / "s4"
     assert tensorboard_dir(_cfg(), tmp_path) == tmp_path / "tensorboard"
+
+
+def test_stop_strings_reach_rollout_and_eval_requests():
+    from types import SimpleNamespace
+
+    from actors.evaluate import eval_sampling_params
+    from actors.generator import Generator
+    cfg = _cfg("--rollout-stop", "</answer>", "Question:", "--rollout-stop-token-ids", "7")
+    params = Generator.sampling_params(SimpleNamespace(cfg=cfg))  # what every /generate call of a generator sends
+    assert params["stop"] == ["</answer>", "Question:"] and params["stop_token_ids"] == [7]
+    assert eval_sampling_params(cfg)["stop"] == ["</answer>", "Question:"]
+    assert "stop" not in Generator.sampling_params(SimpleNamespace(cfg=_cfg()))  # none: SGLang's default
+
+
+def test_eval_reward_key_picks_the_eval_score(tmp_path, monkeypatch):
+    from actors.evaluate import eval_reward_config
+    from actors.rewards import RewardScorer
+    (tmp_path / "dict_rm.py").write_text("def score(prompt, response, label):\n"
+                                         "    return {'reward': 0.25, 'acc': float(response == label)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _cfg("--custom-rm-path", "dict_rm.score", "--eval-reward-key", "acc")
+    assert RewardScorer(cfg.rollout).score("p", ["7"], "7")[0] == [0.25]  # training reward: rollout.reward_key
+    assert RewardScorer(eval_reward_config(cfg)).score("p", ["7", "8"], "7")[0] == [1.0, 0.0]
