@@ -24,7 +24,7 @@ import requests
 
 from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
-from async_rl.procs import ProcessGroup, RestartPolicy
+from async_rl.procs import Interrupts, ProcessGroup, RestartPolicy
 from async_rl.progress import Progress
 from async_rl.placement import assignment, gpu_env
 from async_rl.preflight import check_before_start
@@ -400,10 +400,11 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
     try:
         launcher.prepare()
     except LaunchError as exc:
+        launcher.release()  # (a failure after the lock was taken, e.g. Ray could not place the run)
         print(f"async-rl: {exc}", flush=True)
         return 2
     progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress, resume=resume)
-    signals = _Interrupts(launcher.procs)
+    signals = Interrupts(launcher.procs)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, signals.handle)
@@ -444,27 +445,3 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
         signal.signal(sig, handler)
     launcher.release()
     return code
-
-
-class _Interrupts:
-    """SIGINT/SIGTERM during a run: the first raises KeyboardInterrupt (out of whatever the launcher waits on);
-    any later one, or one during the shutdown, only makes the shutdown kill at once (ProcessGroup.hurry)
-    instead of raising inside it, which would orphan the children and leave run.json saying `running`."""
-
-    def __init__(self, procs: ProcessGroup):
-        self.procs, self.count, self.cleaning, self.signals = procs, 0, False, []
-
-    def handle(self, signum, _frame) -> None:
-        self.count += 1
-        self.signals.append(signal.Signals(signum).name)
-        if self.count == 1 and not self.cleaning:
-            raise KeyboardInterrupt
-        self.procs.hurry = True
-
-    def why(self, status: str) -> str:
-        """How the run ended, for run.json's `ended_by`."""
-        if status != "interrupted":
-            return {"completed": "num_rollout reached", "stopped": "async-rl stop"}.get(status, "a process failed")
-        if self.count > 1:
-            return f"{' then '.join(self.signals)}: the second killed every process without waiting"
-        return f"{self.signals[0]}: every process stopped"

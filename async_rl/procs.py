@@ -134,3 +134,27 @@ class RestartPolicy:
 
     def delay(self, restarts_so_far: int) -> float:
         return min(self.backoff_max, self.backoff * 2 ** restarts_so_far)
+
+
+class Interrupts:
+    """SIGINT/SIGTERM during a run: the first raises KeyboardInterrupt (out of whatever the launcher waits on);
+    any later one, or one during the shutdown, only makes the shutdown kill at once (ProcessGroup.hurry)
+    instead of raising inside it, which would orphan the children and leave run.json saying `running`."""
+
+    def __init__(self, procs: ProcessGroup):
+        self.procs, self.count, self.cleaning, self.signals = procs, 0, False, []
+
+    def handle(self, signum, _frame) -> None:
+        self.count += 1
+        self.signals.append(signal.Signals(signum).name)
+        if self.count == 1 and not self.cleaning:
+            raise KeyboardInterrupt
+        self.procs.hurry = True
+
+    def why(self, status: str) -> str:
+        """How the run ended, for run.json's `ended_by`."""
+        if status != "interrupted":
+            return {"completed": "num_rollout reached", "stopped": "async-rl stop"}.get(status, "a process failed")
+        if self.count > 1:
+            return f"{' then '.join(self.signals)}: the second killed every process without waiting"
+        return f"{self.signals[0]}: every process stopped"
