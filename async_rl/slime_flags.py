@@ -1,7 +1,8 @@
 """slime's command line, as slime users type it: `--rollout-batch-size 8 --use-tis --eval-prompt-data a x b y`.
 
 `to_words` turns dashed flags into the `key=value` words the config takes (a store_true flag without a value
-means true; a list flag takes every value up to the next flag), so `launch` accepts slime's run-script lines
+means true; a list flag takes every value up to the next flag; slime's `--sglang-X ...` become SGLang's own
+`--X ...` in rollout.sglang_server_args, replacing the YAML's list), so `launch` accepts slime's run-script lines
 with or without a YAML file. Every flag of slime's argument list either names a config field here, is
 always so here (`ALWAYS`: accepted, nothing to do), or has an entry in `EXPLAINED` that says why it has no
 meaning here and what to use instead; `explain` gives that text wherever the name is used (flag, override
@@ -103,6 +104,9 @@ EXPLAINED = {
 }
 
 
+_SGLANG_FIELDS = ("sglang_python", "sglang_server_args", "sglang_server_concurrency")
+
+
 def explain(key: str) -> str | None:
     """The message for a slime option that is no config field here, or None when `key` is not one."""
     name = key.lstrip("-").replace("-", "_").rpartition(".")[2]
@@ -122,7 +126,8 @@ def doc() -> str:
              "YAML file: `async-rl launch [CONFIG] --rollout-batch-size 8 --n-samples-per-prompt 4 --use-tis "
              "--eval-prompt-data aime aime.jsonl --run-dir DIR` means the same as the `key=value` words "
              "(`rollout_batch_size=8 ...`); a store_true flag takes no value (or an explicit true/false), a list "
-             "flag takes every value up to the next flag, `--flag=value` works too. Every flag of slime's argument "
+             "flag takes every value up to the next flag, `--flag=value` works too; slime's `--sglang-X ...` flags "
+             "become SGLang's own `--X ...` in rollout.sglang_server_args (replacing the YAML's list). Every flag of slime's argument "
              "list is a field above under its own name, or one of these:", "",
              "Always so in async-rl (accepted; false is refused):", ""]
     lines += [f"- `{flag(k)}`: {v}." for k, v in ALWAYS.items()]
@@ -154,7 +159,7 @@ def to_words(argv: list[str], own_options: dict[str, bool]) -> list[str]:
     """argv with every dashed flag that is not one of the command's `own_options` (option -> takes a value)
     rewritten as a `key=value` word, and the command's own options moved after the words (argparse takes
     positionals in one run). Raises ConfigError for a flag that is unknown or has no meaning here."""
-    out, own, i = [], [], 0
+    out, own, sglang, i = [], [], [], 0
     while i < len(argv):
         word = argv[i]
         opt = word.split("=", 1)[0]
@@ -176,6 +181,12 @@ def to_words(argv: list[str], own_options: dict[str, bool]) -> list[str]:
                 values, i = [argv[i]], i + 1
             _always(key, values[0] if values else "true")
             continue
+        if key.startswith("sglang_") and key not in _SGLANG_FIELDS:  # slime's --sglang-X: SGLang's own --X
+            while not eq and i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            sglang.append(" ".join(["--" + name[len("sglang-"):], *values]))
+            continue
         typ = _type_of(key)
         if not eq:
             if typ is list:
@@ -188,6 +199,8 @@ def to_words(argv: list[str], own_options: dict[str, bool]) -> list[str]:
             elif i < len(argv):
                 values, i = [argv[i]], i + 1
         out.append(_word(key, typ, values, word))
+    if sglang:
+        out.append(f"sglang_server_args={json.dumps(sglang)}")
     return out + own
 
 

@@ -186,3 +186,11 @@ def test_eval_reward_key_picks_the_eval_score(tmp_path, monkeypatch):
     cfg = _cfg("--custom-rm-path", "dict_rm.score", "--eval-reward-key", "acc")
     assert RewardScorer(cfg.rollout).score("p", ["7"], "7")[0] == [0.25]  # training reward: rollout.reward_key
     assert RewardScorer(eval_reward_config(cfg)).score("p", ["7", "8"], "7")[0] == [1.0, 0.0]
+
+
+def test_slimes_sglang_flags_become_sglang_server_args():
+    cfg = _cfg("--rollout-engine", "sglang", "--sglang-mem-fraction-static", "0.8", "--sglang-enable-metrics",
+               "--sglang-max-running-requests=256", "--sglang-server-concurrency", "32")
+    assert cfg.rollout.sglang_server_args == ["--mem-fraction-static 0.8", "--enable-metrics",
+                                              "--max-running-requests 256"]
+    assert cfg.rollout.sglang_server_concurrency == 32  # our own field of that prefix stays ours
