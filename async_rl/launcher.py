@@ -425,14 +425,16 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
         evals["end"] = launcher.evaluate("end", str(latest[-1]) if latest else cfg.ckpt.hf_checkpoint)
         code, status = 0, "stopped" if launcher.stop_requested else "completed"
     except LaunchError as exc:
+        signals.cleaning = True  # from here an interrupt hurries the shutdown; it never aborts it
         progress.stop()
         print(f"async-rl: run failed: {exc}", flush=True)
     except KeyboardInterrupt:
+        signals.cleaning = True
         progress.stop()
         print("async-rl: interrupted; stopping every process (interrupt again to kill them now)", flush=True)
         code, status = 130, "interrupted"
     finally:
-        signals.cleaning = True  # from here an interrupt hurries the shutdown; it never aborts it
+        signals.cleaning = True
         launcher.procs.stop_all()
         launcher.record(status, exit_code=code, finished=time.time(), ended_by=signals.why(status))
     if signals.count > 1:
