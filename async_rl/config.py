@@ -36,6 +36,8 @@ class ClusterConfig:
     learner_num_threads: int = knob(1, "torch threads in the learner process.")
     engine_cpus: list = knob([], "CPU cores engines and generators are pinned to ([] = no pinning).")
     learner_cpus: list = knob([], "CPU cores the learner is pinned to ([] = no pinning).")
+    engine_gpus: list = knob([], "GPU ids the local launcher gives the engines, in turn rollout_num_gpus_per_engine each (1 for embedded engines): engine i runs with CUDA_VISIBLE_DEVICES = its ids (so engine_device=cuda is its first); [] = every GPU visible (engine_device picks). `launch --dry-run` prints the result.")
+    learner_gpus: list = knob([], "GPU ids the learner runs on (its CUDA_VISIBLE_DEVICES; megatron's ranks take them in order, the torch learner its first with learner_device=cuda); [] = every GPU visible.")
     startup_timeout: float = knob(120.0, "Seconds to wait for a process to become ready before failing.")
     actor_num_nodes: int = knob(1, "Nodes the learner spans (slime's name); `--cluster ray` places it in one bundle of train.actor_num_gpus_per_node GPUs. Only 1: the learner runs under one torchrun --standalone.")
     num_gpus_per_node: int = knob(0, "GPUs per node of the Ray cluster (slime's name); 0 = a CPU cluster: `--cluster ray` bundles ask for CPUs only (learner_num_threads, engine_num_threads). Else the learner's bundle takes train.actor_num_gpus_per_node GPUs and each engine's rollout.rollout_num_gpus_per_engine.")
@@ -95,6 +97,7 @@ class RolloutConfig:
     rollout_top_p: float = knob(1.0, "Top-p (nucleus) sampling.")
     rollout_top_k: int = knob(-1, "Top-k sampling; -1 disables.")
     rollout_stop_token_ids: list = knob([], "Extra token ids that end a response (EOS always does).")
+    rollout_stop: list = knob([], "Stop strings: a response ends once its decoded text contains one (SGLang's `stop`; the embedded engine checks the decoded tail), e.g. [\"</answer>\"]; also in evals.")
     update_weights_interval: int = knob(1, "Learner steps between weight publications (version v -> v+1).")
     groups_per_engine_call: int = knob(4, "Groups a generator batches into one /generate call.")
     rm_type: Literal["exact_match", "math", "dapo", "deepscaler", "f1", "gpqa", "remote_rm"] = knob("exact_match", "Built-in reward (actors/rm_hub): `exact_match` (stripped response == label), `math` (last \\boxed{} answer equivalent to the label: 1/0), `dapo` (DAPO: text after the last `Answer:`, +1/-1), `deepscaler` (boxed answer after `</think>`: 1/0), `f1` (SQuAD token F1), `gpqa` (multiple-choice letter A-D: 1/0), `remote_rm` (HTTP POST to rm_url).")
@@ -136,6 +139,10 @@ class EvalConfig:
     eval_top_k: int = knob(-1, "Top-k of the eval_interval evals; -1 disables.")
     eval_max_prompts: int = knob(200, "Eval prompts used per evaluation.")
     eval_max_response_len: int = knob(0, "Max new tokens in evaluation; 0 = rollout_max_response_len.")
+    eval_input_key: str = knob("", "Key of the prompt in the eval files; empty = data.input_key.")
+    eval_label_key: str = knob("", "Key of the label in the eval files; empty = data.label_key.")
+    eval_tool_key: str = knob("", "Key of per-prompt tool specs in the eval files; empty = data.tool_key.")
+    eval_reward_key: str = knob("", "When the reward fn returns a dict, the entry evals score by; empty = rollout.reward_key.")
 
 
 @dataclass
@@ -217,7 +224,15 @@ class LoggingConfig:
     use_wandb: bool = knob(False, "Log metrics to Weights & Biases.")
     wandb_mode: Literal["offline", "disabled", "online"] = knob("offline", "`offline` or `disabled` (no network here); `online` needs network.")
     wandb_project: str = knob("async-rl", "W&B project name.")
-    use_tensorboard: bool = knob(False, "Write TensorBoard event files to run_dir/tensorboard.")
+    use_tensorboard: bool = knob(False, "Write TensorBoard event files to run_dir/tensorboard (/tb_project_name/tb_experiment_name when set).")
+    wandb_group: str = knob("", "W&B group of the run (slime's --wandb-group); empty = none.")
+    wandb_run_id: str = knob("", "W&B run id; the same id again continues that W&B run (resume='allow'); empty = a new id.")
+    wandb_dir: str = knob("", "Directory W&B writes its files to; empty = the run directory.")
+    wandb_team: str = knob("", "W&B entity (team or user) the run is logged under; empty = your default.")
+    wandb_host: str = knob("", "W&B server URL (a self-hosted one); empty = W&B's default.")
+    wandb_key: str = knob("", "W&B API key (else the WANDB_API_KEY environment variable or `wandb login`); it is written to config.yaml, so prefer the variable.")
+    tb_project_name: str = knob("", "With use_tensorboard: a subdirectory of run_dir/tensorboard for the project.")
+    tb_experiment_name: str = knob("", "With use_tensorboard: a subdirectory (under tb_project_name) for this run.")
 
 
 @dataclass
@@ -292,6 +307,9 @@ def resolve_key(key: str) -> tuple[str, str]:
         return tuple(index[key][0].split("."))  # type: ignore[return-value]
     elif len(index.get(key, [])) > 1:
         raise ConfigError(f"{key}: ambiguous, it is in {index[key]}; write the dotted path")
+    from async_rl.slime_flags import explain  # a slime option with no field here says why, and what instead
+    if explain(key):
+        raise ConfigError(explain(key))
     all_keys = [p for paths in index.values() for p in paths] + list(index)
     close = difflib.get_close_matches(key, all_keys, n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see `async-rl config --doc`"

@@ -132,6 +132,8 @@ def _engine_rules(r) -> None:
         raise _err(f"rollout.sglang_server_args={r.sglang_server_args}: only used with rollout_engine=sglang; "
                    f"set it, or clear the list")
     _sglang_args(r)
+    if not all(isinstance(s, str) and s for s in r.rollout_stop):
+        raise _err(f"rollout.rollout_stop={r.rollout_stop}: must be non-empty strings, e.g. [\"</answer>\"]")
     for addr in r.rollout_external_engine_addrs:
         if not re.fullmatch(r"(https?://)?[\w.\-\[\]:]+:\d+/?", str(addr)):
             raise _err(f"rollout.rollout_external_engine_addrs: {addr!r} is not host:port (or http://host:port)")
@@ -214,6 +216,8 @@ def _cluster_rules(cfg: "Config") -> None:
 
 def _placement_rules(cfg: "Config") -> None:
     """The slime placement options that `--cluster ray` honours, and a clear no for those it cannot."""
+    from async_rl import placement
+    placement.check(cfg)  # cluster.engine_gpus / learner_gpus (the local launcher's GPU assignment)
     c = cfg.cluster
     _at_least("cluster", c, "num_gpus_per_node", 0)
     if c.actor_num_nodes != 1:

@@ -24,8 +24,9 @@ import requests
 
 from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
-from async_rl.procs import ProcessGroup, RestartPolicy
+from async_rl.procs import Interrupts, ProcessGroup, RestartPolicy
 from async_rl.progress import Progress
+from async_rl.placement import assignment, gpu_env
 from async_rl.preflight import check_before_start
 from async_rl.run_dir import Manifest, RunDirBusy, lock_run_dir
 
@@ -88,6 +89,7 @@ class Launcher:
         self.run_dir = Path(run_dir)
         self.cfg_path = self.run_dir / "config.yaml"
         self.procs = ProcessGroup(self.run_dir / "logs")
+        self.procs.env = {name: gpu_env(cfg, name) for name in assignment(cfg)}  # cluster.engine_gpus / learner_gpus
         self.hub_endpoint = ""
         self.engine_urls: list[str] = []
         self.restart_policy = RestartPolicy(cfg.cluster.max_restarts, cfg.cluster.restart_backoff)
@@ -180,7 +182,7 @@ class Launcher:
                                    critical=not r.use_fault_tolerance)
             specs.append({"url": url, "cmd": cmd, "log": str(child.log), "pid": child.proc.pid,
                           "owner": f"g{i}" if i < c.num_generators else "g0",
-                          "env": {"OMP_NUM_THREADS": str(c.engine_num_threads)}})
+                          "env": {"OMP_NUM_THREADS": str(c.engine_num_threads), **gpu_env(self.cfg, f"engine{i}")}})
             self.engine_urls.append(url)
         (self.run_dir / "engines.json").write_text(json.dumps(specs, indent=1))
         for i, url in enumerate(self.engine_urls):
@@ -398,10 +400,11 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
     try:
         launcher.prepare()
     except LaunchError as exc:
+        launcher.release()  # (a failure after the lock was taken, e.g. Ray could not place the run)
         print(f"async-rl: {exc}", flush=True)
         return 2
     progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress, resume=resume)
-    signals = _Interrupts(launcher.procs)
+    signals = Interrupts(launcher.procs)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, signals.handle)
@@ -422,14 +425,16 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
         evals["end"] = launcher.evaluate("end", str(latest[-1]) if latest else cfg.ckpt.hf_checkpoint)
         code, status = 0, "stopped" if launcher.stop_requested else "completed"
     except LaunchError as exc:
+        signals.cleaning = True  # from here an interrupt hurries the shutdown; it never aborts it
         progress.stop()
         print(f"async-rl: run failed: {exc}", flush=True)
     except KeyboardInterrupt:
+        signals.cleaning = True
         progress.stop()
         print("async-rl: interrupted; stopping every process (interrupt again to kill them now)", flush=True)
         code, status = 130, "interrupted"
     finally:
-        signals.cleaning = True  # from here an interrupt hurries the shutdown; it never aborts it
+        signals.cleaning = True
         launcher.procs.stop_all()
         launcher.record(status, exit_code=code, finished=time.time(), ended_by=signals.why(status))
     if signals.count > 1:
@@ -442,27 +447,3 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
         signal.signal(sig, handler)
     launcher.release()
     return code
-
-
-class _Interrupts:
-    """SIGINT/SIGTERM during a run: the first raises KeyboardInterrupt (out of whatever the launcher waits on);
-    any later one, or one during the shutdown, only makes the shutdown kill at once (ProcessGroup.hurry)
-    instead of raising inside it, which would orphan the children and leave run.json saying `running`."""
-
-    def __init__(self, procs: ProcessGroup):
-        self.procs, self.count, self.cleaning, self.signals = procs, 0, False, []
-
-    def handle(self, signum, _frame) -> None:
-        self.count += 1
-        self.signals.append(signal.Signals(signum).name)
-        if self.count == 1 and not self.cleaning:
-            raise KeyboardInterrupt
-        self.procs.hurry = True
-
-    def why(self, status: str) -> str:
-        """How the run ended, for run.json's `ended_by`."""
-        if status != "interrupted":
-            return {"completed": "num_rollout reached", "stopped": "async-rl stop"}.get(status, "a process failed")
-        if self.count > 1:
-            return f"{' then '.join(self.signals)}: the second killed every process without waiting"
-        return f"{self.signals[0]}: every process stopped"

@@ -48,7 +48,7 @@ def _tokenizer(cfg: Config):
 
 
 def _check_prompts(cfg: Config) -> None:
-    from async_rl.data import PromptError, load_prompt_data
+    from async_rl.data import PromptError, eval_data_config, load_prompt_data
     d = cfg.data
     if d.apply_chat_template or d.rollout_max_prompt_len:
         tokenizer = _tokenizer(cfg)
@@ -62,7 +62,7 @@ def _check_prompts(cfg: Config) -> None:
         files = files[1:]
     for field, path in files:
         try:
-            load_prompt_data(d, cfg.ckpt.hf_checkpoint, path)
+            load_prompt_data(d if field.startswith("data.") else eval_data_config(cfg), cfg.ckpt.hf_checkpoint, path)
         except PromptError as exc:
             raise ConfigError(f"{field}: {_one_line(exc)}") from None
         except UnicodeDecodeError as exc:

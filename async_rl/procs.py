@@ -28,6 +28,7 @@ class Child:
     threads: int = 1
     nice: int = 0
     restarts: int = 0
+    env: dict = field(default_factory=dict)  # added to the launcher's environment (CUDA_VISIBLE_DEVICES)
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -40,6 +41,7 @@ class ProcessGroup:
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
         self.children: dict[str, Child] = {}
+        self.env: dict[str, dict] = {}  # child name -> environment it gets on top of the launcher's
         self.hurry = False  # set from a signal handler: stop waiting out the grace period, SIGKILL now
 
     def start(self, name: str, module: str, args: list[str], cpus: list[int] | None = None,
@@ -50,7 +52,7 @@ class ProcessGroup:
                       critical: bool = True, nice: int = 0) -> Child:
         """Start `argv` as child `name` (a full command line: an SGLang server runs under its own Python)."""
         child = Child(name, None, self.log_dir / f"{name}.log", critical, list(argv),  # type: ignore[arg-type]
-                      [int(c) for c in cpus or []], threads, nice)
+                      [int(c) for c in cpus or []], threads, nice, env=dict(self.env.get(name, {})))
         child.proc = self._popen(child)
         self.children[name] = child
         return child
@@ -67,7 +69,7 @@ class ProcessGroup:
     @staticmethod
     def _popen(child: Child) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(child.threads),
-               "MKL_NUM_THREADS": str(child.threads), "TOKENIZERS_PARALLELISM": "false"}
+               "MKL_NUM_THREADS": str(child.threads), "TOKENIZERS_PARALLELISM": "false", **child.env}
         cores, nice = child.cpus, child.nice
 
         def pin():
@@ -132,3 +134,27 @@ class RestartPolicy:
 
     def delay(self, restarts_so_far: int) -> float:
         return min(self.backoff_max, self.backoff * 2 ** restarts_so_far)
+
+
+class Interrupts:
+    """SIGINT/SIGTERM during a run: the first raises KeyboardInterrupt (out of whatever the launcher waits on);
+    any later one, or one during the shutdown, only makes the shutdown kill at once (ProcessGroup.hurry)
+    instead of raising inside it, which would orphan the children and leave run.json saying `running`."""
+
+    def __init__(self, procs: ProcessGroup):
+        self.procs, self.count, self.cleaning, self.signals = procs, 0, False, []
+
+    def handle(self, signum, _frame) -> None:
+        self.count += 1
+        self.signals.append(signal.Signals(signum).name)
+        if self.count == 1 and not self.cleaning:
+            raise KeyboardInterrupt
+        self.procs.hurry = True
+
+    def why(self, status: str) -> str:
+        """How the run ended, for run.json's `ended_by`."""
+        if status != "interrupted":
+            return {"completed": "num_rollout reached", "stopped": "async-rl stop"}.get(status, "a process failed")
+        if self.count > 1:
+            return f"{' then '.join(self.signals)}: the second killed every process without waiting"
+        return f"{self.signals[0]}: every process stopped"

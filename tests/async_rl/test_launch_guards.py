@@ -241,3 +241,28 @@ def test_progress_of_a_resumed_run_starts_where_it_resumes(tmp_path):
     finally:
         sys.stdout = sys_stdout
     assert buf.getvalue().startswith("step 6/10 v5 reward 0.50"), buf.getvalue()
+
+
+def test_hurry_cuts_the_grace_period_short_but_still_kills(tmp_path):
+    """A child that ignores SIGTERM (as a learner stuck on a dead hub did): stop_all waits out its grace
+    period, unless `hurry` is set (a second Ctrl-C), which SIGKILLs it at once."""
+    import threading
+
+    from async_rl.procs import ProcessGroup
+    procs = ProcessGroup(tmp_path)
+    child = procs.start_command("stubborn", [sys.executable, "-c", "import signal, time; "
+                                             "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+                                             "time.sleep(600)"])
+    deadline = time.time() + 30
+    while "up" not in child.tail():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    stopper = threading.Thread(target=procs.stop_all, kwargs={"grace": 60})
+    t0 = time.time()
+    stopper.start()
+    time.sleep(0.5)
+    assert stopper.is_alive() and child.proc.poll() is None  # SIGTERM ignored: still in the grace period
+    procs.hurry = True
+    stopper.join(timeout=10)
+    assert not stopper.is_alive() and child.proc.poll() == -signal.SIGKILL
+    assert time.time() - t0 < 10
