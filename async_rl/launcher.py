@@ -89,6 +89,7 @@ class Launcher:
         self.procs = ProcessGroup(self.run_dir / "logs")
         self.hub_endpoint = ""
         self.weights_endpoint = ""  # the weight server's advertised address, when it runs
+        self.generator_args: list[str] = []  # more generator options (attach --hub: where to pull weights from)
         self.engine_urls: list[str] = []
         self.restart_policy = RestartPolicy(cfg.cluster.max_restarts, cfg.cluster.restart_backoff)
         self.restart_due: dict[str, float] = {}  # dead process -> when its restart is due (monotonic)
@@ -228,7 +229,7 @@ class Launcher:
             self.procs.start(f"generator{i}", "actors.generator",
                              ["--config", str(self.cfg_path), "--hub", self.hub_endpoint,
                               "--engine-url", self.engine_urls[i % len(self.engine_urls)],
-                              "--generator-id", f"{id_prefix}{i}", *self.key_args()],
+                              "--generator-id", f"{id_prefix}{i}", *self.key_args(), *self.generator_args],
                              cpus=c.engine_cpus)
 
     def start_workers(self) -> None:
