@@ -118,7 +118,15 @@ class Generator:
     def sync_weights(self, version: int, path: str) -> None:
         """Bring every engine to `version`; if that version was already pruned, to whatever is newest."""
         if self.fleet.target is None or version > self.fleet.target[0]:
-            version, path = self._localize(version, path)
+            try:
+                version, path = self._localize(version, path)
+            except (TimeoutError, OSError, RuntimeError) as exc:
+                # the weight server is out of reach (a partition): generate on with the weights we have; the
+                # hub's staleness bound still holds, and the next poll tries again
+                self._log(f"pulling v{version} failed ({exc}); generating on, retrying with the next poll")
+                if self.fleet.target is None:
+                    raise  # nothing loaded yet: nothing to generate with
+                return
         if self.cfg.rollout.update_weight_mode == "broadcast":
             self._adopt_broadcast(version)
         before = [e.version for e in self.fleet.engines]

@@ -101,6 +101,11 @@ def attach_remote(hub: str, key: str | None, engines: int, work_dir: str | None 
         return 2
     work = Path(work_dir or f"attach-{os.getpid()}").resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    from async_rl.attach_ray import KEY_ENV
+    if key is None and os.environ.get(KEY_ENV):  # started by attach_ray on a node where the key file is not
+        key = str(work / "attach.key")
+        Path(key).write_text(os.environ[KEY_ENV])
+        Path(key).chmod(0o600)
     stopping: list[int] = []
     previous = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
     launcher = None

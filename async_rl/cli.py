@@ -192,6 +192,9 @@ def cmd_attach(args) -> int:
         print("async-rl: attach needs --run-dir DIR (this host sees the run dir) or --hub tcp://HOST:PORT --key FILE "
               "(it does not), not both", file=sys.stderr)
         return 2
+    if args.hub and args.address:
+        from async_rl.attach_ray import attach_remote_ray
+        return attach_remote_ray(args.hub, args.key, args.engines, args.address, args.node_resource)
     if args.hub:
         from async_rl.attach_remote import attach_remote
         return attach_remote(args.hub, args.key, args.engines, args.work_dir, args.host)

@@ -14,8 +14,9 @@ from tests.test_e2e import write_config
 CLI = ["-m", "async_rl.cli"]
 
 
-def launch_head(head: Host, world: dict, *overrides: str, num_rollout: int = 200) -> tuple:
-    """`async-rl launch` on `head`, bound to its address; returns (process, run_dir, run.json once running)."""
+def launch_head(head: Host, world: dict, *overrides: str, num_rollout: int = 100_000) -> tuple:
+    """`async-rl launch` on `head`, bound to its address; returns (process, run_dir, run.json once running).
+    The run is long: tests end it with `stop_run` once they have seen what they came for."""
     cfg = write_config(head.workdir, world, num_rollout=num_rollout)
     run_dir = head.workdir / "run"
     proc = head.python([*CLI, "launch", str(cfg), f"cluster.host={head.addr}", *overrides, "--run-dir", str(run_dir)],

@@ -9,10 +9,14 @@ import json
 import re
 import sys
 
+import pytest
+
 from tests.multihost.hosts import wait_for
 from tests.multihost.run_helpers import (attach, attached_groups, balanced, copy_key, hub_stats, launch_head,
                                          stop_run)
 
+# real runs on simulated hosts: the machine may be shared, so allow more than the suite default
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 FAST = ["put_timeout=2", "generator_timeout=5", "heartbeat_interval=1", "max_staleness=2"]
 PROBE = ("import requests,sys; r=requests.get(sys.argv[1]+'/get_model_info', timeout=10); print(r.status_code)")
 
