@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import requests
 
+from async_rl.keys import engine_headers
+
 
 class EngineError(RuntimeError):
     """The engine answered with an HTTP error, or an answer this client cannot read."""
@@ -79,6 +81,7 @@ class EngineClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        self.session.headers.update(engine_headers())  # the run's engine API key, when engines need one
 
     def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
                  ok_statuses: tuple[int, ...] = (200,)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -29,6 +30,7 @@ import torch
 import transformers
 
 from actors import engine_protocol as proto
+from actors.engine_guard import Guard
 from actors.engine_model import Engine
 from actors.engine_protocol import BadRequest, Request, SamplingParams, Sequence
 from actors.engine_scheduler import Scheduler
@@ -39,6 +41,7 @@ HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a paused or wedged eng
 
 class Handler(BaseHTTPRequestHandler):
     scheduler: Scheduler  # set on the subclass built by `make_server`
+    guard: Guard = Guard()  # API key + weight store (actors/engine_guard.py); open by default
     protocol_version = "HTTP/1.1"
     # headers and body go out in separate writes; with Nagle on, the body waits for the peer's delayed
     # ACK (~40 ms a request on loopback, measured: it made every call 45 ms)
@@ -80,6 +83,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: dict, body) -> None:
         route = routes.get(self.path.split("?")[0])
+        if not self.guard.authorized(self.path.split("?")[0], self.headers.get("Authorization")):
+            return self._reply(401, {"error": "Unauthorized: send the run's engine API key as Authorization: Bearer KEY"})
         if route is None:
             return self._reply(404, {"error": f"path {self.path!r}: not found; known: {sorted(routes)}"})
         try:
@@ -168,6 +173,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _update_from_disk(self, body):
         u = proto.parse_update_from_disk(body)
+        refused = self.guard.refuse_path(u.model_path)
+        if refused:
+            return self._weights_reply(False, refused, num_paused_requests=0)
         if u.abort_all_requests:
             self.scheduler.call(lambda s: s.abort("", abort_all=True))
         ok, message = self._write(lambda s: s.after_update(s.engine.load_weights(u.model_path, u.weight_version),
@@ -223,8 +231,8 @@ class Handler(BaseHTTPRequestHandler):
         return self._weights_reply(*self._write(receive))
 
 
-def make_server(scheduler: Scheduler, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"scheduler": scheduler})
+def make_server(scheduler: Scheduler, host: str, port: int, guard: Guard | None = None) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"scheduler": scheduler, "guard": guard or Guard()})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -244,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache", default="auto", choices=["auto", "dynamic", "static"],
                         help="static: preallocated KV arena (actors/engine_static.py); auto: static on CUDA")
     parser.add_argument("--no-cuda-graph", action="store_true", help="static path on CUDA: decode eagerly")
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (SGLang's --api-key)")
+    parser.add_argument("--api-key-env", default=None, help="as --api-key, read from this environment variable")
+    parser.add_argument("--weight-store", action="append", default=[],
+                        help="only load weights from inside this dir (repeat for several; none = anywhere)")
     args = parser.parse_args(argv)
+    api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None)
+    if args.api_key_env and not api_key:
+        parser.error(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size={args.max_batch_size}: must be >= 1")
     transformers.utils.logging.disable_progress_bar()
@@ -257,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(args.model_path, args.weight_version, args.device, dtype=args.dtype, kv_cache=args.kv_cache,
                     cuda_graph=not args.no_cuda_graph, max_batch_size=args.max_batch_size)
     scheduler = Scheduler(engine, args.max_batch_size)
-    server = make_server(scheduler, args.host, args.port)
+    server = make_server(scheduler, args.host, args.port, Guard(api_key, args.weight_store))
     scheduler.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     print(f"[engine] serving {args.model_path} on http://{args.host}:{args.port} "

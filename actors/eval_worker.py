@@ -94,9 +94,10 @@ class EvalWorker:
 
     def start_engine(self) -> None:
         c = self.cfg.cluster
-        port = free_port(c.host)
+        host = "127.0.0.1"  # only this worker talks to its engine: never reachable from another host
+        port = free_port(host)
         cmd = [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint,
-               "--host", c.host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
+               "--host", host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
                "--seed", str(self.cfg.train.seed + 7919), "--device", self.device, "--max-batch-size", "128"]
         log = self.run_dir / "logs" / "eval_engine.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ class EvalWorker:
         with open(log, "ab") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=_die_with_parent)
-        self.engine = EngineClient(f"http://{c.host}:{port}")
+        self.engine = EngineClient(f"http://{host}:{port}")
         self.engine.wait_ready(c.startup_timeout, proc=self.proc)
 
     def final_version(self) -> int:

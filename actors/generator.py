@@ -33,7 +33,7 @@ from async_rl.types import Group
 
 class Generator:
     def __init__(self, cfg: config_mod.Config, generator_id: str, hub_endpoint: str, engine_url: str | list[str],
-                 keys_dir: str | None = None, engine_specs: str | None = None):
+                 keys_dir: str | None = None, engine_specs: str | None = None, puller=None):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -46,6 +46,9 @@ class Generator:
         self._main_thread, self._local = threading.get_ident(), threading.local()
         self.heartbeat = Heartbeat(hub_endpoint, self.generator_id, cfg.buffer.heartbeat_interval, keys_dir)
         self.knob_version = 0
+        # a host without the run dir: versions are pulled from the weight server (async_rl/weight_pull.py) into
+        # a local store, and the engines load them from there
+        self.puller = puller
         self.acquire_seq = 0  # makes ACQUIRE idempotent: a resent request gets the same grant back
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.ckpt.hf_checkpoint)
         # plug-ins (reward fns, post-processing, filter, generate fns) load here so a wrong path fails at start-up
@@ -99,10 +102,32 @@ class Generator:
     # ---- weights ------------------------------------------------------------------------------------
     def _latest(self) -> tuple[int, str]:
         reply = self.hub_client().request({"type": "STATS"}, timeout=self.cfg.buffer.put_timeout)
-        return int(reply["version"]), str(reply["weights_path"])
+        return self._localize(int(reply["version"]), str(reply["weights_path"]))
+
+    def _localize(self, version: int, path: str) -> tuple[int, str]:
+        """(version, a path this host's engines can load it from): the hub's path, or a pulled copy."""
+        if self.puller is None:
+            return version, path
+        from async_rl.weight_pull import WeightPullError
+        try:
+            return version, str(self.puller.pull(version))
+        except WeightPullError as exc:  # pruned on the head before we got to it: take the newest instead
+            newest = self.puller.latest()
+            self._log(f"pulling v{version} failed ({exc}); pulling v{newest}")
+            return newest, str(self.puller.pull(newest))
 
     def sync_weights(self, version: int, path: str) -> None:
         """Bring every engine to `version`; if that version was already pruned, to whatever is newest."""
+        if self.fleet.target is None or version > self.fleet.target[0]:
+            try:
+                version, path = self._localize(version, path)
+            except (TimeoutError, OSError, RuntimeError) as exc:
+                # the weight server is out of reach (a partition): generate on with the weights we have; the
+                # hub's staleness bound still holds, and the next poll tries again
+                self._log(f"pulling v{version} failed ({exc}); generating on, retrying with the next poll")
+                if self.fleet.target is None:
+                    raise  # nothing loaded yet: nothing to generate with
+                return
         if self.cfg.rollout.update_weight_mode == "broadcast":
             self._adopt_broadcast(version)
         before = [e.version for e in self.fleet.engines]
@@ -284,12 +309,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine server URL, e.g. http://127.0.0.1:30000 (repeat for several engines)")
     ap.add_argument("--engine-specs", default=None, help="JSON of how each engine was started (to restart it)")
     ap.add_argument("--generator-id", default="g0")
-    ap.add_argument("--keys", default=None, help="CURVE keys dir of the run (none = no auth)")
+    ap.add_argument("--keys", default=None, help="CURVE keys dir of the run, or its attach.key (none = no auth)")
+    ap.add_argument("--weights-from", default=None,
+                    help="weight server endpoint: pull each version into --weights-dir (a host without the run dir)")
+    ap.add_argument("--weights-dir", default=None, help="with --weights-from: the local weight store")
     args = ap.parse_args(argv)
     specs = args.engine_specs
     if specs is None and (Path(args.config).parent / "engines.json").exists():  # written by the launcher
         specs = str(Path(args.config).parent / "engines.json")
-    gen = Generator(config_mod.load(args.config), args.generator_id, args.hub, args.engine_url, args.keys, specs)
+    cfg = config_mod.load(args.config)
+    puller = None
+    if args.weights_from:
+        from async_rl.weight_pull import WeightPuller
+        puller = WeightPuller(args.weights_from, args.weights_dir or Path(args.config).parent / "weights", args.keys,
+                              keep=cfg.ckpt.keep_weight_versions)
+    gen = Generator(cfg, args.generator_id, args.hub, args.engine_url, args.keys, specs, puller)
 
     def stop(*_):
         gen.stopping = True

@@ -10,8 +10,8 @@ command lines) on the nodes of that cluster that advertise `--node-resource NAME
 --address=HEAD --resources='{"NAME": 1}'`), engine i and generator i on the same node; the attach process is
 the Ray driver that owns them, so detaching (or its end) removes them from the cluster.
 
-Needs the run directory (config, keys, published weights) at the same path where they run; pulling weights
-over the hub's socket for a node without the shared filesystem is not built yet.
+Needs the run directory (config, keys, published weights) at the same path where they run; a host without
+it attaches by address instead (`attach --hub --key`, async_rl/attach_remote.py).
 """
 from __future__ import annotations
 

@@ -197,6 +197,16 @@ def cmd_config(args) -> int:
 
 
 def cmd_attach(args) -> int:
+    if bool(args.hub) == bool(args.run_dir):
+        print("async-rl: attach needs --run-dir DIR (this host sees the run dir) or --hub tcp://HOST:PORT --key FILE "
+              "(it does not), not both", file=sys.stderr)
+        return 2
+    if args.hub and args.address:
+        from async_rl.attach_ray import attach_remote_ray
+        return attach_remote_ray(args.hub, args.key, args.engines, args.address, args.node_resource)
+    if args.hub:
+        from async_rl.attach_remote import attach_remote
+        return attach_remote(args.hub, args.key, args.engines, args.work_dir, args.host)
     if args.node_resource and not args.address:
         print(f"async-rl: --node-resource {args.node_resource}: only with --address HEAD:PORT (a Ray cluster's head)",
               file=sys.stderr)
@@ -236,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_set)
     p = sub.add_parser("attach", help="add engines + generators to a running job, on this machine or (--address) "
                                       "on nodes of a Ray cluster")
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", default=None, help="the run's directory, where this host can see it")
+    p.add_argument("--hub", default=None, help="tcp://HOST:PORT of the hub (run.json endpoints.hub), for a host "
+                                              "without the run dir: weights are pulled over the network")
+    p.add_argument("--key", default=None, help="with --hub: the run's keys/attach.key, copied to this host")
+    p.add_argument("--work-dir", default=None, help="with --hub: this host's working dir (default ./attach-PID)")
+    p.add_argument("--host", default="127.0.0.1", help="with --hub: address this host's engines bind to")
     p.add_argument("--engines", type=int, default=1, help="engines to start (one generator each)")
     p.add_argument("--address", help="HEAD:PORT of a Ray cluster: start them there as Ray actors")
     p.add_argument("--node-resource", help="with --address: only on nodes advertising this custom Ray resource, "

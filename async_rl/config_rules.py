@@ -211,6 +211,15 @@ def _cluster_rules(cfg: "Config") -> None:
         _at_least("cluster", c, name, 1)
     if not 0 <= c.hub_port < 65536:
         raise _err(f"cluster.hub_port={c.hub_port}: must be a TCP port in [0, 65535] (0 = pick a free one)")
+    if not 0 <= c.weights_port < 65536:
+        raise _err(f"cluster.weights_port={c.weights_port}: must be a TCP port in [0, 65535] (0 = pick a free one)")
+    # YAML reads a bare on/off as a bool
+    c.serve_weights = {"true": "on", "false": "off"}.get(str(c.serve_weights).lower(), str(c.serve_weights))
+    if c.serve_weights not in ("auto", "on", "off"):
+        raise _err(f"cluster.serve_weights={c.serve_weights!r}: must be auto, on or off")
+    if c.host in ("0.0.0.0", "::", "") and not c.advertise_host:
+        raise _err(f"cluster.host={c.host!r} binds every interface; set cluster.advertise_host to the address "
+                   f"other hosts reach this one by (e.g. cluster.advertise_host=10.0.0.5)")
     _placement_rules(cfg)
 
 

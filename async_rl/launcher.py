@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import requests
 
 from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
+from async_rl.endpoints import advertise, advertised_host, is_loopback, serves_weights
 from async_rl.procs import Interrupts, ProcessGroup, RestartPolicy
 from async_rl.progress import Progress
 from async_rl.placement import assignment, gpu_env
@@ -36,9 +36,8 @@ class LaunchError(RuntimeError):
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    from async_rl.endpoints import free_port as free
+    return free(host)
 
 
 def _wait(what: str, ready, procs: ProcessGroup, names: list[str], timeout: float) -> None:
@@ -75,8 +74,9 @@ def _wait_url(url: str, timeout: float) -> None:
 
 
 def _engine_ready(url: str) -> bool:
+    from async_rl.keys import engine_headers
     try:
-        return requests.get(f"{url}/health_generate", timeout=5).status_code == 200
+        return requests.get(f"{url}/health_generate", timeout=5, headers=engine_headers()).status_code == 200
     except requests.RequestException:
         return False
 
@@ -91,6 +91,8 @@ class Launcher:
         self.procs = ProcessGroup(self.run_dir / "logs")
         self.procs.env = {name: gpu_env(cfg, name) for name in assignment(cfg)}  # cluster.engine_gpus / learner_gpus
         self.hub_endpoint = ""
+        self.weights_endpoint = ""  # the weight server's advertised address, when it runs
+        self.generator_args: list[str] = []  # more generator options (attach --hub: where to pull weights from)
         self.engine_urls: list[str] = []
         self.restart_policy = RestartPolicy(cfg.cluster.max_restarts, cfg.cluster.restart_backoff)
         self.restart_due: dict[str, float] = {}  # dead process -> when its restart is due (monotonic)
@@ -127,6 +129,9 @@ class Launcher:
         if self.cfg.buffer.auth:
             from async_rl.keys import create_keys
             self.keys_dir = create_keys(self.run_dir / "keys")
+        if not is_loopback(self.cfg.cluster.host):  # engines other hosts can reach are not open doors
+            from async_rl.keys import ENGINE_KEY_ENV, engine_api_key
+            os.environ[ENGINE_KEY_ENV] = engine_api_key(self.run_dir / "keys")  # every child sends it
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "hub.endpoint").unlink(missing_ok=True)
         if self.resume:
@@ -141,17 +146,34 @@ class Launcher:
                                 "config": self.cfg.to_dict()}) + "\n")
         self.manifest = Manifest(self.run_dir, self.cfg.to_dict())
 
+    def start_weight_server(self) -> None:
+        """cluster.serve_weights: published versions in chunks over ZeroMQ, for hosts without the run dir."""
+        c = self.cfg.cluster
+        if not serves_weights(c) or self.cfg.debug.debug_train_only:
+            return
+        endpoint_file = self.run_dir / "weights.endpoint"
+        endpoint_file.unlink(missing_ok=True)
+        bind = f"tcp://{c.host}:{c.weights_port or free_port(c.host)}"  # fixed, so a restart is found again
+        self.procs.start("weight_server", "async_rl.weight_server",
+                         ["--root", str(self.run_dir / "weights"), "--initial", self.cfg.ckpt.hf_checkpoint,
+                          "--bind", bind, "--endpoint-file", str(endpoint_file), *self.key_args()], cpus=c.engine_cpus)
+        _wait("weight server", endpoint_file.exists, self.procs, ["weight_server"], c.startup_timeout)
+        self.weights_endpoint = advertise(endpoint_file.read_text().strip(), advertised_host(c))
+
     def start_hub(self) -> None:
         c = self.cfg.cluster
+        self.start_weight_server()  # first: the hub advertises its address (INFO)
         endpoint_file = self.run_dir / "hub.endpoint"
         # a fixed port (picked now when hub_port is 0) so a restarted hub is found where clients reconnect
         bind = f"tcp://{c.host}:{c.hub_port or free_port(c.host)}"
         args = ["--config", str(self.cfg_path), "--bind", bind, "--endpoint-file", str(endpoint_file),
                 "--state-dir", str(self.run_dir / "hub")]
+        if self.weights_endpoint:
+            args += ["--advertise", f"weights={self.weights_endpoint}"]
         # the hub answers everyone on the critical path: it must not queue behind a busy engine on its core
         self.procs.start("hub", "buffer.service", args + self.key_args(), cpus=c.engine_cpus, nice=-5)
         _wait("hub", endpoint_file.exists, self.procs, ["hub"], c.startup_timeout)
-        self.hub_endpoint = endpoint_file.read_text().strip()
+        self.hub_endpoint = advertise(endpoint_file.read_text().strip(), advertised_host(c))
         if self.resume:  # the hub remembers the STOP that ended the run before; lift it
             from async_rl.hub_client import HubClient
             client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
@@ -175,8 +197,8 @@ class Launcher:
             return
         specs = []
         for i in range(self._num_engines()):
-            port = free_port(c.host)
-            url = f"http://{c.host}:{port}"
+            port = free_port(c.host)  # chosen here, on the host that runs the engine
+            url = f"http://{advertised_host(c)}:{port}"
             cmd = self._engine_command(i, port)
             child = _start_command(self.procs, f"engine{i}", cmd, c.engine_cpus, c.engine_num_threads,
                                    critical=not r.use_fault_tolerance)
@@ -196,16 +218,25 @@ class Launcher:
 
     def _engine_command(self, i: int, port: int) -> list[str]:
         c, r = self.cfg.cluster, self.cfg.rollout
+        from async_rl.keys import ENGINE_KEY_ENV
+        key = os.environ.get(ENGINE_KEY_ENV)
         if r.rollout_engine == "sglang":
             return [r.sglang_python or sys.executable, "-m", "sglang.launch_server", "--model-path",
                     self.cfg.ckpt.hf_checkpoint, "--host", c.host, "--port", str(port), "--tp-size",
                     str(r.rollout_num_gpus_per_engine), "--weight-version", "0", "--random-seed",
-                    str(self.cfg.train.seed + i), *_split_words(r.sglang_server_args)]
-        return [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint,
+                    str(self.cfg.train.seed + i), *(["--api-key", key] if key else []),
+                    *_split_words(r.sglang_server_args)]
+        guard = ["--weight-store", str(self.weight_store()), "--weight-store", self.cfg.ckpt.hf_checkpoint,
+                 *(["--api-key-env", ENGINE_KEY_ENV] if key else [])]
+        return [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint, *guard,
                 "--host", c.host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
                 "--seed", str(self.cfg.train.seed + i), "--device", r.engine_device, "--dtype", r.engine_dtype,
                 "--kv-cache", r.engine_kv_cache, "--max-batch-size", str(r.engine_max_batch_size),
                 *([] if r.engine_cuda_graph else ["--no-cuda-graph"])]
+
+    def weight_store(self) -> Path:
+        """Where this host's engines may load weights from (besides ckpt.hf_checkpoint)."""
+        return self.run_dir / "weights"
 
     def start_generators(self, id_prefix: str = "g") -> None:
         c = self.cfg.cluster
@@ -213,7 +244,7 @@ class Launcher:
             self.procs.start(f"generator{i}", "actors.generator",
                              ["--config", str(self.cfg_path), "--hub", self.hub_endpoint,
                               "--engine-url", self.engine_urls[i % len(self.engine_urls)],
-                              "--generator-id", f"{id_prefix}{i}", *self.key_args()],
+                              "--generator-id", f"{id_prefix}{i}", *self.key_args(), *self.generator_args],
                              cpus=c.engine_cpus)
 
     def start_workers(self) -> None:
@@ -259,7 +290,8 @@ class Launcher:
         procs = {n: {"pid": ch.proc.pid, "log": str(ch.log), "returncode": ch.proc.poll(), "restarts": ch.restarts}
                  for n, ch in self.procs.children.items()}
         self.manifest.update(status=status, processes=procs, restarts=sum(ch.restarts for ch in self.procs.children.values()), keys=str(self.keys_dir) if self.keys_dir else None,
-                             endpoints={"hub": self.hub_endpoint, "engines": self.engine_urls}, **extra)
+                             endpoints={"hub": self.hub_endpoint, "engines": self.engine_urls,
+                                        **({"weights": self.weights_endpoint} if self.weights_endpoint else {})}, **extra)
 
     def monitor(self, progress: Progress) -> None:
         learner = self.procs.children["learner"]  # respawn keeps the Child, so this follows restarts
@@ -289,7 +321,7 @@ class Launcher:
         kind = name.rstrip("0123456789")
         if kind == "engine":  # with use_fault_tolerance the engine's generator restarts it
             return not self.cfg.rollout.use_fault_tolerance
-        return kind in ("hub", "generator", "learner", "feeder")
+        return kind in ("hub", "generator", "learner", "feeder", "weight_server")
 
     def supervise(self) -> None:
         """Restart each dead supervised process when its backoff is over; raise LaunchError for a dead process
@@ -376,7 +408,8 @@ class Launcher:
         version, path = int(reply["version"]), str(reply["weights_path"])
         if version == 0 or not path:
             return
-        r = requests.post(f"{url}/update_weights_from_disk", timeout=self.cfg.cluster.startup_timeout,
+        from async_rl.keys import engine_headers
+        r = requests.post(f"{url}/update_weights_from_disk", timeout=self.cfg.cluster.startup_timeout, headers=engine_headers(),
                           json={"model_path": path, "weight_version": str(version), "flush_cache": True})
         if r.status_code != 200 or not r.json().get("success"):  # pruned meanwhile: the generator syncs it
             print(f"async-rl: re-syncing {url} to v{version} failed ({r.text[:200]}); its generator will", flush=True)

@@ -174,6 +174,8 @@ class RayProcessGroup(ProcessGroup):
         self.place, self.max_restarts, self.on_restart, self.on_close = place, max_restarts, on_restart, on_close
         self.actors: dict[str, object] = {}
         self.specs: dict[str, dict] = {}
+        self.env: dict[str, str] = {}  # more environment for every child (attach --hub: the key, on the node)
+        self.cwd = os.getcwd()  # where children start (attach --hub: a dir every node has)
 
     def stop_all(self, grace: float = 10.0) -> None:
         """Stop every child, then release the cluster (`on_close`): nothing of the run stays on Ray."""
@@ -192,11 +194,11 @@ class RayProcessGroup(ProcessGroup):
         import ray
         restart = name.rstrip("0123456789") in RESTARTABLE and self.max_restarts != 0
         env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", **self.env}
         options = {"max_restarts": self.max_restarts if restart else 0, "max_task_retries": -1 if restart else 0,
                    "name": None, **self.place(name)}
         actor = ray.remote(ProcessActor).options(**options).remote(
-            name, list(argv), str(self.log_dir / f"{name}.log"), env, os.getcwd(), [int(c) for c in cpus or []],
+            name, list(argv), str(self.log_dir / f"{name}.log"), env, self.cwd, [int(c) for c in cpus or []],
             nice, restart)
         self.actors[name] = actor
         self.specs[name] = {"argv": list(argv), "cpus": cpus, "threads": threads, "nice": nice}

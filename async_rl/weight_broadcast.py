@@ -25,6 +25,8 @@ import requests
 import torch
 import torch.distributed as dist
 
+from async_rl.keys import engine_headers
+
 
 def init_custom_process_group(backend: str, init_method: str, world_size: int, rank: int, group_name: str,
                               timeout: float = 600.0):
@@ -89,7 +91,8 @@ class WeightBroadcaster:
 
         def post(i):
             try:
-                resp = requests.post(self.urls[i] + path, json=bodies[i], timeout=self.timeout)
+                resp = requests.post(self.urls[i] + path, json=bodies[i], timeout=self.timeout,
+                                     headers=engine_headers())
                 body = resp.json() if resp.content else {}
                 replies[i] = (resp.status_code, body)
             except (requests.RequestException, ValueError) as e:

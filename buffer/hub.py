@@ -36,7 +36,7 @@ from buffer.state import HubState
 
 Reply = tuple[bytes, dict]
 TYPES = ("ACQUIRE", "PUT", "DROP", "SAMPLE", "ACK", "PRIORITY", "VERSION", "SET", "STATS", "STOP", "START",
-         "HEARTBEAT", "CHECKPOINT")
+         "HEARTBEAT", "CHECKPOINT", "INFO")
 
 
 class Hub:
@@ -55,6 +55,7 @@ class Hub:
             self.recovered_records = len(records)
             for gen in self.state.generators.values():
                 gen["last_seen"] = time.time()  # give every generator a fresh timeout after a restart
+        self.advertised: dict[str, str] = {}  # endpoints of the run others should use (INFO), set by the service
         self.parked_acquire: dict[str, tuple[bytes, dict]] = {}
         self.parked_sample: tuple[bytes, dict] | None = None
         self.pending: list[tuple[dict, PackedGroup]] = []  # PUT records logged and acked, applied by settle()
@@ -328,6 +329,11 @@ class Hub:
 
     def _on_stats(self, ident: bytes, msg: dict) -> list[Reply]:
         return [(ident, self._reply(msg, type="STATS", stats=self.stats()))]
+
+    def _on_info(self, ident: bytes, msg: dict) -> list[Reply]:
+        """What a host without the run dir needs to join (`async-rl attach --hub`): the run's resolved config
+        and the endpoints it advertises (the weight server's, to pull weights from)."""
+        return [(ident, self._reply(msg, type="INFO", config=self.cfg.to_dict(), endpoints=dict(self.advertised)))]
 
     def _on_start(self, ident: bytes, msg: dict) -> list[Reply]:
         """A resumed run: generators may acquire work again after an earlier STOP."""

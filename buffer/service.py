@@ -129,12 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--endpoint-file", default=None, help="where to write the bound endpoint")
     ap.add_argument("--state-dir", default=None, help="WAL + snapshots directory (durable hub); none = in memory")
     ap.add_argument("--keys", default=None, help="CURVE keys dir (async_rl.keys); none = no auth")
+    ap.add_argument("--advertise", action="append", default=[], metavar="NAME=URL",
+                    help="an endpoint of the run the hub hands out with INFO, e.g. weights=tcp://10.0.0.5:5601")
     args = ap.parse_args(argv)
+    bad = [a for a in args.advertise if "=" not in a]
+    if bad:
+        ap.error(f"--advertise {bad[0]!r}: expected NAME=URL, e.g. weights=tcp://10.0.0.5:5601")
     cfg = config_mod.load(args.config)
     prompts = load_prompt_data(cfg.data, cfg.ckpt.hf_checkpoint)
     log = DurableLog(args.state_dir, cfg.buffer.fsync, cfg.buffer.keep_snapshots) if args.state_dir else None
     bind = args.bind[:-2] + ":*" if args.bind.endswith(":0") else args.bind
-    serve(Hub(cfg, prompts, log), bind, args.endpoint_file, args.keys)
+    hub = Hub(cfg, prompts, log)
+    hub.advertised = dict(a.split("=", 1) for a in args.advertise)
+    serve(hub, bind, args.endpoint_file, args.keys)
     return 0
 
 

@@ -110,10 +110,11 @@ class BroadcastPublisher:
 
     def _connect(self, backend: str, stage_on=None):
         from async_rl.weight_broadcast import WeightBroadcaster
-        host = self.cfg.cluster.host
+        from async_rl.endpoints import advertised_host
+        host = advertised_host(self.cfg.cluster)  # engines on other hosts rendezvous here
         self.attempt += 1
         cls = WeightBroadcaster if stage_on is None else _staging(WeightBroadcaster, stage_on)
-        b = cls(engine_urls(self.cfg, self.run_dir), host, _free_port(host), backend=backend,
+        b = cls(engine_urls(self.cfg, self.run_dir), host, _free_port(self.cfg.cluster.host), backend=backend,
                 group_name=f"learner_weights_{os.getpid()}_{self.attempt}",
                 ranks_per_engine=self.cfg.rollout.rollout_num_gpus_per_engine, timeout=self.timeout)
         b.connect()

@@ -175,12 +175,13 @@ def existing_namespaces() -> set[str]:
 
 
 def wait_for(what: str, ready, timeout: float, procs: list[subprocess.Popen] = (), logs=()) -> None:
-    """Poll `ready()` until true; fail naming `what` (and the logs' tails) on timeout or a dead process."""
+    """Poll `ready()` until true; fail naming `what` (and the tails of `logs`: (name, text or callable)) on timeout
+    or a dead process."""
     deadline = time.monotonic() + timeout
     while not ready():
         dead = [p for p in procs if p.poll() is not None]
         if dead or time.monotonic() > deadline:
-            tails = "\n".join(f"--- {name}\n{text[-3000:]}" for name, text in logs)
+            tails = "\n".join(f"--- {name}\n{(text() if callable(text) else text)[-3000:]}" for name, text in logs)
             why = f"process exited with {dead[0].returncode}" if dead else f"not within {timeout:.0f}s"
             raise AssertionError(f"{what}: {why}\n{tails}")
         time.sleep(0.2)
