@@ -89,20 +89,24 @@ def test_disable_rewards_normalization_uses_raw_rewards():
     assert torch.equal(got, scatter(want, spans, mask.shape[1]))
 
 
+def ref_returns(token_rewards: list[float], reward: float, gamma: float) -> list[float]:
+    """Discounted returns of one sample's policy tokens, the reward on the last one."""
+    r = list(token_rewards)
+    r[-1] += reward
+    g, out = 0.0, []
+    for x in reversed(r):
+        g = x + gamma * g
+        out.insert(0, g)
+    return out
+
+
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_reinforce_plus_plus_matches_reference(gamma):
     rewards, mask, kl, _, spans = make_batch(3)
     a = algo(advantage_estimator="reinforce_plus_plus", kl_coef=0.05, gamma=gamma)
     got = compute_advantages(a, rewards, mask, kl).advantages
-    flat, returns = rewards.flatten().tolist(), []
-    for i in range(len(spans)):
-        r = [-0.05 * k for k in tokens(kl, spans, i)]
-        r[-1] += flat[i]
-        g, out = 0.0, []
-        for x in reversed(r):
-            g = x + gamma * g
-            out.insert(0, g)
-        returns.append(out)
+    flat = rewards.flatten().tolist()
+    returns = [ref_returns([-0.05 * k for k in tokens(kl, spans, i)], flat[i], gamma) for i in range(len(spans))]
     assert torch.allclose(got, scatter(ref_whiten(returns), spans, mask.shape[1]), atol=1e-5)
 
 
@@ -280,15 +284,9 @@ def test_reinforce_plus_plus_returns_cross_gaps(gamma):
     rewards, mask, kl, _, _ = make_gapped_batch(13)
     got = compute_advantages(algo(advantage_estimator="reinforce_plus_plus", kl_coef=0.05, gamma=gamma),
                              rewards, mask, kl).advantages
-    flat, per_sample = rewards.flatten().tolist(), []
-    for i in range(mask.shape[0]):
-        r = [-0.05 * float(kl[i, t]) for t in on_positions(mask, i)]
-        r[-1] += flat[i]
-        g, out = 0.0, []
-        for x in reversed(r):
-            g = x + gamma * g
-            out.insert(0, g)
-        per_sample.append(out)
+    flat = rewards.flatten().tolist()
+    per_sample = [ref_returns([-0.05 * float(kl[i, t]) for t in on_positions(mask, i)], flat[i], gamma)
+                  for i in range(mask.shape[0])]
     want = torch.zeros_like(mask)
     for i, w in enumerate(ref_whiten(per_sample)):
         want[i, on_positions(mask, i)] = torch.tensor(w)
