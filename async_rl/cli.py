@@ -283,8 +283,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] in ("launch", "config"):
         argv = _slime_words(ap, argv)
     args = ap.parse_args(argv)
-    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
-        args.overrides, args.config = [args.config, *args.overrides], None
+    if getattr(args, "config", None):  # the YAML is the positional word that is no key=value, wherever it is
+        words = [args.config, *args.overrides]
+        files = [w for w in words if "=" not in w or Path(w).exists()]
+        args.config = files[0] if files else None
+        args.overrides = [w for w in words if w is not args.config]
     return args
 
 

@@ -194,3 +194,10 @@ def test_slimes_sglang_flags_become_sglang_server_args():
     assert cfg.rollout.sglang_server_args == ["--mem-fraction-static 0.8", "--enable-metrics",
                                               "--max-running-requests 256"]
     assert cfg.rollout.sglang_server_concurrency == 32  # our own field of that prefix stays ours
+
+
+def test_the_yaml_may_come_after_the_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  rollout_batch_size: 2\n  n_samples_per_prompt: 2\n")
+    args = cli.parse_args(["launch", "--n-samples-per-prompt", "4", str(path), "max_staleness=5", "--run-dir", "x"])
+    assert args.config == str(path) and args.overrides == ["n_samples_per_prompt=4", "max_staleness=5"]
