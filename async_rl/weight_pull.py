@@ -5,7 +5,10 @@ host that does not share the run's filesystem. Shared by generators (actors/) an
 
 Invariants:
 - A version appears in `dest` only whole: chunks go into `dest/.v{N}.partial/`, every chunk is checked
-  against the manifest's sha256 before it is written, and the dir is renamed into place once every chunk is.
+  against the manifest's sha256 before it is written, and the dir is renamed into place once every chunk is,
+  with the manifest beside its files (`.manifest.json`). Nothing is fsynced on the way (the page cache is the
+  fast path); instead a version this process did not pull itself (found after a restart, maybe torn by a
+  machine crash) is checked against its manifest before it is trusted, and pulled again if it does not match.
 - Resumable: each written chunk is journaled (`dest/.v{N}.journal`); a pull cut off (connection dropped,
   server restarted, this process killed) continues from the journal, re-requesting only what is missing
   (journaled chunks are re-checked against the manifest, so a torn write is fetched again).
@@ -13,6 +16,8 @@ Invariants:
   are matched by request id, so a late duplicate is ignored.
 - Pulls of one version by several processes on a host (one per attached generator) take turns on a file
   lock, so the bytes cross the network once.
+- At most `window` chunks are requested at a time; ZeroMQ's I/O thread receives the next ones while this
+  thread checks and writes the last.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import collections
 import fcntl
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -44,6 +50,7 @@ class WeightPuller:
         self.window, self.resend_after, self.keep = window, resend_after, keep
         self.dest.mkdir(parents=True, exist_ok=True)
         self._rids = itertools.count()
+        self._trusted: set[int] = set()  # versions pulled, or checked, by this process
         self.stats = {"chunks": 0, "bytes": 0, "reconnects": 0, "bad_chunks": 0, "resumed_chunks": 0,
                       "max_frame": 0, "seconds": 0.0}
 
@@ -86,16 +93,33 @@ class WeightPuller:
     def pull(self, version: int, timeout: float = 600.0) -> Path:
         """`dest/v{version}`, pulled unless already here; raises WeightPullError / TimeoutError."""
         final = self.dest / f"v{version}"
-        if final.is_dir():
+        if version in self._trusted and final.is_dir():
             return final
         with open(self.dest / f".v{version}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another generator of this host may be pulling it now
+            if final.is_dir() and not self._intact(final):
+                shutil.rmtree(final)
             if not final.is_dir():
                 t0 = time.monotonic()
                 self._pull(version, final, time.monotonic() + timeout)
                 self.stats["seconds"] = time.monotonic() - t0
                 self.prune(version)
+        self._trusted.add(version)
         return final
+
+    @staticmethod
+    def _intact(path: Path) -> bool:
+        """Does the version dir at `path` match the manifest it was pulled with?"""
+        try:
+            manifest = json.loads((path / ".manifest.json").read_text())
+            step = manifest["chunk_bytes"]
+            for f in manifest["files"]:
+                with open(path / f["name"], "rb") as fh:
+                    if any(hashlib.sha256(fh.read(step)).hexdigest() != h for h in f["sha256"]) or fh.read(1):
+                        return False
+            return True
+        except (OSError, ValueError, KeyError):
+            return False
 
     def _pull(self, version: int, final: Path, deadline: float) -> None:
         manifest = self._ask({"type": "MANIFEST", "version": version}, max(1.0, deadline - time.monotonic()))
@@ -113,11 +137,10 @@ class WeightPuller:
                                      if (n, i) not in done)
             with open(journal, "a") as log:
                 self._fetch(version, todo, entries, fds, log, deadline)
-            for fd in fds.values():
-                os.fsync(fd)
         finally:
             for fd in fds.values():
                 os.close(fd)
+        (partial / ".manifest.json").write_text(json.dumps(manifest))
         os.replace(partial, final)
         journal.unlink(missing_ok=True)
 
