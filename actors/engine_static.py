@@ -20,7 +20,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from actors.engine_model import process_logits
+from actors.engine_sampling import process_logits
 from actors.engine_protocol import Sequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

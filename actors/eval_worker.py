@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from actors.engine_client import EngineClient
-from actors.evaluate import evaluate_sets, load_eval_set
+from actors.evaluate import eval_reward_config, evaluate_sets, load_eval_set
 from actors.rewards import RewardScorer
 from async_rl import config as config_mod
 from async_rl.config_rules import eval_datasets
@@ -85,7 +85,7 @@ class EvalWorker:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.weights, self.out = self.run_dir / "weights", self.run_dir / "eval.jsonl"
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.ckpt.hf_checkpoint)
-        self.scorer = RewardScorer(cfg.rollout)
+        self.scorer = RewardScorer(eval_reward_config(cfg))
         self.sets = {name: load_eval_set(cfg, path) for name, path in eval_datasets(cfg.eval)}
         self.device = device
         self.proc: subprocess.Popen | None = None

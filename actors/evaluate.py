@@ -20,7 +20,7 @@ from actors.engine_client import EngineClient
 from actors.rewards import RewardScorer
 from async_rl import config as config_mod
 from async_rl.config_rules import eval_datasets
-from async_rl.data import load_prompt_data
+from async_rl.data import eval_data_config, load_prompt_data
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -41,8 +41,8 @@ def pass_at_ks(correct: list[int], n: int) -> dict[str, float]:
 
 
 def load_eval_set(cfg: config_mod.Config, path: str) -> list[dict]:
-    """An eval set with the data section's keys and chat template, cut to eval_max_prompts."""
-    return load_prompt_data(cfg.data, cfg.ckpt.hf_checkpoint, path)[:cfg.eval.eval_max_prompts]
+    """An eval set with the data section's keys (eval.eval_*_key where set) and chat template, cut to eval_max_prompts."""
+    return load_prompt_data(eval_data_config(cfg), cfg.ckpt.hf_checkpoint, path)[:cfg.eval.eval_max_prompts]
 
 
 def prompt_ids(cfg: config_mod.Config, tokenizer, prompt: dict) -> list[int]:
@@ -72,9 +72,8 @@ def evaluate(cfg: config_mod.Config, engine: EngineClient, tokenizer, weights: s
         ok, message = engine.update_weights_from_disk(weights, int(info.get("weight_version") or 0))
         if not ok:
             raise RuntimeError(f"eval: engine could not load {weights}: {message}")
-    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens(cfg),
-              "stop_token_ids": list(cfg.rollout.rollout_stop_token_ids)}
-    rewards = score_samples(cfg, engine, tokenizer, RewardScorer(cfg.rollout), prompts, params, 1)
+    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens(cfg), **_stops(cfg)}
+    rewards = score_samples(cfg, engine, tokenizer, RewardScorer(eval_reward_config(cfg)), prompts, params, 1)
     return {"weights": str(weights), "weights_name": Path(weights).name, "dataset": name, "num_prompts": len(prompts),
             "accuracy": sum(r[0] for r in rewards) / len(rewards)}  # mean reward (= accuracy for 0/1 rewards)
 
@@ -82,7 +81,18 @@ def evaluate(cfg: config_mod.Config, engine: EngineClient, tokenizer, weights: s
 def eval_sampling_params(cfg: config_mod.Config) -> dict:
     e = cfg.eval
     return {"temperature": e.eval_temperature, "top_p": e.eval_top_p, "top_k": e.eval_top_k,
-            "max_new_tokens": max_new_tokens(cfg), "stop_token_ids": list(cfg.rollout.rollout_stop_token_ids)}
+            "max_new_tokens": max_new_tokens(cfg), **_stops(cfg)}
+
+
+def _stops(cfg: config_mod.Config) -> dict:
+    r = cfg.rollout
+    return {"stop_token_ids": list(r.rollout_stop_token_ids), **({"stop": list(r.rollout_stop)} if r.rollout_stop else {})}
+
+
+def eval_reward_config(cfg: config_mod.Config):
+    """The rollout section evals score with: eval.eval_reward_key in place of reward_key where set."""
+    import dataclasses
+    return dataclasses.replace(cfg.rollout, reward_key=cfg.eval.eval_reward_key or cfg.rollout.reward_key)
 
 
 def evaluate_sets(cfg: config_mod.Config, engine: EngineClient, tokenizer, sets: dict[str, list[dict]],

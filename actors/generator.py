@@ -96,7 +96,8 @@ class Generator:
     def sampling_params(self) -> dict:
         r = self.cfg.rollout
         return {"temperature": r.rollout_temperature, "top_p": r.rollout_top_p, "top_k": r.rollout_top_k,
-                "max_new_tokens": r.rollout_max_response_len, "stop_token_ids": list(r.rollout_stop_token_ids)}
+                "max_new_tokens": r.rollout_max_response_len, "stop_token_ids": list(r.rollout_stop_token_ids),
+                **({"stop": list(r.rollout_stop)} if r.rollout_stop else {})}
 
     # ---- weights ------------------------------------------------------------------------------------
     def _latest(self) -> tuple[int, str]:

@@ -25,6 +25,7 @@ from actors.rm_hub.f1 import f1_reward
 from actors.rm_hub.gpqa import gpqa_reward
 from actors.rm_hub.math_utils import math_reward
 from actors.rm_hub.remote import RemoteRM
+from async_rl.config import RolloutConfig, field_choices
 from async_rl.plugins import PluginError, load_function
 from async_rl.types import Group
 
@@ -38,7 +39,9 @@ def exact_match(prompt: str, response: str, label) -> float:
 
 BUILTIN = {"exact_match": exact_match, "math": math_reward, "dapo": dapo_reward, "deepscaler": deepscaler_reward,
            "f1": f1_reward, "gpqa": gpqa_reward}
-RM_TYPES = (*BUILTIN, "remote_rm")
+RM_TYPES = field_choices(RolloutConfig, "rm_type")  # declared on the field; every one is implemented here:
+if set(RM_TYPES) != {*BUILTIN, "remote_rm"}:
+    raise ImportError(f"rollout.rm_type choices {RM_TYPES} and actors.rewards.BUILTIN {sorted(BUILTIN)} disagree")
 _REMOTE_THREADS = 16  # concurrent requests to a remote RM; it is latency-bound, not CPU-bound
 
 

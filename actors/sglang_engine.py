@@ -10,10 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-# Options the launcher sets itself from other fields; the user sets them through those fields.
-OWNED_OPTIONS = {"--model-path": "ckpt.hf_checkpoint", "--host": "cluster.host", "--port": "(picked free)",
-                 "--tp-size": "rollout.rollout_num_gpus_per_engine", "--tp": "rollout.rollout_num_gpus_per_engine",
-                 "--weight-version": "(the version of ckpt.hf_checkpoint: 0)"}
+from async_rl.config_rules import SGLANG_OWNED_OPTIONS as OWNED_OPTIONS  # set by the launcher from other fields
 
 
 def split_server_args(args: list) -> list[str]:

@@ -20,6 +20,13 @@ def cmd_launch(args) -> int:
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:  # validated above; print what launch would do, start and write nothing
+        from async_rl.plan import plan
+        print(f"{args.config or '(no YAML)'}: the config is valid; --dry-run starts nothing\n{plan(cfg)}")
+        if args.cluster == "ray":
+            print("--cluster ray: Ray places the processes instead (one bundle each: the learner's "
+                  "train.actor_num_gpus_per_node GPUs, an engine's rollout_num_gpus_per_engine)")
+        return 0
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     launcher = None
     if args.address and args.cluster != "ray":
@@ -176,6 +183,8 @@ def cmd_config(args) -> int:
             print(f"\n## {sec.name}\n{type(section).__doc__}\n")
             for f in fields(section):
                 print(f"- `{sec.name}.{f.name}` (default `{getattr(section, f.name)!r}`): {f.metadata.get('doc', '')}")
+        from async_rl.slime_flags import doc
+        print(f"\n{doc()}")
         return 0
     try:
         cfg = config_mod.load(args.config, args.overrides)
@@ -209,9 +218,10 @@ def cmd_attach(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="async-rl", description="fully asynchronous RL post-training")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("launch", help="run a job: async-rl launch CONFIG [key=value ...] --run-dir DIR")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. rollout.n_samples_per_prompt=8 or max_staleness=0")
+    p = sub.add_parser("launch", help="run a job: async-rl launch [CONFIG] [key=value | --slime-flag value ...] --run-dir DIR")
+    p.add_argument("config", nargs="?", help="YAML config (optional: defaults plus the overrides)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. rollout.n_samples_per_prompt=8 or max_staleness=0; "
+                                                "slime's dashed flags too: --rollout-batch-size 8 --use-tis")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/TIMESTAMP)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its learner checkpoint and hub state")
@@ -219,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local processes (default) or Ray actors placed by the cluster.* options")
     p.add_argument("--address", default=None,
                    help="--cluster ray: the Ray head (HOST:PORT or auto); default start a local Ray for the run")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the placement, batch arithmetic and a "
+                                                          "memory estimate per GPU; start nothing")
     p.set_defaults(fn=cmd_launch)
     p = sub.add_parser("stop", help="drain, checkpoint and end a running job (exit 0); resume it with launch --resume")
     p.add_argument("--run-dir", required=True)
@@ -256,9 +268,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _slime_words(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`launch` / `config` take slime's dashed flags (async_rl/slime_flags.py) as key=value words; with no YAML
+    (slime's run scripts have none) a first word that is no file is an override, not the config."""
+    from async_rl.slime_flags import to_words
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    own = {o: a.nargs != 0 for a in sub._actions for o in a.option_strings}
+    return [argv[0], *to_words(argv[1:], own)]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, slime's dashed flags included; raises ConfigError for a flag that cannot be taken."""
+    ap = build_parser()
+    if argv and argv[0] in ("launch", "config"):
+        argv = _slime_words(ap, argv)
+    args = ap.parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except config_mod.ConfigError as exc:
+        print(f"async-rl: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return args.fn(args)
+    except BrokenPipeError:  # `async-rl config --doc | head`: the reader has what it wanted
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value a user can fix; the message names the field, the value and the fix."""
+# the rules module imports nothing of this one at run time (no import circle)
+from async_rl.config_rules import ConfigError, field_choices, finalize  # noqa: F401  (re-exported)
 
 
 def knob(default: Any, doc: str):
@@ -40,6 +39,8 @@ class ClusterConfig:
     learner_num_threads: int = knob(1, "torch threads in the learner process.")
     engine_cpus: list = knob([], "CPU cores engines and generators are pinned to ([] = no pinning).")
     learner_cpus: list = knob([], "CPU cores the learner is pinned to ([] = no pinning).")
+    engine_gpus: list = knob([], "GPU ids the local launcher gives the engines, in turn rollout_num_gpus_per_engine each (1 for embedded engines): engine i runs with CUDA_VISIBLE_DEVICES = its ids (so engine_device=cuda is its first); [] = every GPU visible (engine_device picks). `launch --dry-run` prints the result.")
+    learner_gpus: list = knob([], "GPU ids the learner runs on (its CUDA_VISIBLE_DEVICES; megatron's ranks take them in order, the torch learner its first with learner_device=cuda); [] = every GPU visible.")
     startup_timeout: float = knob(120.0, "Seconds to wait for a process to become ready before failing.")
     actor_num_nodes: int = knob(1, "Nodes the learner spans (slime's name); `--cluster ray` places it in one bundle of train.actor_num_gpus_per_node GPUs. Only 1: the learner runs under one torchrun --standalone.")
     num_gpus_per_node: int = knob(0, "GPUs per node of the Ray cluster (slime's name); 0 = a CPU cluster: `--cluster ray` bundles ask for CPUs only (learner_num_threads, engine_num_threads). Else the learner's bundle takes train.actor_num_gpus_per_node GPUs and each engine's rollout.rollout_num_gpus_per_engine.")
@@ -63,10 +64,10 @@ class CkptConfig:
 @dataclass
 class RolloutConfig:
     """Generation: how many samples, how long, how they are drawn, and how often weights move."""
-    rollout_engine: str = knob("embedded", "Engine server: `embedded` (torch + transformers; CPU, small GPU jobs, tests) or `sglang` (`python -m sglang.launch_server`, GPUs; `pip install .[sglang]`).")
+    rollout_engine: Literal["embedded", "sglang"] = knob("embedded", "Engine server: `embedded` (torch + transformers; CPU, small GPU jobs, tests) or `sglang` (`python -m sglang.launch_server`, GPUs; `pip install .[sglang]`).")
     engine_device: str = knob("cpu", "rollout_engine=embedded: torch device of each engine (`cpu`, `cuda`, `cuda:N`).")
-    engine_dtype: str = knob("auto", "rollout_engine=embedded: weight/activation dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16`, `float16`.")
-    engine_kv_cache: str = knob("auto", "rollout_engine=embedded: `dynamic` (HF cache, any causal LM), `static` (preallocated arena + on-device sampling, Llama/Qwen2/Qwen3/Mistral; actors/engine_static.py) or `auto` (static on CUDA when the model is supported, else dynamic).")
+    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "rollout_engine=embedded: weight/activation dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16`, `float16`.")
+    engine_kv_cache: Literal["auto", "dynamic", "static"] = knob("auto", "rollout_engine=embedded: `dynamic` (HF cache, any causal LM), `static` (preallocated arena + on-device sampling, Llama/Qwen2/Qwen3/Mistral; actors/engine_static.py) or `auto` (static on CUDA when the model is supported, else dynamic).")
     engine_max_batch_size: int = knob(64, "rollout_engine=embedded: most sequences one engine decodes together (its --max-batch-size); more queue. Raise it with sglang_server_concurrency on a GPU.")
     engine_cuda_graph: bool = knob(True, "rollout_engine=embedded, static KV cache on CUDA: replay decode steps from CUDA graphs captured per (batch, context) bucket; false = run them eagerly.")
     sglang_python: str = knob("", "rollout_engine=sglang: Python interpreter that runs SGLang (its own venv when it pins another torch); empty = this one. CPU tests: scripts/sglang_cpu/python.")
@@ -75,12 +76,12 @@ class RolloutConfig:
     rollout_num_gpus_per_engine: int = knob(1, "rollout_engine=sglang: GPUs per SGLang server (its --tp-size).")
     rollout_external_engine_addrs: list = knob([], "Addresses (host:port or http://host:port) of engines already running (SGLang or embedded); when set, no engine is started and generator i uses engine i % len.")
     sglang_server_concurrency: int = knob(64, "Most samples a generator keeps in flight on one engine (its engine calls run concurrently up to this; at least one call).")
-    interrupt_mode: str = knob("in_place", "What a generator does to in-flight requests when new weights are published: `none` (no interruption: an update waits until the engine's in-flight requests finish, new ones wait behind it), `in_place` (pause, swap weights, continue; KV cache kept, PipelineRL), `retract` (pause, swap, continue; the engine recomputes the KV under the new weights), `abort` (abort, swap, resubmit: from the tokens so far with partial_rollout, else from scratch). Every token carries the version that produced it.")
+    interrupt_mode: Literal["none", "in_place", "retract", "abort"] = knob("in_place", "What a generator does to in-flight requests when new weights are published: `none` (no interruption: an update waits until the engine's in-flight requests finish, new ones wait behind it), `in_place` (pause, swap weights, continue; KV cache kept, PipelineRL), `retract` (pause, swap, continue; the engine recomputes the KV under the new weights), `abort` (abort, swap, resubmit: from the tokens so far with partial_rollout, else from scratch). Every token carries the version that produced it.")
     partial_rollout: bool = knob(True, "interrupt_mode=abort: resubmit an interrupted sample with its tokens so far (kept, with their versions and logprobs); false = restart it from scratch under the new weights.")
     mask_offpolicy_in_partial_rollout: bool = knob(False, "Send a per-token loss_mask that zeroes the tokens produced by an older version than the sample's last token (only tokens of the newest version are trained on).")
     weight_poll_interval: float = knob(1.0, "Seconds between a generator's checks of the hub for a newer weight version (with interrupt_mode != none, in-flight requests are interrupted at most this long after a publication).")
     update_weight_buffer_size: int = knob(512 * 2**20, "Bytes per bucket when weights are broadcast to engines (/update_weights_from_distributed; slime's --update-weight-buffer-size).")
-    update_weight_mode: str = knob("disk", "How the run's engines get each published version: `disk` (the learner writes run_dir/weights/v{N}, generators make their engines load it: /update_weights_from_disk) or `broadcast` (the learner sends the tensors straight into every engine of the run over a torch process group, gloo on CPU / NCCL on GPU, in update_weight_buffer_size buckets, pausing per interrupt_mode; generators then load from disk only for an engine that missed it, e.g. a restarted one). Both write the version to disk (eval, restarts, late joiners).")
+    update_weight_mode: Literal["disk", "broadcast"] = knob("disk", "How the run's engines get each published version: `disk` (the learner writes run_dir/weights/v{N}, generators make their engines load it: /update_weights_from_disk) or `broadcast` (the learner sends the tensors straight into every engine of the run over a torch process group, gloo on CPU / NCCL on GPU, in update_weight_buffer_size buckets, pausing per interrupt_mode; generators then load from disk only for an engine that missed it, e.g. a restarted one). Both write the version to disk (eval, restarts, late joiners).")
     use_fault_tolerance: bool = knob(False, "Health-check every engine (/health_generate); a dead or hung one is killed, restarted, re-synced to the current weights, and its in-flight prompts re-issued (none lost, none duplicated).")
     rollout_health_check_interval: float = knob(10.0, "use_fault_tolerance: seconds between health checks of an engine.")
     rollout_health_check_timeout: float = knob(30.0, "use_fault_tolerance: seconds a health check may take before the engine counts as hung.")
@@ -99,9 +100,10 @@ class RolloutConfig:
     rollout_top_p: float = knob(1.0, "Top-p (nucleus) sampling.")
     rollout_top_k: int = knob(-1, "Top-k sampling; -1 disables.")
     rollout_stop_token_ids: list = knob([], "Extra token ids that end a response (EOS always does).")
+    rollout_stop: list = knob([], "Stop strings: a response ends once its decoded text contains one (SGLang's `stop`; the embedded engine checks the decoded tail), e.g. [\"</answer>\"]; also in evals.")
     update_weights_interval: int = knob(1, "Learner steps between weight publications (version v -> v+1).")
     groups_per_engine_call: int = knob(4, "Groups a generator batches into one /generate call.")
-    rm_type: str = knob("exact_match", "Built-in reward (actors/rm_hub): `exact_match` (stripped response == label), `math` (last \\boxed{} answer equivalent to the label: 1/0), `dapo` (DAPO: text after the last `Answer:`, +1/-1), `deepscaler` (boxed answer after `</think>`: 1/0), `f1` (SQuAD token F1), `gpqa` (multiple-choice letter A-D: 1/0), `remote_rm` (HTTP POST to rm_url).")
+    rm_type: Literal["exact_match", "math", "dapo", "deepscaler", "f1", "gpqa", "remote_rm"] = knob("exact_match", "Built-in reward (actors/rm_hub): `exact_match` (stripped response == label), `math` (last \\boxed{} answer equivalent to the label: 1/0), `dapo` (DAPO: text after the last `Answer:`, +1/-1), `deepscaler` (boxed answer after `</think>`: 1/0), `f1` (SQuAD token F1), `gpqa` (multiple-choice letter A-D: 1/0), `remote_rm` (HTTP POST to rm_url).")
     custom_rm_path: str = knob("", "Dotted path `module.fn` of a reward fn(prompt: str, response: str, label) -> float | dict; overrides rm_type. With group_rm: fn(prompt: str, responses: list[str], label) -> list[float | dict].")
     rm_url: str = knob("", "rm_type=remote_rm: URL the generator POSTs JSON {prompt, response, label} to; the reply is a number or a map such as {\"reward\": 0.7}.")
     rm_timeout: float = knob(30.0, "rm_type=remote_rm: seconds to wait for one reply before retrying.")
@@ -140,34 +142,39 @@ class EvalConfig:
     eval_top_k: int = knob(-1, "Top-k of the eval_interval evals; -1 disables.")
     eval_max_prompts: int = knob(200, "Eval prompts used per evaluation.")
     eval_max_response_len: int = knob(0, "Max new tokens in evaluation; 0 = rollout_max_response_len.")
+    eval_input_key: str = knob("", "Key of the prompt in the eval files; empty = data.input_key.")
+    eval_label_key: str = knob("", "Key of the label in the eval files; empty = data.label_key.")
+    eval_tool_key: str = knob("", "Key of per-prompt tool specs in the eval files; empty = data.tool_key.")
+    eval_reward_key: str = knob("", "When the reward fn returns a dict, the entry evals score by; empty = rollout.reward_key.")
 
 
 @dataclass
 class AlgoConfig:
     """RL math: advantages, policy loss, KL, off-policy correction (slime's names; formulas in learners/)."""
-    advantage_estimator: str = knob("grpo", "`grpo` (group-normalised reward), `gspo` (grpo advantages, sequence-level PPO ratio exp(mean token log ratio)), `reinforce_plus_plus` (discounted token returns with KL-shaped rewards, whitened over the batch), `reinforce_plus_plus_baseline` (reward minus group mean, whitened), `ppo` (GAE with gamma/lambd against a critic trained in the learner).")
+    advantage_estimator: Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"] = knob("grpo", "`grpo` (group-normalised reward), `gspo` (grpo advantages, sequence-level PPO ratio exp(mean token log ratio)), `reinforce_plus_plus` (discounted token returns with KL-shaped rewards, whitened over the batch), `reinforce_plus_plus_baseline` (reward minus group mean, whitened), `ppo` (GAE with gamma/lambd against a critic trained in the learner).")
     disable_grpo_std_normalization: bool = knob(False, "grpo/gspo: subtract the group mean but do not divide by the group reward std.")
     disable_rewards_normalization: bool = knob(False, "grpo/gspo/reinforce_plus_plus_baseline: use raw rewards (no group mean/std normalisation).")
     disable_compute_advantages_and_returns: bool = knob(False, "Skip advantages (all zero); only for loss_type sft_loss or custom_loss.")
     normalize_advantages: bool = knob(False, "Whiten advantages over the batch's response tokens (reinforce_plus_plus* always do).")
     gamma: float = knob(1.0, "Discount of reinforce_plus_plus returns and ppo GAE.")
     lambd: float = knob(1.0, "GAE lambda (ppo).")
-    loss_type: str = knob("policy_loss", "`policy_loss` (PPO clip x importance weight, - entropy, + KL loss), `sft_loss` (NLL of responses), `custom_loss` (custom_loss_function_path).")
+    loss_type: Literal["policy_loss", "sft_loss", "custom_loss"] = knob("policy_loss", "`policy_loss` (PPO clip x importance weight, - entropy, + KL loss), `sft_loss` (NLL of responses), `custom_loss` (custom_loss_function_path).")
     custom_loss_function_path: str = knob("", "Dotted path of fn(logp, batch, algo) -> (loss, metrics) for loss_type custom_loss. logp [B, T] current-policy logprobs of the targets (with grad); batch: dict of [B, T] tensors of the micro-batch (mask, logp_old, rollout_logprobs, advantages, and when present returns, values, ref_logp, tis_weights; plus logits [B, T, V] before temperature, and token_denominator: float or None); algo: this section. Return a scalar loss reduced like learners.losses.masked_mean(x, mask, algo.calculate_per_token_loss, batch['token_denominator']) and a dict of float metrics.")
     eps_clip: float = knob(0.2, "PPO clip range (lower, and upper unless eps_clip_high is set).")
     eps_clip_high: float = knob(0.0, "PPO upper clip range; 0 = eps_clip.")
     eps_clip_c: float = knob(0.0, "Dual-clip PPO: cap a negative-advantage token's loss at -eps_clip_c * A; must be > 1; 0 disables.")
     calculate_per_token_loss: bool = knob(False, "Average the loss over all tokens of the global batch instead of per sample then over samples.")
     entropy_coef: float = knob(0.0, "policy_loss: subtract entropy_coef * (entropy of the current policy over response tokens).")
-    kl_coef: float = knob(0.0, "Reward shaping: every response token's reward gets -kl_coef * KL(pi_old || pi_ref) (kl_loss_type estimator) before advantages. Loads a reference model.")
+    kl_coef: float = knob(0.0, "Reward shaping: every response token's reward gets -kl_coef * KL(pi_old || pi_ref) (kl_loss_type estimator) before advantages, under reinforce_plus_plus, reinforce_plus_plus_baseline and ppo. Ignored under grpo/gspo, as in slime, unless grpo_kl_reward_shaping is set. Loads a reference model when it is used.")
+    grpo_kl_reward_shaping: bool = knob(False, "grpo/gspo: apply kl_coef reward shaping (advantage - kl_coef * KL per token) too; slime ignores kl_coef there. For a KL penalty under grpo, slime's way is use_kl_loss + kl_loss_coef.")
     use_kl_loss: bool = knob(False, "policy_loss: add kl_loss_coef * KL(pi || pi_ref) to the loss (and log it). Loads a reference model.")
     kl_loss_coef: float = knob(0.0, "Weight of the KL loss (needs use_kl_loss); cannot be combined with kl_coef.")
-    kl_loss_type: str = knob("k1", "KL estimator for the KL loss and kl_coef shaping: `k1`, `k2`, `k3`, `low_var_kl` (k3 clamped to [-10, 10]).")
+    kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = knob("k1", "KL estimator for the KL loss and kl_coef shaping: `k1`, `k2`, `k3`, `low_var_kl` (k3 clamped to [-10, 10]).")
     use_tis: bool = knob(True, "Importance-weight each token's policy-gradient term by pi_old/pi_behavior (decoupled PPO: pi_old is the learner's recomputation, pi_behavior the engine's logprobs).")
     tis_clip: float = knob(2.0, "Upper bound C of the importance ratio (truncate clamps to it, mask drops tokens above it).")
     tis_clip_low: float = knob(0.0, "Lower bound of the importance ratio.")
-    tis_level: str = knob("token", "Importance ratio per `token`, or per sample: `sequence_product` (product of token ratios) or `sequence_geometric` (their geometric mean).")
-    tis_mode: str = knob("truncate", "`truncate` (TIS: clamp the ratio into [tis_clip_low, tis_clip]) or `mask` (MIS/IcePop: zero tokens, or whole samples at sequence levels, whose ratio leaves that band).")
+    tis_level: Literal["token", "sequence_product", "sequence_geometric"] = knob("token", "Importance ratio per `token`, or per sample: `sequence_product` (product of token ratios) or `sequence_geometric` (their geometric mean).")
+    tis_mode: Literal["truncate", "mask"] = knob("truncate", "`truncate` (TIS: clamp the ratio into [tis_clip_low, tis_clip]) or `mask` (MIS/IcePop: zero tokens, or whole samples at sequence levels, whose ratio leaves that band).")
     custom_tis_function_path: str = knob("", "Dotted path of fn(logp_old, logp_behavior, mask, algo) -> weights, all [B, T] float tensors (weights multiply each token's pg term; return 0 to drop a token); replaces tis_level/tis_mode. Needs use_tis.")
     use_rollout_logprobs: bool = knob(False, "Use the engine's logprobs as logp_old (no recomputation; the importance weight is then 1).")
     value_clip: float = knob(0.2, "ppo critic: clip of the value update around the old value.")
@@ -179,14 +186,14 @@ class AlgoConfig:
 @dataclass
 class OptimizerConfig:
     """The learner's optimizer (AdamW)."""
-    optimizer: str = knob("adam", "`adam` (AdamW).")
+    optimizer: Literal["adam"] = knob("adam", "`adam` (AdamW).")
     lr: float = knob(1e-3, "Learning rate.")
     weight_decay: float = knob(0.0, "Decoupled weight decay.")
     adam_beta1: float = knob(0.9, "Adam beta1.")
     adam_beta2: float = knob(0.95, "Adam beta2 (slime's default).")
     adam_eps: float = knob(1e-8, "Adam epsilon.")
     clip_grad: float = knob(1.0, "Max global grad norm; 0 disables clipping.")
-    lr_decay_style: str = knob("constant", "megatron: learning-rate schedule after warmup over all optimizer steps (num_rollout * num_steps_per_rollout): `constant`, `linear`, `cosine` or `inverse-square-root` (down to min_lr).")
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = knob("constant", "megatron: learning-rate schedule after warmup over all optimizer steps (num_rollout * num_steps_per_rollout): `constant`, `linear`, `cosine` or `inverse-square-root` (down to min_lr).")
     lr_warmup_iters: int = knob(0, "megatron: optimizer steps of linear warmup from 0 to lr.")
     warmup_ratio: float = knob(0.0, "megatron: warmup as a fraction of all optimizer steps (instead of lr_warmup_iters).")
     min_lr: float = knob(0.0, "megatron: learning rate at the end of a decaying schedule.")
@@ -196,16 +203,16 @@ class OptimizerConfig:
 class BufferConfig:
     """The buffer hub: staleness bound and admission."""
     max_staleness: int = knob(2, "Max (learner version - behavior version) of any trained trajectory; 0 = synchronous on-policy.")
-    selector: str = knob("fifo", "How SAMPLE picks groups: `fifo`, `lifo`, `uniform`, or `prioritized` (probability proportional to priority ** alpha).")
+    selector: Literal["fifo", "lifo", "uniform", "prioritized"] = knob("fifo", "How SAMPLE picks groups: `fifo`, `lifo`, `uniform`, or `prioritized` (probability proportional to priority ** alpha).")
     priority_fn: str = knob("constant", "Priority of a new group: `constant`, `reward_variance` (groups whose rewards all agree teach nothing under GRPO), `freshness`, `response_length`, or a dotted path to fn(group, version) -> float >= 0.")
     alpha: float = knob(1.0, "Priority exponent of the prioritized selector (0 = uniform).")
-    remover: str = knob("fifo", "What is evicted when the table is at capacity: `fifo`, `lifo` or `min_priority`.")
+    remover: Literal["fifo", "lifo", "min_priority"] = knob("fifo", "What is evicted when the table is at capacity: `fifo`, `lifo` or `min_priority`.")
     capacity: int = knob(0, "Max groups held; 0 = unbounded (admission credits already bound the table).")
     max_times_sampled: int = knob(1, "Times a group is handed to the learner before it is retired (1 = each group trained on once).")
     priority_update: str = knob("none", "What the learner sends back as each trained group's new priority (by key, after its step; needs max_times_sampled > 1 to matter): `none`, `abs_advantage` (mean |advantage| over the group's trained tokens), or a dotted path to fn(group, advantages) -> float >= 0, advantages being one float array per trajectory over its trained response tokens.")
     put_timeout: float = knob(10.0, "Seconds a client waits for the hub's reply before reconnecting and resending (requests are idempotent).")
     auth: bool = knob(True, "CURVE authentication + encryption on the hub's socket (keys in run_dir/keys); turn off only for a loopback run.")
-    fsync: str = knob("batch", "WAL fsync policy: `always` (each record), `batch` (once per hub loop iteration, before its replies), `never` (OS decides; survives a killed hub, not a machine crash).")
+    fsync: Literal["always", "batch", "never"] = knob("batch", "WAL fsync policy: `always` (each record), `batch` (once per hub loop iteration, before its replies), `never` (OS decides; survives a killed hub, not a machine crash).")
     snapshot_interval: int = knob(2000, "WAL records between hub snapshots (restart replays at most this many).")
     keep_snapshots: int = knob(2, "Complete hub snapshots kept on disk.")
     generator_timeout: float = knob(60.0, "Seconds without any message from a generator before its credits are returned.")
@@ -218,15 +225,23 @@ class LoggingConfig:
     """Where metrics go."""
     progress: bool = knob(True, "Live progress line on the console.")
     use_wandb: bool = knob(False, "Log metrics to Weights & Biases.")
-    wandb_mode: str = knob("offline", "`offline` or `disabled` (no network here); `online` needs network.")
+    wandb_mode: Literal["offline", "disabled", "online"] = knob("offline", "`offline` or `disabled` (no network here); `online` needs network.")
     wandb_project: str = knob("async-rl", "W&B project name.")
-    use_tensorboard: bool = knob(False, "Write TensorBoard event files to run_dir/tensorboard.")
+    use_tensorboard: bool = knob(False, "Write TensorBoard event files to run_dir/tensorboard (/tb_project_name/tb_experiment_name when set).")
+    wandb_group: str = knob("", "W&B group of the run (slime's --wandb-group); empty = none.")
+    wandb_run_id: str = knob("", "W&B run id; the same id again continues that W&B run (resume='allow'); empty = a new id.")
+    wandb_dir: str = knob("", "Directory W&B writes its files to; empty = the run directory.")
+    wandb_team: str = knob("", "W&B entity (team or user) the run is logged under; empty = your default.")
+    wandb_host: str = knob("", "W&B server URL (a self-hosted one); empty = W&B's default.")
+    wandb_key: str = knob("", "W&B API key (else the WANDB_API_KEY environment variable or `wandb login`); it is written to config.yaml, so prefer the variable.")
+    tb_project_name: str = knob("", "With use_tensorboard: a subdirectory of run_dir/tensorboard for the project.")
+    tb_experiment_name: str = knob("", "With use_tensorboard: a subdirectory (under tb_project_name) for this run.")
 
 
 @dataclass
 class TrainConfig:
     """The learner process."""
-    train_backend: str = knob("torch", "`torch` (HF model, CPU or GPU) or `megatron` (megatron-core GPTModel built from the HF config, Llama/Qwen2/Qwen3; CUDA GPUs: `pip install -e .[megatron]`).")
+    train_backend: Literal["torch", "megatron"] = knob("torch", "`torch` (HF model, CPU or GPU) or `megatron` (megatron-core GPTModel built from the HF config, Llama/Qwen2/Qwen3; CUDA GPUs: `pip install -e .[megatron]`).")
     seed: int = knob(1234, "Seed of model-side randomness (learner and engines).")
     actor_num_gpus_per_node: int = knob(1, "Learner processes (one per GPU) on this node; megatron: data parallel size = this / (tensor * pipeline * context parallel sizes). torch: 1.")
     tensor_model_parallel_size: int = knob(1, "megatron: GPUs each layer's weights are split across (TP); must divide the attention and KV head counts.")
@@ -237,8 +252,8 @@ class TrainConfig:
     max_tokens_per_gpu: int = knob(0, "megatron: token budget of one training micro-batch per GPU (rows x longest row) with use_dynamic_batch_size.")
     log_probs_max_tokens_per_gpu: int = knob(0, "megatron: token budget of one logprob-recomputation micro-batch with use_dynamic_batch_size; 0 = max_tokens_per_gpu.")
     balance_data: bool = knob(False, "megatron: deal each global batch's samples to data-parallel ranks so their token counts are balanced (equal sample counts), instead of in order.")
-    recompute_granularity: str = knob("", "megatron activation recomputation: `` (off), `full` (whole layers; recompute_method + recompute_num_layers) or `selective` (core attention only).")
-    recompute_method: str = knob("", "megatron, recompute_granularity=full: `uniform` (every recompute_num_layers layers as a unit) or `block` (the first recompute_num_layers layers of each stage).")
+    recompute_granularity: Literal["", "full", "selective"] = knob("", "megatron activation recomputation: `` (off), `full` (whole layers; recompute_method + recompute_num_layers) or `selective` (core attention only).")
+    recompute_method: Literal["", "uniform", "block"] = knob("", "megatron, recompute_granularity=full: `uniform` (every recompute_num_layers layers as a unit) or `block` (the first recompute_num_layers layers of each stage).")
     recompute_num_layers: int = knob(0, "megatron, recompute_granularity=full: layers per recompute unit (uniform) or layers recomputed (block).")
     bf16: bool = knob(False, "GPU only. megatron: bf16 parameters and activations with fp32 main weights, gradients and Adam states (Megatron's mixed-precision optimizer). torch: bf16 autocast of the forward passes (fp32 weights and AdamW). false = fp32.")
     learner_device: str = knob("cpu", "train_backend=torch: torch device of the learner (`cpu`, `cuda`, `cuda:N`); the megatron backend always uses its rank's GPU.")
@@ -295,6 +310,9 @@ def resolve_key(key: str) -> tuple[str, str]:
         return tuple(index[key][0].split("."))  # type: ignore[return-value]
     elif len(index.get(key, [])) > 1:
         raise ConfigError(f"{key}: ambiguous, it is in {index[key]}; write the dotted path")
+    from async_rl.slime_flags import explain  # a slime option with no field here says why, and what instead
+    if explain(key):
+        raise ConfigError(explain(key))
     all_keys = [p for paths in index.values() for p in paths] + list(index)
     close = difflib.get_close_matches(key, all_keys, n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see `async-rl config --doc`"
@@ -330,7 +348,11 @@ def _coerce(sec: str, name: str, value: Any) -> Any:
         if typ is int and (isinstance(num, float) and not num.is_integer()):
             raise ConfigError(f"{where}: must be an integer")
         return typ(num)
-    return "" if value is None else str(value)
+    text = "" if value is None else str(value)
+    allowed = field_choices(section_cls, name)
+    if allowed is not None and text not in allowed:
+        raise ConfigError(f"{where}: must be one of {list(allowed)}")
+    return text
 
 
 def parse_override(word: str) -> tuple[str, str, Any]:
@@ -379,5 +401,3 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> C
 def save(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-
-from async_rl.config_rules import finalize  # noqa: E402  (rules live in their own module)

@@ -1,16 +1,46 @@
-"""Derived values and cross-field validation of a Config; each error names the field, the value and the fix."""
+"""Derived values and cross-field validation of a Config; each error names the field, the value and the fix.
+
+This module does not import `async_rl.config` at run time (config imports it): it reads a field's allowed
+values off the `Literal[...]` annotation of the section object it is given (`field_choices`).
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import numbers
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args, get_origin, get_type_hints
 
 if TYPE_CHECKING:
     from async_rl.config import Config
 
 
+class ConfigError(ValueError):
+    """A config value a user can fix; the message names the field, the value and the fix."""
+
+
 def _err(msg: str):
-    from async_rl.config import ConfigError
     return ConfigError(msg)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(section_cls: type) -> dict:
+    return get_type_hints(section_cls)
+
+
+def field_choices(section_cls: type, name: str) -> tuple[str, ...] | None:
+    """The allowed values of a `Literal[...]` config field (None for a free field): the one list of them."""
+    typ = _hints(section_cls)[name]
+    return get_args(typ) if get_origin(typ) is Literal else None
+
+
+def _choice_rules(cfg: "Config") -> None:
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for f in dataclasses.fields(obj):
+            allowed = field_choices(type(obj), f.name)
+            if allowed is not None:
+                _one_of(sec.name, obj, f.name, allowed)
 
 
 def _at_least(sec: str, obj, name: str, low: float) -> None:
@@ -19,13 +49,10 @@ def _at_least(sec: str, obj, name: str, low: float) -> None:
         raise _err(f"{sec}.{name}={value}: must be >= {low}")
 
 
-def _one_of(sec: str, obj, name: str, allowed: tuple, later: dict | None = None) -> None:
+def _one_of(sec: str, obj, name: str, allowed: tuple) -> None:
     value = getattr(obj, name)
-    if value in allowed:
-        return
-    if later and value in later:
-        raise _err(f"{sec}.{name}={value!r}: not available yet ({later[value]}); use one of {list(allowed)}")
-    raise _err(f"{sec}.{name}={value!r}: must be one of {list(allowed)}")
+    if value not in allowed:
+        raise _err(f"{sec}.{name}={value!r}: must be one of {list(allowed)}")
 
 
 def _batch_sizes(r) -> None:
@@ -52,6 +79,7 @@ def _batch_sizes(r) -> None:
 
 def finalize(cfg: "Config") -> "Config":
     """Fill derived fields (global_batch_size, micro_batch_size) and validate every rule; returns cfg."""
+    _choice_rules(cfg)
     _rollout_rules(cfg)
     _reward_rules(cfg)
     _cluster_rules(cfg)
@@ -87,14 +115,9 @@ def _rollout_rules(cfg: "Config") -> None:
 
 
 def _engine_rules(r) -> None:
-    _one_of("rollout", r, "rollout_engine", ("embedded", "sglang"))
-    _one_of("rollout", r, "interrupt_mode", ("none", "in_place", "retract", "abort"))
-    _one_of("rollout", r, "engine_dtype", ("auto", "float32", "bfloat16", "float16"))
     _at_least("rollout", r, "engine_max_batch_size", 1)
     if torch_device_problem(r.engine_device):
         raise _err(f"rollout.engine_device={r.engine_device!r}: {torch_device_problem(r.engine_device)}")
-    _one_of("rollout", r, "engine_kv_cache", ("auto", "dynamic", "static"))
-    _one_of("rollout", r, "update_weight_mode", ("disk", "broadcast"))
     for name in ("rollout_num_gpus", "rollout_health_check_first_wait"):
         _at_least("rollout", r, name, 0)
     for name in ("rollout_num_gpus_per_engine", "sglang_server_concurrency", "update_weight_buffer_size"):
@@ -109,6 +132,8 @@ def _engine_rules(r) -> None:
         raise _err(f"rollout.sglang_server_args={r.sglang_server_args}: only used with rollout_engine=sglang; "
                    f"set it, or clear the list")
     _sglang_args(r)
+    if not all(isinstance(s, str) and s for s in r.rollout_stop):
+        raise _err(f"rollout.rollout_stop={r.rollout_stop}: must be non-empty strings, e.g. [\"</answer>\"]")
     for addr in r.rollout_external_engine_addrs:
         if not re.fullmatch(r"(https?://)?[\w.\-\[\]:]+:\d+/?", str(addr)):
             raise _err(f"rollout.rollout_external_engine_addrs: {addr!r} is not host:port (or http://host:port)")
@@ -119,15 +144,18 @@ def _engine_rules(r) -> None:
                    "function replaces the whole rollout, including per-sample generation")
 
 
-# options the launcher sets itself (actors/sglang_engine.OWNED_OPTIONS; async_rl may not import actors/)
-_SGLANG_OWNED = ("--model-path", "--host", "--port", "--tp-size", "--tp", "--weight-version")
+# SGLang options the launcher sets itself, and the field each comes from (actors/sglang_engine uses it too)
+SGLANG_OWNED_OPTIONS = {"--model-path": "ckpt.hf_checkpoint", "--host": "cluster.host", "--port": "(picked free)",
+                        "--tp-size": "rollout.rollout_num_gpus_per_engine",
+                        "--tp": "rollout.rollout_num_gpus_per_engine",
+                        "--weight-version": "(the version of ckpt.hf_checkpoint: 0)"}
 
 
 def _sglang_args(r) -> None:
     import shlex
     for entry in r.sglang_server_args:
         for word in shlex.split(str(entry)):
-            if word.split("=", 1)[0] in _SGLANG_OWNED:
+            if word.split("=", 1)[0] in SGLANG_OWNED_OPTIONS:
                 raise _err(f"rollout.sglang_server_args sets {word.split('=', 1)[0]}: the launcher sets it (model "
                            f"path from ckpt.hf_checkpoint, host from cluster.host, tp size from "
                            f"rollout_num_gpus_per_engine); remove it from sglang_server_args")
@@ -146,15 +174,12 @@ def _data_rules(d) -> None:
                        "e.g. '{enable_thinking: false}'")
 
 
-# async_rl may not import actors/, so the rm hub's names are repeated here (a test keeps them equal)
-RM_TYPES = ("exact_match", "math", "dapo", "deepscaler", "f1", "gpqa", "remote_rm")
 _REWARD_PLUGIN_FIELDS = ("custom_rm_path", "custom_reward_post_process_path", "dynamic_sampling_filter_path")
 
 
 def _reward_rules(cfg: "Config") -> None:
     """Rewards and sampling filters; plug-ins are imported (and their signatures checked) by the generator."""
     r = cfg.rollout
-    _one_of("rollout", r, "rm_type", RM_TYPES)
     for name in _REWARD_PLUGIN_FIELDS:
         _dotted_path("rollout", r, name)
     if r.rm_type == "remote_rm" and not r.custom_rm_path and not r.rm_url.startswith(("http://", "https://")):
@@ -200,6 +225,8 @@ def _cluster_rules(cfg: "Config") -> None:
 
 def _placement_rules(cfg: "Config") -> None:
     """The slime placement options that `--cluster ray` honours, and a clear no for those it cannot."""
+    from async_rl import placement
+    placement.check(cfg)  # cluster.engine_gpus / learner_gpus (the local launcher's GPU assignment)
     c = cfg.cluster
     _at_least("cluster", c, "num_gpus_per_node", 0)
     if c.actor_num_nodes != 1:
@@ -238,12 +265,6 @@ def _supervisor_and_debug_rules(cfg: "Config") -> None:
 
 def _algo_rules(cfg: "Config") -> None:
     a = cfg.algo
-    _one_of("algo", a, "advantage_estimator",
-            ("grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"))
-    _one_of("algo", a, "loss_type", ("policy_loss", "sft_loss", "custom_loss"))
-    _one_of("algo", a, "kl_loss_type", ("k1", "k2", "k3", "low_var_kl"))
-    _one_of("algo", a, "tis_level", ("token", "sequence_product", "sequence_geometric"))
-    _one_of("algo", a, "tis_mode", ("truncate", "mask"))
     for name in ("eps_clip", "eps_clip_high", "tis_clip_low", "kl_coef", "kl_loss_coef", "value_clip",
                  "critic_lr", "num_critic_only_steps"):
         _at_least("algo", a, name, 0)
@@ -257,10 +278,29 @@ def _algo_rules(cfg: "Config") -> None:
         raise _err(f"algo.tis_clip={a.tis_clip}: must be > tis_clip_low={a.tis_clip_low}")
     _algo_kl_rules(a)
     _algo_plugin_rules(a)
+    _group_baseline_rule(cfg)
+
+
+# Estimators whose baseline is the group's mean reward: one sample per prompt leaves nothing to compare.
+GROUP_BASELINE_ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus_baseline")
+
+
+def kl_reward_shaping(a) -> bool:
+    """Whether kl_coef shapes rewards: not under grpo/gspo (as in slime) unless grpo_kl_reward_shaping."""
+    return a.kl_coef != 0 and (a.advantage_estimator not in ("grpo", "gspo") or a.grpo_kl_reward_shaping)
+
+
+def _group_baseline_rule(cfg: "Config") -> None:
+    a, n = cfg.algo, cfg.rollout.n_samples_per_prompt
+    if (n == 1 and a.loss_type == "policy_loss" and a.advantage_estimator in GROUP_BASELINE_ESTIMATORS
+            and not a.disable_rewards_normalization):
+        raise _err(f"rollout.n_samples_per_prompt=1: advantage_estimator={a.advantage_estimator} subtracts the "
+                   f"group's mean reward, so a group of one gets advantage 0 and trains on nothing; set "
+                   f"n_samples_per_prompt >= 2 (slime's examples use 8-16), or use reinforce_plus_plus or ppo")
 
 
 def _algo_kl_rules(a) -> None:
-    if a.kl_coef != 0 and a.kl_loss_coef != 0:
+    if kl_reward_shaping(a) and a.kl_loss_coef != 0:
         raise _err(f"algo.kl_coef={a.kl_coef} and algo.kl_loss_coef={a.kl_loss_coef}: use one KL penalty, "
                    f"reward shaping (kl_coef) or the KL loss (use_kl_loss + kl_loss_coef); set the other to 0")
     if a.kl_loss_coef != 0 and not a.use_kl_loss:
@@ -289,14 +329,12 @@ def _algo_plugin_rules(a) -> None:
 
 def _optimizer_rules(cfg: "Config") -> None:
     o = cfg.optimizer
-    _one_of("optimizer", o, "optimizer", ("adam",))
     if o.lr <= 0:
         raise _err(f"optimizer.lr={o.lr}: must be > 0")
     _at_least("optimizer", o, "clip_grad", 0)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(o, name) < 1:
             raise _err(f"optimizer.{name}={getattr(o, name)}: must be in [0, 1)")
-    _one_of("optimizer", o, "lr_decay_style", ("constant", "linear", "cosine", "inverse-square-root"))
     _at_least("optimizer", o, "lr_warmup_iters", 0)
     if not 0 <= o.warmup_ratio < 1:
         raise _err(f"optimizer.warmup_ratio={o.warmup_ratio}: must be in [0, 1)")
@@ -313,16 +351,14 @@ def _optimizer_rules(cfg: "Config") -> None:
 
 def _buffer_rules(cfg: "Config") -> None:
     b = cfg.buffer
-    _at_least("buffer", b, "max_staleness", 0)
+    if max_staleness_problem(b.max_staleness):
+        raise _err(max_staleness_problem(b.max_staleness))
     for name in ("put_timeout", "generator_timeout", "heartbeat_interval"):
         if getattr(b, name) <= 0:
             raise _err(f"buffer.{name}={getattr(b, name)}: must be > 0 seconds")
-    _one_of("buffer", b, "fsync", ("always", "batch", "never"))
     for name in ("snapshot_interval", "keep_snapshots"):
         _at_least("buffer", b, name, 1)
     _at_least("buffer", b, "max_message_bytes", 2**16)
-    _one_of("buffer", b, "selector", ("fifo", "lifo", "uniform", "prioritized"))
-    _one_of("buffer", b, "remover", ("fifo", "lifo", "min_priority"))
     if b.priority_fn not in ("constant", "reward_variance", "freshness", "response_length") and "." not in b.priority_fn:
         raise _err(f"buffer.priority_fn={b.priority_fn!r}: must be constant, reward_variance, freshness, "
                    f"response_length, or a dotted path like mypkg.priorities.score")
@@ -341,7 +377,6 @@ def _buffer_rules(cfg: "Config") -> None:
 
 
 def _misc_rules(cfg: "Config") -> None:
-    _one_of("logging", cfg.logging, "wandb_mode", ("offline", "disabled", "online"))
     _at_least("ckpt", cfg.ckpt, "keep_weight_versions", 1)
     _at_least("ckpt", cfg.ckpt, "save_interval", 0)
     _at_least("ckpt", cfg.ckpt, "keep_checkpoints", 1)
@@ -390,14 +425,11 @@ def _eval_rules(e) -> None:
 
 def _train_rules(cfg: "Config") -> None:
     t = cfg.train
-    _one_of("train", t, "train_backend", ("torch", "megatron"))
     for name in ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size"):
         _at_least("train", t, name, 1)
     for name in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu", "recompute_num_layers"):
         _at_least("train", t, name, 0)
-    _one_of("train", t, "recompute_granularity", ("", "full", "selective"))
-    _one_of("train", t, "recompute_method", ("", "uniform", "block"))
     if t.train_backend == "torch":
         _torch_backend_rules(cfg)
     else:
@@ -408,6 +440,16 @@ _MEGATRON_ONLY = ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipe
                   "context_parallel_size", "sequence_parallel", "use_dynamic_batch_size", "max_tokens_per_gpu",
                   "log_probs_max_tokens_per_gpu", "balance_data", "recompute_granularity", "recompute_method",
                   "recompute_num_layers")
+
+
+def max_staleness_problem(value) -> str:
+    """'' when `value` is a valid `buffer.max_staleness`, else the error naming field, value and fix. The one
+    check of the bound: the config loader, buffer/staleness.py (table and live SET) all call it; it lives
+    here because async_rl/ never imports buffer/."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        return (f"buffer.max_staleness={value!r}: must be >= 0 and an integer: the versions generators may run "
+                f"ahead of the learner (0 = synchronous on-policy), e.g. max_staleness=2")
+    return ""
 
 
 def torch_device_problem(value: str) -> str:
@@ -497,6 +539,11 @@ def check_paths(cfg: "Config") -> None:
         if not Path(value).is_file():
             raise _err(f"{sec}.{name}={value!r}: file not found; point it at a JSONL prompt file")
     resolve_num_rollout(cfg)
+    a = cfg.algo
+    if a.kl_coef != 0 and not kl_reward_shaping(a):
+        print(f"config: algo.kl_coef={a.kl_coef} is ignored under advantage_estimator={a.advantage_estimator}, as "
+              f"in slime; for a KL penalty set use_kl_loss=true kl_loss_coef=..., or grpo_kl_reward_shaping=true "
+              f"to shape rewards with it", flush=True)
 
 
 def resolve_num_rollout(cfg: "Config") -> None:

@@ -104,3 +104,12 @@ def _render(row: dict, data, tokenizer, kwargs: dict, where: str) -> str:
 def _encode(tokenizer, text: str, data) -> list[int]:
     # a rendered chat template already holds its special tokens
     return tokenizer(text, add_special_tokens=not data.apply_chat_template)["input_ids"]
+
+
+def eval_data_config(cfg):
+    """The data section eval sets are read with: data's options, with eval.eval_input_key / eval_label_key /
+    eval_tool_key in place of data's keys where they are set."""
+    import dataclasses
+    e, d = cfg.eval, cfg.data
+    return dataclasses.replace(d, input_key=e.eval_input_key or d.input_key, label_key=e.eval_label_key or d.label_key,
+                               tool_key=e.eval_tool_key or d.tool_key)

@@ -24,9 +24,11 @@ import requests
 from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
 from async_rl.endpoints import advertise, advertised_host, is_loopback, serves_weights
-from async_rl.procs import ProcessGroup, RestartPolicy
+from async_rl.procs import Interrupts, ProcessGroup, RestartPolicy
 from async_rl.progress import Progress
-from async_rl.run_dir import Manifest
+from async_rl.placement import assignment, gpu_env
+from async_rl.preflight import check_before_start
+from async_rl.run_dir import Manifest, RunDirBusy, lock_run_dir
 
 
 class LaunchError(RuntimeError):
@@ -87,18 +89,33 @@ class Launcher:
         self.run_dir = Path(run_dir)
         self.cfg_path = self.run_dir / "config.yaml"
         self.procs = ProcessGroup(self.run_dir / "logs")
+        self.procs.env = {name: gpu_env(cfg, name) for name in assignment(cfg)}  # cluster.engine_gpus / learner_gpus
         self.hub_endpoint = ""
         self.weights_endpoint = ""  # the weight server's advertised address, when it runs
         self.generator_args: list[str] = []  # more generator options (attach --hub: where to pull weights from)
         self.engine_urls: list[str] = []
         self.restart_policy = RestartPolicy(cfg.cluster.max_restarts, cfg.cluster.restart_backoff)
         self.restart_due: dict[str, float] = {}  # dead process -> when its restart is due (monotonic)
+        self.lock_fd: int | None = None  # run_dir/launch.lock, held from prepare() to the end of launch()
+
+    def release(self) -> None:
+        """Give up the run directory (launch() does, once every process is gone and run.json is final)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def key_args(self) -> list[str]:
         return ["--keys", str(self.keys_dir)] if self.keys_dir else []
 
     def prepare(self) -> None:
         check_paths(self.cfg)
+        check_before_start(self.cfg)
+        if self.resume and not (self.run_dir / "hub").is_dir():  # checked before anything is created there
+            raise LaunchError(f"--resume: {self.run_dir} holds no hub state (run_dir/hub); launch it without --resume")
+        try:  # held for the run's life: a second launch into this dir stops here, having touched nothing
+            self.lock_fd = lock_run_dir(self.run_dir)
+        except RunDirBusy as exc:
+            raise LaunchError(str(exc)) from None
         d = self.cfg.debug
         if d.debug_train_only:
             from async_rl.debug import check_load_data
@@ -118,8 +135,6 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "hub.endpoint").unlink(missing_ok=True)
         if self.resume:
-            if not (self.run_dir / "hub").is_dir():
-                raise LaunchError(f"--resume: {self.run_dir} holds no hub state (run_dir/hub); launch it without --resume")
             if not self.cfg.debug.debug_rollout_only:  # after a crash: rows past the checkpoint are trained again
                 self._rewind_metrics(self._learner_resume_step())
         else:  # a new run starts with an empty hub and no metrics
@@ -189,7 +204,7 @@ class Launcher:
                                    critical=not r.use_fault_tolerance)
             specs.append({"url": url, "cmd": cmd, "log": str(child.log), "pid": child.proc.pid,
                           "owner": f"g{i}" if i < c.num_generators else "g0",
-                          "env": {"OMP_NUM_THREADS": str(c.engine_num_threads)}})
+                          "env": {"OMP_NUM_THREADS": str(c.engine_num_threads), **gpu_env(self.cfg, f"engine{i}")}})
             self.engine_urls.append(url)
         (self.run_dir / "engines.json").write_text(json.dumps(specs, indent=1))
         for i, url in enumerate(self.engine_urls):
@@ -418,12 +433,14 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
     try:
         launcher.prepare()
     except LaunchError as exc:
+        launcher.release()  # (a failure after the lock was taken, e.g. Ray could not place the run)
         print(f"async-rl: {exc}", flush=True)
         return 2
-    progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress)
+    progress = Progress(launcher.run_dir, cfg.rollout.num_rollout, enabled=cfg.logging.progress, resume=resume)
+    signals = Interrupts(launcher.procs)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, _raise_interrupt)
+        signal.signal(sig, signals.handle)
     signal.signal(signal.SIGUSR1, lambda *_: setattr(launcher, "stop_requested", True))
     code, status, evals = 1, "failed", {}
     try:
@@ -441,23 +458,25 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
         evals["end"] = launcher.evaluate("end", str(latest[-1]) if latest else cfg.ckpt.hf_checkpoint)
         code, status = 0, "stopped" if launcher.stop_requested else "completed"
     except LaunchError as exc:
+        signals.cleaning = True  # from here an interrupt hurries the shutdown; it never aborts it
         progress.stop()
         print(f"async-rl: run failed: {exc}", flush=True)
     except KeyboardInterrupt:
+        signals.cleaning = True
         progress.stop()
-        print("async-rl: interrupted; stopping every process", flush=True)
+        print("async-rl: interrupted; stopping every process (interrupt again to kill them now)", flush=True)
         code, status = 130, "interrupted"
     finally:
+        signals.cleaning = True
         launcher.procs.stop_all()
-        launcher.record(status, exit_code=code, finished=time.time())
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        launcher.record(status, exit_code=code, finished=time.time(), ended_by=signals.why(status))
+    if signals.count > 1:
+        print("async-rl: interrupted again: every process was killed", flush=True)
     from async_rl.report import write_report
     summary = write_report(launcher.run_dir, evals=evals)
     if summary:
         print(summary, flush=True)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    launcher.release()
     return code
-
-
-def _raise_interrupt(*_):
-    raise KeyboardInterrupt

@@ -17,11 +17,10 @@ class MetricsWriter:
         self._wandb = self._tb = None
         if cfg.logging.use_wandb and cfg.logging.wandb_mode != "disabled":
             import wandb  # optional extra: pip install .[wandb]
-            self._wandb = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode,
-                                     dir=str(run_dir), config=cfg.to_dict())
+            self._wandb = wandb.init(**wandb_init_args(cfg, run_dir))
         if cfg.logging.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs: pip install .[tensorboard]
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir(cfg, run_dir)))
 
     def log(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
@@ -43,6 +42,30 @@ class MetricsWriter:
             self._tb.close()
 
 
+def wandb_init_args(cfg: Config, run_dir: str | Path) -> dict:
+    """wandb.init's arguments from the logging section (slime's --wandb-* options)."""
+    lg = cfg.logging
+    args = {"project": lg.wandb_project, "mode": lg.wandb_mode, "dir": lg.wandb_dir or str(run_dir),
+            "config": cfg.to_dict(), "name": Path(run_dir).resolve().name}
+    if lg.wandb_group:
+        args["group"] = lg.wandb_group
+    if lg.wandb_team:
+        args["entity"] = lg.wandb_team
+    if lg.wandb_run_id:
+        args.update(id=lg.wandb_run_id, resume="allow")
+    if lg.wandb_host or lg.wandb_key:
+        import wandb
+        args["settings"] = wandb.Settings(**({"base_url": lg.wandb_host} if lg.wandb_host else {}),
+                                          **({"api_key": lg.wandb_key} if lg.wandb_key else {}))
+    return args
+
+
+def tensorboard_dir(cfg: Config, run_dir: str | Path) -> Path:
+    """run_dir/tensorboard[/tb_project_name[/tb_experiment_name]]."""
+    lg = cfg.logging
+    return Path(run_dir, "tensorboard", *[p for p in (lg.tb_project_name, lg.tb_experiment_name) if p])
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All complete lines of metrics.jsonl (a line being written is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -55,3 +78,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def elapsed_before(run_dir: str | Path, step: int) -> float:
+    """The `time` of the last logged step before `step`: where a resumed learner's clock continues from, so
+    `time` (and the summary's wall time) counts the training of every launch, not only the last one."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", step) < step and r.get("time") is not None]
+    return float(rows[-1]["time"]) if rows else 0.0

@@ -1,7 +1,8 @@
 """Local child processes of a run: each in its own session (so a signal to the launcher's terminal does not
 race the launcher's own shutdown), logging to `run_dir/logs/NAME.log`, optionally pinned to CPU cores.
 
-`ProcessGroup.stop_all` guarantees no orphans: SIGTERM, a grace period, then SIGKILL of each process group.
+`ProcessGroup.stop_all` guarantees no orphans: SIGTERM, a grace period, then SIGKILL of each process group;
+setting `hurry` (a second Ctrl-C, from a signal handler) cuts the grace period short, never the SIGKILL.
 `ProcessGroup.respawn` starts a dead child again with the command line, cores and priority it first had (the
 launcher's supervisor decides when; `RestartPolicy` how often and after what backoff).
 """
@@ -27,6 +28,7 @@ class Child:
     threads: int = 1
     nice: int = 0
     restarts: int = 0
+    env: dict = field(default_factory=dict)  # added to the launcher's environment (CUDA_VISIBLE_DEVICES)
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -39,6 +41,8 @@ class ProcessGroup:
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
         self.children: dict[str, Child] = {}
+        self.env: dict[str, dict] = {}  # child name -> environment it gets on top of the launcher's
+        self.hurry = False  # set from a signal handler: stop waiting out the grace period, SIGKILL now
 
     def start(self, name: str, module: str, args: list[str], cpus: list[int] | None = None,
               threads: int = 1, critical: bool = True, nice: int = 0) -> Child:
@@ -48,7 +52,7 @@ class ProcessGroup:
                       critical: bool = True, nice: int = 0) -> Child:
         """Start `argv` as child `name` (a full command line: an SGLang server runs under its own Python)."""
         child = Child(name, None, self.log_dir / f"{name}.log", critical, list(argv),  # type: ignore[arg-type]
-                      [int(c) for c in cpus or []], threads, nice)
+                      [int(c) for c in cpus or []], threads, nice, env=dict(self.env.get(name, {})))
         child.proc = self._popen(child)
         self.children[name] = child
         return child
@@ -65,7 +69,7 @@ class ProcessGroup:
     @staticmethod
     def _popen(child: Child) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(child.threads),
-               "MKL_NUM_THREADS": str(child.threads), "TOKENIZERS_PARALLELISM": "false"}
+               "MKL_NUM_THREADS": str(child.threads), "TOKENIZERS_PARALLELISM": "false", **child.env}
         cores, nice = child.cpus, child.nice
 
         def pin():
@@ -107,10 +111,8 @@ class ProcessGroup:
                 self._signal(child, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for child in children:
-            try:
-                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+            while not self.hurry and child.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
         for child in children:
             self._signal(child, signal.SIGKILL)  # also reaps grandchildren left in the group
             try:
@@ -132,3 +134,27 @@ class RestartPolicy:
 
     def delay(self, restarts_so_far: int) -> float:
         return min(self.backoff_max, self.backoff * 2 ** restarts_so_far)
+
+
+class Interrupts:
+    """SIGINT/SIGTERM during a run: the first raises KeyboardInterrupt (out of whatever the launcher waits on);
+    any later one, or one during the shutdown, only makes the shutdown kill at once (ProcessGroup.hurry)
+    instead of raising inside it, which would orphan the children and leave run.json saying `running`."""
+
+    def __init__(self, procs: ProcessGroup):
+        self.procs, self.count, self.cleaning, self.signals = procs, 0, False, []
+
+    def handle(self, signum, _frame) -> None:
+        self.count += 1
+        self.signals.append(signal.Signals(signum).name)
+        if self.count == 1 and not self.cleaning:
+            raise KeyboardInterrupt
+        self.procs.hurry = True
+
+    def why(self, status: str) -> str:
+        """How the run ended, for run.json's `ended_by`."""
+        if status != "interrupted":
+            return {"completed": "num_rollout reached", "stopped": "async-rl stop"}.get(status, "a process failed")
+        if self.count > 1:
+            return f"{' then '.join(self.signals)}: the second killed every process without waiting"
+        return f"{self.signals[0]}: every process stopped"

@@ -274,6 +274,10 @@ class RayLauncher(Launcher):
         self.address, self.started_ray, self.pg = address, False, None
 
     def prepare(self) -> None:
+        if self.cfg.cluster.engine_gpus or self.cfg.cluster.learner_gpus:
+            raise LaunchError(f"cluster.engine_gpus={self.cfg.cluster.engine_gpus}, learner_gpus="
+                              f"{self.cfg.cluster.learner_gpus}: GPUs of the local launcher; under --cluster ray, Ray "
+                              f"gives each bundle its GPUs (cluster.num_gpus_per_node); set both to []")
         super().prepare()
         self.started_ray = connect(self.address, self.run_dir)
         try:

@@ -3,9 +3,9 @@
 Invariants it keeps:
 - No group whose staleness (learner version - behavior_version) exceeds `max_staleness` is ever returned
   by SAMPLE; such groups are evicted and counted (`buffer/evicted_stale`).
-- Admission (AReaL's rule, counting live groups): a generator may start a group only while
-  `(max_staleness + v + 1) * groups_per_version - (accepted - evicted_stale + running) > 0`, and never
-  more groups than the run still needs.
+- Admission (AReaL's rule, counting live groups; buffer/staleness.py): a generator may start a group only
+  while `(max_staleness + v + 1) * batch_groups - (accepted - wasted + running) > 0`, and never more groups
+  than the run still needs.
 - Nothing acknowledged is lost: every state change is a log record (buffer/durable.py) written before
   the reply that acknowledges it; a hub killed with SIGKILL restarts into the same state.
 - Every request is idempotent, so clients simply resend on timeout: PUT by group key, ACQUIRE by
@@ -28,10 +28,10 @@ import uuid
 
 from async_rl import config as config_mod
 from async_rl import wire
+from async_rl.config_rules import max_staleness_problem
 from async_rl.types import Group, PackedGroup
 from buffer import priorities
 from buffer.durable import DurableLog
-from buffer.rate_limiter import StalenessCredits
 from buffer.state import HubState
 
 Reply = tuple[bytes, dict]
@@ -43,7 +43,6 @@ class Hub:
     def __init__(self, cfg: config_mod.Config, prompts: list[dict], log: DurableLog | None = None):
         self.cfg = cfg
         self.state = HubState(cfg, prompts)
-        self.credits = StalenessCredits.from_rollout(cfg.rollout)
         self.priority_fn = priorities.resolve(cfg.buffer.priority_fn)
         self.log = log
         self.recovered_records = 0
@@ -102,9 +101,7 @@ class Hub:
 
     # ---- admission -------------------------------------------------------------------------------
     def credits_available(self) -> int:
-        t, c, s = self.state.table.counters, self.state.counters, self.state
-        return self.credits.available(s.version, s.max_staleness, t["accepted"],
-                                      t["evicted_stale"] + c["evicted_in_flight"], c["running"], t["evicted_capacity"])
+        return self.state.credits()
 
     # ---- dispatch --------------------------------------------------------------------------------
     def handle(self, ident: bytes, msg: dict) -> list[Reply]:
@@ -280,7 +277,7 @@ class Hub:
             self.commit({"op": "advance", "version": version})
         flight = self.state.in_flight.get(learner)
         if flight is not None:  # a restarted learner: deliver its un-acked batch again, minus what went stale
-            limit = version - self.state.max_staleness
+            limit = self.state.staleness.limit(version)
             stale = [list(k) for k, g in zip(flight["keys"], flight["groups"]) if g.behavior_version < limit]
             if stale:
                 self.commit({"op": "evict_in_flight", "learner": learner, "keys": stale})
@@ -369,6 +366,7 @@ class Hub:
         s, t = self.state, self.state.table
         out = {**t.counters, **s.counters}
         out["evicted_stale"] = t.counters["evicted_stale"] + s.counters["evicted_in_flight"]
+        out["running"] = s.staleness.running
         gen_tokens = gen_busy_s = 0.0
         for g in s.generators.values():
             gen_tokens += g["gen_tokens"]
@@ -407,10 +405,11 @@ def _check_knobs(knobs: dict, prioritized: bool) -> str | None:
     allowed = {"max_staleness", "alpha", "capacity"}
     if set(knobs) - allowed:
         return f"knobs={sorted(knobs)}: the hub's live knobs are {sorted(allowed)}"
-    for name in ("max_staleness", "capacity"):
-        v = knobs.get(name, 0)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            return f"{name}={v!r}: must be an integer >= 0" + (" (0 = unbounded)" if name == "capacity" else "")
+    if "max_staleness" in knobs and max_staleness_problem(knobs["max_staleness"]):
+        return max_staleness_problem(knobs["max_staleness"])
+    v = knobs.get("capacity", 0)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        return f"capacity={v!r}: must be an integer >= 0 (0 = unbounded)"
     if "alpha" in knobs:
         a = knobs["alpha"]
         if not prioritized:

@@ -22,6 +22,7 @@ from typing import Hashable, Protocol
 
 import numpy as np
 
+from async_rl.config import BufferConfig, field_choices
 from buffer.sum_tree import SumTree
 
 Key = Hashable
@@ -349,6 +350,9 @@ class MinPriority(_Defaults):
 
 SELECTORS = {"fifo": Fifo, "lifo": Lifo, "uniform": Uniform, "prioritized": Prioritized}
 REMOVERS = {"fifo": Fifo, "lifo": Lifo, "min_priority": MinPriority}
+for _name, _impl in (("selector", SELECTORS), ("remover", REMOVERS)):  # the names are declared on the fields
+    if set(field_choices(BufferConfig, _name)) != set(_impl):
+        raise ImportError(f"buffer.{_name} choices {field_choices(BufferConfig, _name)} and {sorted(_impl)} disagree")
 
 
 def make_selector(name: str, alpha: float = 1.0, field: str = "buffer.selector") -> Selector:

@@ -4,7 +4,9 @@ Every change to what the hub promises (an acked group, a granted prompt, a batch
 a version, a knob) is a record; `apply` is the only way state changes, both live and when replaying the
 write-ahead log after a crash, so a restarted hub is exactly the hub that acked what it acked. Sampling
 is random (prioritized, uniform), so a `lease` record names the keys that were drawn and replay takes
-exactly those (`Table.sample_keys`), whatever the RNG would say now.
+exactly those (`Table.sample_keys`), whatever the RNG would say now. The staleness gate (buffer/staleness.py:
+the bound, which the table shares, and the credits granted and not returned, `running`) is part of this
+state: it changes in `apply` only (grant, put, drop, reclaim, set) and is saved with every snapshot.
 
 Accounting identity at every moment (max_times_sampled = 1):
     accepted == consumed + evicted_stale + evicted_capacity + size + in_flight
@@ -24,9 +26,10 @@ import time
 
 from async_rl.types import Group, PackedGroup
 from buffer.prompts import PromptDispenser
-from buffer.table import Table
+from buffer.staleness import Flow, Staleness
+from buffer.table import Table, loads as load_table
 
-HUB_COUNTERS = ("consumed", "running", "dropped_filtered", "reclaimed", "malformed", "evicted_in_flight", "replayed")
+HUB_COUNTERS = ("consumed", "dropped_filtered", "reclaimed", "malformed", "evicted_in_flight", "replayed")
 
 
 def gkey(key) -> tuple[str, int]:
@@ -38,7 +41,8 @@ class HubState:
         b = cfg.buffer
         self.dispenser = PromptDispenser(prompts, cfg.data.rollout_shuffle, cfg.data.rollout_seed)
         self.weights_path = cfg.ckpt.hf_checkpoint
-        self.table = Table(b.selector, b.remover, max_staleness=b.max_staleness,
+        self.staleness = Staleness.from_config(cfg)  # the bound + admission; the table shares it
+        self.table = Table(b.selector, b.remover, staleness=self.staleness,
                            max_times_sampled=b.max_times_sampled, capacity=b.capacity or None, alpha=b.alpha,
                            seed=cfg.train.seed)
         self.counters = collections.Counter({c: 0 for c in HUB_COUNTERS})
@@ -60,7 +64,13 @@ class HubState:
 
     @property
     def max_staleness(self) -> int:
-        return self.table.max_staleness
+        return self.staleness.max_staleness
+
+    def credits(self) -> int:
+        """Groups a generator may start now (buffer/staleness.py)."""
+        t = self.table.counters
+        wasted = t["evicted_stale"] + self.counters["evicted_in_flight"] + t["evicted_capacity"]
+        return self.staleness.credits(self.version, Flow(t["accepted"], wasted))
 
     # ---- helpers ---------------------------------------------------------------------------------
     def generator(self, gid: str) -> dict:
@@ -77,7 +87,7 @@ class HubState:
         gen = self.generator(gid)
         n = min(n, gen["running"])
         gen["running"] -= n
-        self.counters["running"] -= n
+        self.staleness.release(n)
         return n
 
     def _gen_stats(self, gid: str, stats: dict | None) -> dict:
@@ -97,7 +107,7 @@ class HubState:
         gid, prompts = rec["gid"], rec["prompts"]
         self.dispenser.epoch, self.dispenser.position = rec["cursor"]
         self.dispenser.sync_order()
-        self.counters["running"] += len(prompts)
+        self.staleness.grant(len(prompts))
         self.generator(gid)["running"] += len(prompts)
         self.last_grant[gid] = {"acquire_seq": rec["acquire_seq"], "prompts": prompts}
 
@@ -209,6 +219,7 @@ class HubState:
             "weights_path": self.weights_path, "done": self.done,
             "cursor": [self.dispenser.epoch, self.dispenser.position],
             "table": pickle.dumps(self.table, protocol=pickle.HIGHEST_PROTOCOL),  # our own file in the run dir
+            "staleness": self.staleness.state(),
             "dropped_keys": [list(k) for k in self.dropped_keys], "counters": dict(self.counters),
             "generators": self.generators, "last_grant": self.last_grant,
             "knobs": [self.knob_version, self.learner_knobs, self.generator_knobs],
@@ -223,9 +234,14 @@ class HubState:
         self.weights_path, self.done = snap["weights_path"], snap["done"]
         self.dispenser.epoch, self.dispenser.position = snap["cursor"]
         self.dispenser.sync_order()
-        self.table = pickle.loads(snap["table"])
+        self.table = load_table(snap["table"])
         self.dropped_keys = {gkey(k) for k in snap["dropped_keys"]}
-        self.counters = collections.Counter(snap["counters"])
+        counters = dict(snap["counters"])
+        # snapshots from before buffer/staleness.py: the bound in the table, `running` among the counters
+        legacy = {"max_staleness": self.table.max_staleness, "running": counters.pop("running", 0)}
+        self.staleness.restore(snap.get("staleness", legacy))
+        self.table.staleness = self.staleness
+        self.counters = collections.Counter(counters)
         self.generators, self.last_grant = snap["generators"], snap["last_grant"]
         self.knob_version, self.learner_knobs, self.generator_knobs = snap.get("knobs", [0, {}, {}])
         self.in_flight = {lid: {"lease": f["lease"], **_batch_from_wire(f),

@@ -1,5 +1,5 @@
-"""The item table: a selector (what to sample) + a remover (what to evict when full) + a rate limiter (when
-sampling may happen) + the staleness gate, over items (groups) held by key.
+"""The item table: a selector (what to sample) + a remover (what to evict when full) + the staleness gate
+(`buffer/staleness.py`: the bound and its limit), over items (groups) held by key.
 
 Invariants, after every public call:
 - Staleness: every held item has `behavior_version >= version - max_staleness`, so `sample` never returns
@@ -14,6 +14,9 @@ Invariants, after every public call:
   held before and is gone (consumed or evicted) does nothing. Either way it counts as a duplicate, and
   no key is ever stored, sampled or retired twice because of a resend.
 - A batch never holds the same key twice (sampling is without replacement within one call).
+- Sampling waits only for `n` fresh items: there is no sample-side rate limiter. Inserts are paced by
+  admission credits (buffer/staleness.py) and reuse by `max_times_sampled`; slime and AReaL expose no
+  samples-per-insert knob either (each group is trained once), so Reverb's limiters were removed.
 
 Cost: the staleness sweep is O(items evicted + distinct versions passed), never a scan of the table:
 items are indexed by behavior_version (version -> set of keys, plus a min-heap of those versions).
@@ -21,13 +24,15 @@ items are indexed by behavior_version (version -> set of keys, plus a min-heap o
 from __future__ import annotations
 
 import heapq
+import io
 import math
+import pickle
 from typing import Hashable, Iterator
 
 import numpy as np
 
-from buffer.rate_limiter import MinSize
 from buffer.selectors import Selector, make_remover, make_selector
+from buffer.staleness import Staleness
 
 Key = Hashable
 
@@ -50,20 +55,21 @@ def _check_priority(priority: float) -> float:
 class Table:
     """`selector`: fifo | lifo | uniform | prioritized (or a Selector); `remover`: fifo | lifo |
     min_priority (or a Selector); `alpha`: priority exponent of the prioritized selector; `capacity`:
-    max items held (None = unbounded); `limiter`: has `can_sample(n, size, inserts, samples)`
-    (default `MinSize(1)`); `seed`: the sampling RNG's seed."""
+    max items held (None = unbounded); `seed`: the sampling RNG's seed. The bound: `max_staleness`, or
+    `staleness`, a gate shared with its owner (the hub's, whose live knob the table then follows)."""
 
     def __init__(self, selector: str | Selector = "fifo", remover: str | Selector = "fifo", *,
-                 max_staleness: int = 2, max_times_sampled: int = 1, capacity: int | None = None,
-                 alpha: float = 1.0, limiter=None, seed: int = 0):
+                 max_staleness: int | None = None, max_times_sampled: int = 1, capacity: int | None = None,
+                 alpha: float = 1.0, staleness: Staleness | None = None, seed: int = 0):
         self.selector = make_selector(selector, alpha) if isinstance(selector, str) else selector
         self.remover = make_remover(remover) if isinstance(remover, str) else remover
         if max_times_sampled < 1:
             raise ValueError(f"buffer.max_times_sampled={max_times_sampled}: must be >= 1 (1 = train once)")
         self.max_times_sampled = int(max_times_sampled)
-        self.max_staleness = self._check_staleness(max_staleness)
+        if staleness is not None and max_staleness is not None:
+            raise ValueError("Table: pass max_staleness or a staleness gate, not both")
+        self.staleness = staleness if staleness is not None else Staleness(2 if max_staleness is None else max_staleness)
         self.capacity = self._check_capacity(capacity)
-        self.limiter = limiter if limiter is not None else MinSize(1)
         self.rng = np.random.default_rng(seed)
         self.version = 0
         self._items: dict[Key, _Item] = {}
@@ -74,13 +80,25 @@ class Table:
         self.counters = dict(accepted=0, duplicates=0, sampled=0, consumed=0, evicted_stale=0,
                              evicted_capacity=0, priority_updates=0, priority_updates_unknown=0)
 
-    # ---- validation ------------------------------------------------------------------------------
-    @staticmethod
-    def _check_staleness(max_staleness: int) -> int:
-        if int(max_staleness) != max_staleness or max_staleness < 0:
-            raise ValueError(f"buffer.max_staleness={max_staleness}: must be an integer >= 0 (0 = on-policy)")
-        return int(max_staleness)
+    @property
+    def max_staleness(self) -> int:
+        return self.staleness.max_staleness
 
+    # ---- snapshots -------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """The pickle keeps the bound as a plain int, as tables pickled before buffer/staleness.py did; a hub
+        restores its own gate (with its admission counters) and hands it back (`HubState.load_snapshot`)."""
+        state = dict(self.__dict__)
+        state["max_staleness"] = state.pop("staleness").max_staleness
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state.pop("limiter", None)  # pickled before the (always MinSize(1)) limiter was removed
+        state["staleness"] = Staleness(state.pop("max_staleness"))
+        self.__dict__.update(state)
+
+    # ---- validation ------------------------------------------------------------------------------
     @staticmethod
     def _check_capacity(capacity: int | None) -> int | None:
         if capacity is not None and (int(capacity) != capacity or capacity < 1):
@@ -155,8 +173,7 @@ class Table:
         return item
 
     def _limit(self) -> int:
-        """The lowest behavior_version still trainable at the current version."""
-        return self.version - self.max_staleness
+        return self.staleness.limit(self.version)
 
     def _sweep(self) -> int:
         """Evict every held item below the staleness limit; O(evicted + versions popped)."""
@@ -184,12 +201,11 @@ class Table:
         return self._sweep()
 
     def can_sample(self, n: int) -> bool:
-        c = self.counters
-        return len(self._items) >= n and self.limiter.can_sample(n, len(self._items), c["accepted"], c["sampled"])
+        return len(self._items) >= n
 
     def sample(self, n: int, version: int | None = None) -> list[tuple[Key, object]]:
         """`n` distinct (key, group) pairs, all within the staleness bound at `version`, or [] when the
-        table cannot serve `n` yet (too few fresh items, or the rate limiter says wait): never a partial
+        table cannot serve `n` yet (too few fresh items): never a partial
         batch. An item sampled `max_times_sampled` times is retired (consumed); others stay in place."""
         if n < 1:
             raise ValueError(f"num_groups={n}: must be >= 1")
@@ -201,7 +217,7 @@ class Table:
         return self._hand_out(keys)
 
     def sample_keys(self, keys) -> list[tuple[Key, object]]:
-        """Sample exactly these held keys, as `sample` would have (no RNG, no rate limiter): the replay
+        """Sample exactly these held keys, as `sample` would have (no RNG): the replay
         of a SAMPLE recorded in a write-ahead log, so replay does not depend on the RNG's state."""
         keys = list(keys)
         if len(set(keys)) != len(keys):
@@ -249,7 +265,7 @@ class Table:
     def set_max_staleness(self, max_staleness: int) -> int:
         """Takes effect at once: a lower bound evicts now; returns items evicted. Raising it does not
         bring back items already evicted."""
-        self.max_staleness = self._check_staleness(max_staleness)
+        self.staleness.set_max_staleness(max_staleness)
         return self._sweep()
 
     def set_alpha(self, alpha: float) -> None:
@@ -298,3 +314,19 @@ class Table:
         """Counters plus `size`, `version`, `max_staleness`, `capacity`, `alpha`."""
         return {**self.counters, "size": len(self._items), "version": self.version,
                 "max_staleness": self.max_staleness, "capacity": self.capacity, "alpha": self.alpha}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "buffer.rate_limiter":  # snapshots from before buffer/staleness.py hold a MinSize(1)
+            return _RemovedLimiter
+        return super().find_class(module, name)
+
+
+class _RemovedLimiter:
+    """Stands in for a pickled limiter class that no longer exists; `Table.__setstate__` drops it."""
+
+
+def loads(blob: bytes) -> Table:
+    """A pickled table, also one pickled by an older version of this module (snapshots)."""
+    return _Unpickler(io.BytesIO(blob)).load()

@@ -1,21 +1,27 @@
 """Advantage estimators over padded [B, T] token tensors, B = groups * n_samples_per_prompt in group-major
 order (sample i belongs to group i // n), with slime's names and formulas.
 
-Conventions: `mask` is 1 on response tokens carrying loss, and a sample's response is one contiguous
-masked span; every returned tensor is 0 off the mask. `kl` is the per-token KL estimate between logp_old
-and the reference policy (None: no reference); the estimators shape rewards with `-kl_coef * kl`.
-A fully masked sample gets all-zero advantages.
+Conventions: `mask` is 1 on response tokens carrying loss. A response may have gaps: multi-turn and tool
+rollouts put mask 0 on tool output inside a response. Such tokens are not the policy's actions, but they
+do not end the episode either: returns and GAE pass across them unchanged (no reward, no discount, no
+value of their own), so earlier turns get credit for the final reward. Every returned tensor is 0 off
+the mask. `kl` is the per-token KL estimate between logp_old and the reference policy (None: no
+reference). A fully masked sample gets all-zero advantages.
+
+Group statistics are computed in float64, and a group whose rewards are all equal gets advantages of
+exactly 0 (it teaches nothing, so it must not push the policy by rounding error); "equal" allows float32
+rounding (a spread within 4 float32 ulps of the group's largest |reward|, at least 1).
 
   grpo / gspo                  (reward - group mean) / (group std + 1e-6) on every token (the std division
                                is dropped by disable_grpo_std_normalization, the whole group normalisation
-                               by disable_rewards_normalization), minus kl_coef * kl per token.
+                               by disable_rewards_normalization). kl_coef is ignored, as in slime, unless
+                               grpo_kl_reward_shaping subtracts kl_coef * kl per token.
   reinforce_plus_plus          token rewards -kl_coef * kl with the reward added on the last response
                                token, discounted returns G_t = r_t + gamma * G_{t+1}, whitened over the batch.
   reinforce_plus_plus_baseline (reward - group mean) - kl_coef * kl per token, whitened over the batch.
   ppo                          the same token rewards as reinforce_plus_plus, GAE(gamma, lambd) against the
                                critic's values; returns = advantages + values (the critic's targets).
-`normalize_advantages` whitens the others too. Unlike slime, which ignores kl_coef for grpo/gspo, we
-apply it to every estimator so that the knob is never silently inert.
+`normalize_advantages` whitens the others too.
 """
 from __future__ import annotations
 
@@ -24,7 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
+from async_rl.config import AlgoConfig, field_choices
+
+_UNIFORM_RTOL = 4 * torch.finfo(torch.float32).eps
+ESTIMATORS = field_choices(AlgoConfig, "advantage_estimator")
 
 
 @dataclass
@@ -34,11 +43,19 @@ class Advantages:
 
 
 def grpo_advantages(rewards: torch.Tensor, std_normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO: reward minus its group mean, divided by the group std (unbiased) + eps; rewards [groups, n]."""
-    centered = rewards - rewards.mean(dim=-1, keepdim=True)
-    if not std_normalize or rewards.shape[-1] < 2:
-        return centered
-    return centered / (rewards.std(dim=-1, keepdim=True) + eps)
+    """GRPO: reward minus its group mean, divided by the group std (unbiased) + eps; rewards [groups, n].
+
+    In float64, and exactly 0 for a group whose rewards are all equal (whatever their float rounding).
+    """
+    r = rewards.to(torch.float64)
+    centered = r - r.mean(dim=-1, keepdim=True)
+    spread = r.amax(dim=-1, keepdim=True) - r.amin(dim=-1, keepdim=True)
+    # equal up to float32 rounding (e.g. 0.1 + 0.2 vs 0.3 from two reward paths) counts as equal
+    uniform = spread <= _UNIFORM_RTOL * r.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
+    centered = torch.where(uniform, torch.zeros_like(centered), centered)
+    if std_normalize and rewards.shape[-1] >= 2:
+        centered = centered / (r.std(dim=-1, keepdim=True) + eps)
+    return centered.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -67,31 +84,34 @@ def token_level_rewards(rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma * G_{t+1} along each row (rewards are 0 after the response, so G ends there)."""
+    """G_t = r_t + gamma * G_{t'} along each row, t' the next masked token; a masked-out token passes G on
+    unchanged (a tool-output gap inside a response neither ends nor discounts the return)."""
     out = torch.zeros_like(token_rewards)
     running = torch.zeros_like(token_rewards[:, 0])
     for t in reversed(range(token_rewards.shape[-1])):
-        running = token_rewards[:, t] + gamma * running
+        on = mask[:, t] > 0
+        running = torch.where(on, token_rewards[:, t] + gamma * running, running)
         out[:, t] = running
     return out * mask
 
 
 def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over each response span; V after the last token is 0.
+    """Generalised advantage estimation over each response; V after the last token is 0.
 
-    Returns (advantages, returns = advantages + values), both 0 off-mask.
+    The TD step of a masked token t bootstraps from the next masked token t' (delta_t = r_t + gamma *
+    V_t' - V_t, A_t = delta_t + gamma * lambd * A_t'); masked-out tokens in between carry V_t' and A_t'
+    unchanged. Returns (advantages, returns = advantages + values), both 0 off-mask.
     """
     values = values * mask
     adv = torch.zeros_like(token_rewards)
     last_gae = torch.zeros_like(token_rewards[:, 0])
-    width = token_rewards.shape[-1]
-    for t in reversed(range(width)):
-        # mask[t + 1] == 0 ends the span: no bootstrap value and no carried advantage past it
-        cont = mask[:, t + 1] if t + 1 < width else torch.zeros_like(last_gae)
-        next_value = values[:, t + 1] * cont if t + 1 < width else torch.zeros_like(last_gae)
+    next_value = torch.zeros_like(last_gae)
+    for t in reversed(range(token_rewards.shape[-1])):
+        on = mask[:, t] > 0
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lambd * cont * last_gae
+        last_gae = torch.where(on, delta + gamma * lambd * last_gae, last_gae)
+        next_value = torch.where(on, values[:, t], next_value)
         adv[:, t] = last_gae
     adv = adv * mask
     return adv, (adv + values) * mask
@@ -107,7 +127,8 @@ def compute_advantages(algo, rewards: torch.Tensor, mask: torch.Tensor, kl: torc
     if est in ("grpo", "gspo"):
         shaped = flat if algo.disable_rewards_normalization else \
             grpo_advantages(rewards, not algo.disable_grpo_std_normalization).flatten()
-        adv = (shaped[:, None] - algo.kl_coef * kl) * mask
+        kl_coef = algo.kl_coef if algo.grpo_kl_reward_shaping else 0.0  # slime ignores kl_coef here
+        adv = (shaped[:, None] - kl_coef * kl) * mask
     elif est == "reinforce_plus_plus_baseline":
         shaped = flat if algo.disable_rewards_normalization else \
             grpo_advantages(rewards, std_normalize=False).flatten()

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import torch
 
-KL_TYPES = ("k1", "k2", "k3", "low_var_kl")
+from async_rl.config import AlgoConfig, field_choices
 
-# exp(20) ~ 4.9e8 keeps low_var_kl finite in float32 before its final clamp (verl's bound).
-_LOG_RATIO_BOUND = 20.0
+KL_TYPES = field_choices(AlgoConfig, "kl_loss_type")
+
+# Every log ratio (PPO, TIS/MIS, KL) is clamped to +-LOG_RATIO_BOUND before exp: exp(20) ~ 4.9e8 stays finite
+# in float32 (verl's bound for low_var_kl, slime's MIS safety bound).
+LOG_RATIO_BOUND = 20.0
 
 
 def approx_kl(logp: torch.Tensor, logp_ref: torch.Tensor, kl_type: str) -> torch.Tensor:
@@ -29,6 +32,6 @@ def approx_kl(logp: torch.Tensor, logp_ref: torch.Tensor, kl_type: str) -> torch
     if kl_type == "k3":
         return torch.exp(-log_ratio) - 1.0 + log_ratio
     if kl_type == "low_var_kl":
-        log_ratio = log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+        log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         return (torch.exp(-log_ratio) - 1.0 + log_ratio).clamp(-10.0, 10.0)
     raise ValueError(f"algo.kl_loss_type={kl_type!r}: must be one of {list(KL_TYPES)}")

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from learners.advantages import grpo_advantages  # noqa: F401  (re-export)
-
-_LOG_RATIO_BOUND = 20.0
+from learners.kl import LOG_RATIO_BOUND as _LOG_RATIO_BOUND
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -224,11 +223,12 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
 def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                value_clip: float, per_token: bool = False,
                token_denominator: float | None = None) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss 0.5 * max((V - R)^2, (V_old + clamp(V - V_old, -c, c) - R)^2) (PPO / OpenRLHF)."""
+    """Clipped value loss max((V - R)^2, (V_old + clamp(V - V_old, -c, c) - R)^2), as slime's (no 0.5 factor,
+    so a critic_lr tuned for slime means the same here)."""
     clipped_values = values_old + (values - values_old).clamp(-value_clip, value_clip)
     unclipped = (values - returns).square()
     clipped = (clipped_values - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask, per_token, token_denominator)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, per_token, token_denominator)
     with torch.no_grad():
         n = mask.sum().clamp(min=1.0)
         metrics = {"critic/value_clipfrac": float(((clipped > unclipped).float() * mask).sum() / n)}

@@ -8,6 +8,11 @@ Every term is reduced the same way (`losses.masked_mean`: per sample, or per tok
 batch with `calculate_per_token_loss`), so the learner can scale and accumulate micro-batches without
 knowing which terms are on. A custom loss plug-in receives everything the built-in one does and owns
 its whole loss (no entropy or KL term is added to it).
+
+A token rejected by the importance weights (`tis_mode: mask`, MIS/IcePop, or a custom_tis_function_path
+weight of exactly 0) is dropped from the numerators of the pg, entropy and KL-loss terms alike, as in
+slime; the denominators stay the loss mask's token counts, so the loss scale does not depend on how many
+tokens were rejected.
 """
 from __future__ import annotations
 
@@ -45,13 +50,24 @@ def actor_loss(logits: torch.Tensor, rows: dict, algo, temperature: float,
                                         eps_clip_c=a.eps_clip_c, ratio_level=level)
     metrics.update(pg_metrics, **{"loss/pg": pg.item()})
     loss = pg
+    kept = _kept(rows, a)
     if a.entropy_coef != 0:
-        loss = loss - a.entropy_coef * losses.masked_mean(entropy, mask, per_token, denom)
+        loss = loss - a.entropy_coef * losses.masked_mean(entropy * kept, mask, per_token, denom)
     if a.use_kl_loss:
-        kl_loss = losses.masked_mean(approx_kl(logp, rows["ref_logp"], a.kl_loss_type), mask, per_token, denom)
+        kl = approx_kl(logp, rows["ref_logp"], a.kl_loss_type) * kept
+        kl_loss = losses.masked_mean(kl, mask, per_token, denom)
         loss = loss + a.kl_loss_coef * kl_loss
         metrics["loss/kl"] = kl_loss.item()
     return loss, metrics
+
+
+def _kept(rows: dict, algo) -> torch.Tensor | float:
+    """1 where a token counts in the entropy and KL numerators, 0 where the importance weights rejected it."""
+    weights = rows.get("tis_weights")
+    rejects = algo.use_tis and (algo.tis_mode == "mask" or bool(algo.custom_tis_function_path))
+    if weights is None or not rejects:
+        return 1.0
+    return (weights != 0).to(rows["mask"].dtype)
 
 
 def _custom(fn, logp, logits, rows, algo, denom, metrics) -> tuple[torch.Tensor, dict]:

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-TIS_LEVELS = ("token", "sequence_product", "sequence_geometric")
-TIS_MODES = ("truncate", "mask")
-_LOG_RATIO_BOUND = 20.0  # slime's MIS safety bound
+from async_rl.config import AlgoConfig, field_choices
+from learners.kl import LOG_RATIO_BOUND as _LOG_RATIO_BOUND
+
+TIS_LEVELS = field_choices(AlgoConfig, "tis_level")
+TIS_MODES = field_choices(AlgoConfig, "tis_mode")
 
 
 @dataclass

@@ -22,8 +22,9 @@ import torch
 
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
-from async_rl.hub_client import HubClient, HubTimeout, group_priorities
-from async_rl.metrics import MetricsWriter
+from async_rl.config_rules import kl_reward_shaping
+from async_rl.hub_client import HubClient, HubTimeout
+from async_rl.metrics import MetricsWriter, elapsed_before
 from async_rl.types import Group
 from async_rl.plugins import PluginError
 from learners import checkpoint, losses, offpolicy
@@ -34,6 +35,7 @@ from learners.kl import approx_kl
 from learners.objective import actor_loss
 from learners.optim import accumulate_step, build_optimizer as _build_optimizer, micro_slices
 from learners.plugins import load_algo_plugins
+from learners.priorities import group_priorities
 from learners.weights import BroadcastPublisher, eval_pin, publish
 
 
@@ -51,7 +53,7 @@ def forward_logprobs(model, rows: dict, temperature: float) -> torch.Tensor:
 
 
 def needs_reference(algo) -> bool:
-    return algo.kl_coef != 0 or algo.use_kl_loss
+    return kl_reward_shaping(algo) or algo.use_kl_loss
 
 
 def _mean(steps: list[dict], key: str) -> float | None:
@@ -297,7 +299,8 @@ class TorchLearner:
         """Train from `start_step` to num_rollout (or until stopped), then checkpoint and ack the last batch."""
         r, interval = self.cfg.rollout, self.cfg.ckpt.save_interval
         writer = self._writer()
-        t_start = last = time.time()
+        last = time.time()
+        t_start = last - (elapsed_before(self.run_dir, start_step) if start_step else 0.0)  # resumed: time continues
         prev_stats = {"gen_tokens": 0, "gen_busy_s": 0.0}
         step = start_step
         try:

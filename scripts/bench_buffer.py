@@ -135,7 +135,7 @@ def start_hub(tmp: Path, state: str | None, fsync: str, src: Path = ROOT,
     data = tmp / "p.jsonl"
     data.write_text('{"input": "1+1=", "label": "2"}\n')
     cfg_path = tmp / f"c-{fsync}.yaml"
-    C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=1", "n_samples_per_prompt=1",
+    C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=1", "n_samples_per_prompt=1", "advantage_estimator=reinforce_plus_plus",
                          "max_staleness=1000000", f"fsync={fsync}", "snapshot_interval=1000000000",
                          "num_rollout=100000000", f"capacity={capacity}"]), cfg_path)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -427,7 +427,7 @@ N, pc = 2500, time.perf_counter
 
 
 def hub(capacity, wal=False):
-    cfg = C.load(None, [f"prompt_data={tmp / 'p.jsonl'}", "rollout_batch_size=1", "n_samples_per_prompt=1",
+    cfg = C.load(None, [f"prompt_data={tmp / 'p.jsonl'}", "rollout_batch_size=1", "n_samples_per_prompt=1", "advantage_estimator=reinforce_plus_plus",
                         "max_staleness=1000000", "num_rollout=100000000", "snapshot_interval=1000000000",
                         f"capacity={capacity}"])
     log = DurableLog(tempfile.mkdtemp(dir=tmp), "never") if wal else None

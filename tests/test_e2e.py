@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,10 @@ def test_stop_then_resume_continues_exactly(tmp_path, tiny_world):
     rows = read_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(60))  # no step lost, none repeated
     assert rows[len(before)]["version"] == before[-1]["version"] + 1  # weights continue where they stopped
+    times = [r["time"] for r in rows]
+    assert times == sorted(times) and times[len(before)] > before[-1]["time"]  # time continues across the resume
+    printed = re.findall(r"^step (\d+)/60 ", out, re.M)  # the display starts where the run resumes
+    assert printed and int(printed[0]) == len(before) + 1 and int(printed[-1]) == 60, printed[:3]
     last = rows[-1]
     assert last["buffer/consumed"] == 59 * 4 and last["buffer/in_flight"] == 4  # every batch trained once
     assert last["buffer/accepted"] == (last["buffer/consumed"] + last["buffer/evicted_stale"]

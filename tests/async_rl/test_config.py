@@ -89,3 +89,26 @@ def test_docs_config_md_is_current():
         main(["config", "--doc"])
     doc = (Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text()
     assert buf.getvalue().strip() in doc, "docs/CONFIG.md is stale: regenerate it (see its first line)"
+
+
+def test_every_enumerated_field_declares_its_choices_and_refuses_others():
+    """Choices live on the field (`Literal[...]`): a word outside them fails at parse time, and a value set
+    directly on the dataclass fails in finalize, both naming field, value and the allowed values."""
+    import dataclasses
+
+    from async_rl.config_rules import field_choices
+    cfg = C.Config()
+    enumerated = [(sec.name, f.name) for sec in dataclasses.fields(cfg)
+                  for f in dataclasses.fields(getattr(cfg, sec.name))
+                  if field_choices(type(getattr(cfg, sec.name)), f.name) is not None]
+    assert ("algo", "tis_mode") in enumerated and ("buffer", "selector") in enumerated and len(enumerated) >= 15
+    for sec, name in enumerated:
+        allowed = field_choices(type(getattr(cfg, sec)), name)
+        assert getattr(cfg, sec).__dataclass_fields__[name].default in allowed, (sec, name)
+        with pytest.raises(C.ConfigError, match=rf"{sec}\.{name}='bogus': must be one of"):
+            C.load(None, [f"{sec}.{name}=bogus"])
+        direct = C.Config()
+        setattr(getattr(direct, sec), name, "bogus")
+        with pytest.raises(C.ConfigError) as err:
+            C.finalize(direct)
+        assert str(err.value) == f"{sec}.{name}='bogus': must be one of {list(allowed)}"

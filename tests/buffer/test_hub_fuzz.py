@@ -34,7 +34,7 @@ def hub_socket(tmp_path_factory):
     data = tmp / "p.jsonl"
     data.write_text('{"input": "1+1=", "label": "2"}\n')
     cfg_path = tmp / "c.yaml"
-    C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=1", "n_samples_per_prompt=1"]), cfg_path)
+    C.save(C.load(None, [f"prompt_data={data}", "rollout_batch_size=1", "n_samples_per_prompt=1", "advantage_estimator=reinforce_plus_plus"]), cfg_path)
     proc = subprocess.Popen([sys.executable, "-m", "buffer.service", "--config", str(cfg_path), "--bind",
                              "tcp://127.0.0.1:0", "--endpoint-file", str(tmp / "ep"), "--state-dir", str(tmp / "hub")])
     deadline = time.time() + 30

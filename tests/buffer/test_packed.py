@@ -155,7 +155,7 @@ def test_a_log_written_before_groups_were_packed_still_replays(tmp_path):
     from buffer.durable import DurableLog
     from buffer.hub import Hub
 
-    cfg = C.load(None, ["rollout_batch_size=1", "n_samples_per_prompt=1", "max_staleness=5"])
+    cfg = C.load(None, ["rollout_batch_size=1", "n_samples_per_prompt=1", "advantage_estimator=reinforce_plus_plus", "max_staleness=5"])
     old = Group("g", 0, 0, "x", [traj(3, version=0)])
     log = DurableLog(tmp_path)
     log.recover()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from async_rl import config as C
-from async_rl.hub_client import HubClient, group_priorities
+from async_rl.hub_client import HubClient
+from learners.priorities import group_priorities
 from async_rl.types import Group, Trajectory
 
 REWARDS = [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]  # the last group teaches nothing: priority 0

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from async_rl.types import Group, Trajectory
-from buffer.rate_limiter import MinSize, SampleToInsertRatio
 from buffer.table import Table
 
 
@@ -205,25 +204,6 @@ def test_capacity_evicts_stale_items_first_and_shrinks_at_runtime():
     with pytest.raises(ValueError, match=r"buffer.capacity=0"):
         table.set_capacity(0)
     assert table.set_capacity(None) == 0 and accounting_holds(table)
-
-
-# ---- rate limiters ---------------------------------------------------------------------------------
-def test_min_size_and_sample_to_insert_ratio_gate_sampling():
-    table = Table("fifo", limiter=MinSize(3))
-    put(table, 0)
-    put(table, 1)
-    assert table.sample(1) == [] and not table.can_sample(1)
-    put(table, 2)
-    assert len(table.sample(1)) == 1
-    table = Table("fifo", limiter=SampleToInsertRatio(0.5, min_size_to_sample=1, error_buffer=1))
-    for s in range(5):
-        put(table, s)  # 5 inserts at half a sample each: 3 samples allowed (1 of slack)
-    assert len(table.sample(2)) == 2 and len(table.sample(1)) == 1
-    assert table.sample(1) == [] and len(table) == 2
-    put(table, 5)
-    assert table.sample(1) == []
-    put(table, 6)
-    assert len(table.sample(1)) == 1
 
 
 # ---- invariants under random interleavings ---------------------------------------------------------

@@ -83,7 +83,8 @@ def test_custom_loss_and_custom_tis_are_called_and_used(tiny_world, plugin):
 
 @pytest.mark.parametrize("words, needle", [
     (["kl_loss_type=k4"], "algo.kl_loss_type='k4': must be one of ['k1', 'k2', 'k3', 'low_var_kl']"),
-    (["kl_coef=0.1", "use_kl_loss=true", "kl_loss_coef=0.1"], "algo.kl_coef=0.1 and algo.kl_loss_coef=0.1"),
+    (["kl_coef=0.1", "grpo_kl_reward_shaping=true", "use_kl_loss=true", "kl_loss_coef=0.1"],
+     "algo.kl_coef=0.1 and algo.kl_loss_coef=0.1"),
     (["kl_loss_coef=0.1"], "algo.kl_loss_coef=0.1: only used with use_kl_loss=true"),
     (["advantage_estimator=a2c"], "algo.advantage_estimator='a2c': must be one of"),
     (["tis_level=tokens"], "algo.tis_level='tokens': must be one of ['token', 'sequence_product'"),
@@ -98,6 +99,12 @@ def test_custom_loss_and_custom_tis_are_called_and_used(tiny_world, plugin):
      "not with ppo"),
     (["num_critic_only_steps=2"], "only ppo has a critic"),
     (["ref_update_interval=-1"], "ckpt.ref_update_interval=-1: must be >= 0"),
+    (["n_samples_per_prompt=1"], "rollout.n_samples_per_prompt=1: advantage_estimator=grpo subtracts the group's "
+                                 "mean reward"),
+    (["n_samples_per_prompt=1", "advantage_estimator=gspo"], "set n_samples_per_prompt >= 2"),
+    (["n_samples_per_prompt=1", "advantage_estimator=reinforce_plus_plus_baseline"], "trains on nothing"),
+    (["advantage_estimator=reinforce_plus_plus", "kl_coef=0.1", "use_kl_loss=true", "kl_loss_coef=0.1"],
+     "algo.kl_coef=0.1 and algo.kl_loss_coef=0.1: use one KL penalty"),
 ])
 def test_algo_config_errors_name_field_value_and_fix(words, needle):
     with pytest.raises(C.ConfigError) as err:
@@ -111,3 +118,24 @@ def test_every_estimator_loss_and_kl_type_is_accepted():
     for kind in ("k1", "k2", "k3", "low_var_kl"):
         C.load(None, [f"kl_loss_type={kind}", "use_kl_loss=true", "kl_loss_coef=0.01"])
     C.load(None, ["loss_type=sft_loss", "disable_compute_advantages_and_returns=true"])
+
+
+def test_a_group_of_one_is_accepted_where_it_still_trains():
+    for words in (["advantage_estimator=reinforce_plus_plus"], ["advantage_estimator=ppo"],
+                  ["disable_rewards_normalization=true"], ["loss_type=sft_loss"]):
+        C.load(None, ["n_samples_per_prompt=1", *words])
+
+
+def test_kl_coef_under_grpo_is_inert_as_in_slime_unless_asked():
+    from async_rl.config_rules import kl_reward_shaping
+    from learners.torch_learner import needs_reference
+
+    # slime's GRPO scripts set kl_coef beside use_kl_loss + kl_loss_coef: accepted, kl_coef inert
+    slime_style = C.load(None, ["kl_coef=0.05", "use_kl_loss=true", "kl_loss_coef=0.01"]).algo
+    assert not kl_reward_shaping(slime_style) and needs_reference(slime_style)
+    inert = C.load(None, ["kl_coef=0.05"]).algo
+    assert not kl_reward_shaping(inert) and not needs_reference(inert)  # no reference model for nothing
+    ours = C.load(None, ["kl_coef=0.05", "grpo_kl_reward_shaping=true"]).algo
+    assert kl_reward_shaping(ours) and needs_reference(ours)
+    for est in ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"):
+        assert kl_reward_shaping(C.load(None, [f"advantage_estimator={est}", "kl_coef=0.05"]).algo)

@@ -102,7 +102,7 @@ def test_value_loss_matches_reference():
             if mask[i, t]:
                 v, o, r = values[i, t].item(), old[i, t].item(), returns[i, t].item()
                 vc = o + min(max(v - o, -0.2), 0.2)
-                terms.append(0.5 * max((v - r) ** 2, (vc - r) ** 2))
+                terms.append(max((v - r) ** 2, (vc - r) ** 2))  # slime: no 0.5
         per_sample.append(sum(terms) / max(1, len(terms)))
     assert loss.item() == pytest.approx(sum(per_sample) / 4, rel=1e-9)
     assert 0 < m["critic/value_clipfrac"] < 1
@@ -144,3 +144,40 @@ def test_actor_objective_is_pg_minus_entropy_plus_kl_loss(per_token):
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     assert m["loss/pg"] == pytest.approx(pg, rel=1e-6)
     assert m["entropy"] == pytest.approx(float((entropy * mask).sum() / mask.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("mode", ["mask", "truncate"])
+def test_rejected_tokens_leave_entropy_and_kl_numerators_in_mask_mode(per_token, mode):
+    """MIS/IcePop (tis_mode mask): a token whose weight is 0 is dropped from the pg, entropy and KL-loss
+    numerators (slime); the denominators stay the loss mask's. Reference: per-sample Python loops."""
+    g = torch.Generator().manual_seed(6)
+    b, t, v = 4, 6, 5
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, v, (b, t), generator=g)
+    mask = (torch.rand(b, t, generator=g) > 0.2).double()
+    lp_all = torch.log_softmax(logits, -1)
+    logp = lp_all.gather(-1, targets[..., None])[..., 0]
+    weights = torch.rand(b, t, generator=g, dtype=torch.float64) + 0.5
+    weights[torch.rand(b, t, generator=g) < 0.4] = 0.0  # rejected by the mask-mode band
+    rows = {"targets": targets, "mask": mask, "logp_old": logp.detach(), "advantages": torch.randn(b, t, generator=g,
+            dtype=torch.float64), "ref_logp": logp + 0.3 * torch.randn(b, t, generator=g), "tis_weights": weights}
+    a = replace(AlgoConfig(), entropy_coef=0.02, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k3",
+                tis_mode=mode, calculate_per_token_loss=per_token)
+    loss, _ = actor_loss(logits, rows, a, temperature=1.0)
+    entropy = (-(lp_all.exp() * lp_all).sum(-1)).tolist()
+    kl = approx_kl(logp, rows["ref_logp"], "k3").tolist()
+    adv, w, m = rows["advantages"].tolist(), weights.tolist(), mask.tolist()
+    sums, counts = [], []
+    for i in range(b):
+        total, n = 0.0, 0
+        for j in range(t):
+            if not m[i][j]:
+                continue
+            n += 1
+            keep = 1.0 if (mode == "truncate" or w[i][j] != 0) else 0.0
+            total += -adv[i][j] * w[i][j] - 0.02 * entropy[i][j] * keep + 0.1 * kl[i][j] * keep  # ratio 1
+        sums.append(total)
+        counts.append(n)
+    want = sum(sums) / max(1, sum(counts)) if per_token else sum(s / max(1, n) for s, n in zip(sums, counts)) / b
+    assert loss.item() == pytest.approx(want, rel=1e-9)

@@ -1,0 +1,140 @@
+"""Run a GPU recipe from configs/ for a few steps on a random-init model of its shape, and compare each GPU's
+peak memory with the estimate `async-rl launch RECIPE --dry-run` prints.
+
+    # on the GPU machine, from the repo root, with wheels/ carried (pyzmq, megatron-core; docs/BENCHMARKS.md):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    python3 scripts/gpu/check_recipe.py configs/qwen2.5-0.5b-gsm8k-1gpu.yaml --steps 3
+    python3 scripts/gpu/check_recipe.py configs/qwen2.5-0.5b-gsm8k-1gpu.yaml engine_gpus=[1] learner_gpus=[0]
+
+Nothing is downloaded: the model is the recipe's shape (async_rl/placement.py KNOWN) with random weights and
+the tiny character tokenizer plus a chat template; the data are addition prompts written as GSM8K-style
+{"prompt", "label"} rows. A random model never stops early, so every response is rollout_max_response_len
+tokens (the estimate's worst case); prompts are short, so the run sets rollout_max_prompt_len=16 and the
+estimate is computed for the same config. Prints the dry-run, then a table per GPU: estimate, measured peak
+(nvidia-smi, every 0.2 s), measured / estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+# the tiny tokenizer knows digits and + - * = and space only: a template in those characters
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}= {% endif %}"
+
+
+def build_model(shape, out: Path, qwen3: bool) -> Path:
+    import torch
+    import transformers
+
+    from async_rl import tiny
+    tok = tiny.build_tokenizer(out)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+    kind = "Qwen3" if qwen3 else "Qwen2"
+    cfg = getattr(transformers, f"{kind}Config")(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        **({"head_dim": shape.head_dim} if qwen3 else {}), max_position_embeddings=8192,
+        tie_word_embeddings=shape.tied, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = getattr(transformers, f"{kind}ForCausalLM")(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def build_data(out: Path) -> tuple[Path, Path]:
+    from async_rl import tiny
+    task = tiny.build_task(out / "raw", n_train=2000, n_test=32, seed=0)
+    paths = []
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in Path(task[split]).read_text().splitlines()]
+        path = out / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": r["input"], "label": r["label"]}) + "\n" for r in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+class PeakMemory:
+    """Peak memory.used per GPU (MiB) from nvidia-smi while the run lasts."""
+
+    def __init__(self):
+        self.peak: dict[int, int] = {}
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
+                                      "-lms", "200"], stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            index, used = (int(x) for x in line.split(","))
+            self.peak[index] = max(self.peak.get(index, 0), used)
+
+    def stop(self) -> dict[int, int]:
+        self.proc.terminate()
+        self.proc.wait()
+        return self.peak
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="key=value words for the run and the estimate")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default="/dev/shm/check_recipe")
+    args = ap.parse_args()
+
+    from async_rl import config as config_mod
+    from async_rl.placement import GiB, model_shape
+    from async_rl.plan import estimate, plan
+    out = Path(args.out)
+    base = config_mod.load(args.recipe)
+    shape, _ = model_shape(base.ckpt.hf_checkpoint)
+    name = Path(base.ckpt.hf_checkpoint).name
+    t0 = time.time()
+    model = out / name
+    if not (model / "config.json").exists():
+        build_model(shape, model, qwen3=name.lower().startswith("qwen3"))
+    train, test = build_data(out)
+    print(f"built {name}-shaped model and data in {time.time() - t0:.0f}s", flush=True)
+    words = [f"hf_checkpoint={model}", f"prompt_data={train}", f"eval_prompt_data=[gsm8k, {test}]",
+             "eval_max_prompts=16", f"num_rollout={args.steps}", "rollout_max_prompt_len=16", "save_interval=0",
+             "progress=false", *args.overrides]
+    cfg = config_mod.load(args.recipe, words)
+    print(plan(cfg), flush=True)
+    run_dir = out / "run"
+    subprocess.run(["rm", "-rf", str(run_dir)])
+    peak = PeakMemory()
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", args.recipe, *words, "--run-dir",
+                           str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    measured = peak.stop()
+    print(proc.stdout[-3000:])
+    if proc.returncode != 0:
+        for log in sorted((run_dir / "logs").glob("*.log")):
+            print(f"--- {log.name}\n" + log.read_text()[-2500:])
+        return proc.returncode
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    print(f"\nrun: {len(rows)} steps in {time.time() - t0:.0f}s, response length "
+          f"{rows[-1].get('response_length/mean')}, reward {rows[-1].get('reward/mean')}")
+    print("| GPU | processes | estimate GiB | measured peak GiB | measured / estimate |\n|---|---|---|---|---|")
+    for gpu, users in sorted(estimate(cfg)["gpus"].items()):
+        est = sum(b for _, b in users) / GiB
+        got = measured.get(gpu, 0) / 1024
+        print(f"| {gpu} | {' + '.join(n for n, _ in users)} | {est:.1f} | {got:.1f} | {got / est:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
