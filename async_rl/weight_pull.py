@@ -5,7 +5,7 @@ host that does not share the run's filesystem. Shared by generators (actors/) an
 
 Invariants:
 - A version appears in `dest` only whole: chunks go into `dest/.v{N}.partial/`, every chunk is checked
-  against the manifest's sha256 before it is written, and the dir is renamed into place once every chunk is,
+  against the manifest's checksum before it is written, and the dir is renamed into place once every chunk is,
   with the manifest beside its files (`.manifest.json`). Nothing is fsynced on the way (the page cache is the
   fast path); instead a version this process did not pull itself (found after a restart, maybe torn by a
   machine crash) is checked against its manifest before it is trusted, and pulled again if it does not match.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 import zmq
 
 from async_rl import wire
+from async_rl.weight_server import DIGESTS
 
 
 class WeightPullError(RuntimeError):
@@ -112,10 +112,10 @@ class WeightPuller:
         """Does the version dir at `path` match the manifest it was pulled with?"""
         try:
             manifest = json.loads((path / ".manifest.json").read_text())
-            step = manifest["chunk_bytes"]
+            step, digest = manifest["chunk_bytes"], DIGESTS[manifest["checksum"]]
             for f in manifest["files"]:
                 with open(path / f["name"], "rb") as fh:
-                    if any(hashlib.sha256(fh.read(step)).hexdigest() != h for h in f["sha256"]) or fh.read(1):
+                    if any(digest(fh.read(step)) != h for h in f["digests"]) or fh.read(1):
                         return False
             return True
         except (OSError, ValueError, KeyError):
@@ -125,6 +125,10 @@ class WeightPuller:
         manifest = self._ask({"type": "MANIFEST", "version": version}, max(1.0, deadline - time.monotonic()))
         partial, journal = self.dest / f".v{version}.partial", self.dest / f".v{version}.journal"
         entries = {f["name"]: f for f in manifest["files"]}
+        if manifest.get("checksum") not in DIGESTS:
+            raise WeightPullError(f"weight server {self.endpoint}: checksum {manifest.get('checksum')!r} is unknown "
+                                  f"here (have {sorted(DIGESTS)}); pip install xxhash")
+        self._digest = DIGESTS[manifest["checksum"]]
         fds = {}
         try:
             for name, f in entries.items():
@@ -133,7 +137,7 @@ class WeightPuller:
                 fds[name] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 os.ftruncate(fds[name], f["size"])
             done = self._resume(journal, entries, fds, manifest["chunk_bytes"])
-            todo = collections.deque((n, i) for n, f in entries.items() for i in range(len(f["sha256"]))
+            todo = collections.deque((n, i) for n, f in entries.items() for i in range(len(f["digests"]))
                                      if (n, i) not in done)
             with open(journal, "a") as log:
                 self._fetch(version, todo, entries, fds, log, deadline)
@@ -151,9 +155,9 @@ class WeightPuller:
             return done
         for line in journal.read_text().splitlines():
             name, _, index = line.rpartition("\t")
-            if name in entries and index.isdigit() and int(index) < len(entries[name]["sha256"]):
+            if name in entries and index.isdigit() and int(index) < len(entries[name]["digests"]):
                 data = os.pread(fds[name], chunk_bytes, int(index) * chunk_bytes)
-                if hashlib.sha256(data).hexdigest() == entries[name]["sha256"][int(index)]:
+                if self._digest(data) == entries[name]["digests"][int(index)]:
                     done.add((name, int(index)))
         self.stats["resumed_chunks"] += len(done)
         return done
@@ -193,9 +197,9 @@ class WeightPuller:
 
     def _store(self, key, head, data, entries, fds, log, retries, todo) -> None:
         name, index = key
-        expected = entries[name]["sha256"][index]
+        expected = entries[name]["digests"][index]
         self.stats["max_frame"] = max(self.stats["max_frame"], len(data))
-        if hashlib.sha256(data).hexdigest() != expected or head.get("sha256") != expected:
+        if self._digest(data) != expected or head.get("digest") != expected:
             self.stats["bad_chunks"] += 1
             retries[key] += 1
             if retries[key] > 3:

@@ -196,3 +196,20 @@ def test_with_keys_only_a_client_holding_them_is_answered(tmp_path):
         _same_tree(tmp_path / "weights" / "v3", out)
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("checksum", ["xxh3_64", "sha256"])
+def test_manifest_digests_match_an_independent_computation(tmp_path, monkeypatch, checksum):
+    import hashlib
+
+    import async_rl.weight_server as ws
+    xxhash = pytest.importorskip("xxhash") if checksum == "xxh3_64" else None
+    monkeypatch.setattr(ws, "CHECKSUM", checksum)
+    store = WeightStore(_store(tmp_path), tmp_path / "initial", CHUNK)
+    head, _ = handle(store, {"type": "MANIFEST", "version": 3, "rid": 1})
+    data = (tmp_path / "weights" / "v3" / "model.safetensors").read_bytes()
+    entry = next(f for f in head["files"] if f["name"] == "model.safetensors")
+    ref = [xxhash.xxh3_64(data[o:o + CHUNK]).hexdigest() if xxhash else hashlib.sha256(data[o:o + CHUNK]).hexdigest()
+           for o in range(0, len(data), CHUNK)]
+    assert head["checksum"] == checksum and entry["digests"] == ref
+    store.close()
