@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     puller = None
     if args.weights_from:
         from async_rl.weight_pull import WeightPuller
-        puller = WeightPuller(args.weights_from, args.weights_dir or Path(args.config).parent / "weights", args.keys,
-                              keep=cfg.ckpt.keep_weight_versions)
+        puller = WeightPuller(args.weights_from, args.weights_dir or Path(args.config).parent / "weights",
+                              args.keys if cfg.cluster.weights_auth else None, keep=cfg.ckpt.keep_weight_versions)
     gen = Generator(cfg, args.generator_id, args.hub, args.engine_url, args.keys, specs, puller)
 
     def stop(*_):

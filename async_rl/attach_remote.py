@@ -51,7 +51,8 @@ def prepare(info: dict, hub: str, key: str | None, work: Path, engines: int, hos
         raise AttachError(f"--hub {hub}: the run serves no weights over the network (cluster.serve_weights=off, or "
                           f"cluster.host is loopback); relaunch it with cluster.host=ADDRESS (or serve_weights=on)")
     cfg = config_mod.from_dict(info["config"])
-    puller = WeightPuller(weights, work / "weights", key, keep=cfg.ckpt.keep_weight_versions)
+    puller = WeightPuller(weights, work / "weights", key if cfg.cluster.weights_auth else None,
+                          keep=cfg.ckpt.keep_weight_versions)
     t0 = time.monotonic()
     try:
         pulled = puller.pull(int(info["version"]))

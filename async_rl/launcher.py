@@ -156,7 +156,8 @@ class Launcher:
         bind = f"tcp://{c.host}:{c.weights_port or free_port(c.host)}"  # fixed, so a restart is found again
         self.procs.start("weight_server", "async_rl.weight_server",
                          ["--root", str(self.run_dir / "weights"), "--initial", self.cfg.ckpt.hf_checkpoint,
-                          "--bind", bind, "--endpoint-file", str(endpoint_file), *self.key_args()], cpus=c.engine_cpus)
+                          "--bind", bind, "--endpoint-file", str(endpoint_file),
+                          *(self.key_args() if c.weights_auth else [])], cpus=c.engine_cpus)
         _wait("weight server", endpoint_file.exists, self.procs, ["weight_server"], c.startup_timeout)
         self.weights_endpoint = advertise(endpoint_file.read_text().strip(), advertised_host(c))
 

@@ -5,7 +5,10 @@ host that does not share the run's filesystem. Shared by generators (actors/) an
 
 Invariants:
 - A version appears in `dest` only whole: chunks go into `dest/.v{N}.partial/`, every chunk is checked
-  against the manifest's sha256 before it is written, and the dir is renamed into place once every chunk is.
+  against the manifest's checksum before it is written, and the dir is renamed into place once every chunk is,
+  with the manifest beside its files (`.manifest.json`). Nothing is fsynced on the way (the page cache is the
+  fast path); instead a version this process did not pull itself (found after a restart, maybe torn by a
+  machine crash) is checked against its manifest before it is trusted, and pulled again if it does not match.
 - Resumable: each written chunk is journaled (`dest/.v{N}.journal`); a pull cut off (connection dropped,
   server restarted, this process killed) continues from the journal, re-requesting only what is missing
   (journaled chunks are re-checked against the manifest, so a torn write is fetched again).
@@ -13,13 +16,15 @@ Invariants:
   are matched by request id, so a late duplicate is ignored.
 - Pulls of one version by several processes on a host (one per attached generator) take turns on a file
   lock, so the bytes cross the network once.
+- At most `window` chunks are requested at a time; ZeroMQ's I/O thread receives the next ones while this
+  thread checks and writes the last.
 """
 from __future__ import annotations
 
 import collections
 import fcntl
-import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -29,6 +34,7 @@ from pathlib import Path
 import zmq
 
 from async_rl import wire
+from async_rl.weight_server import DIGESTS
 
 
 class WeightPullError(RuntimeError):
@@ -44,6 +50,7 @@ class WeightPuller:
         self.window, self.resend_after, self.keep = window, resend_after, keep
         self.dest.mkdir(parents=True, exist_ok=True)
         self._rids = itertools.count()
+        self._trusted: set[int] = set()  # versions pulled, or checked, by this process
         self.stats = {"chunks": 0, "bytes": 0, "reconnects": 0, "bad_chunks": 0, "resumed_chunks": 0,
                       "max_frame": 0, "seconds": 0.0}
 
@@ -86,21 +93,42 @@ class WeightPuller:
     def pull(self, version: int, timeout: float = 600.0) -> Path:
         """`dest/v{version}`, pulled unless already here; raises WeightPullError / TimeoutError."""
         final = self.dest / f"v{version}"
-        if final.is_dir():
+        if version in self._trusted and final.is_dir():
             return final
         with open(self.dest / f".v{version}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another generator of this host may be pulling it now
+            if final.is_dir() and not self._intact(final):
+                shutil.rmtree(final)
             if not final.is_dir():
                 t0 = time.monotonic()
                 self._pull(version, final, time.monotonic() + timeout)
                 self.stats["seconds"] = time.monotonic() - t0
                 self.prune(version)
+        self._trusted.add(version)
         return final
+
+    @staticmethod
+    def _intact(path: Path) -> bool:
+        """Does the version dir at `path` match the manifest it was pulled with?"""
+        try:
+            manifest = json.loads((path / ".manifest.json").read_text())
+            step, digest = manifest["chunk_bytes"], DIGESTS[manifest["checksum"]]
+            for f in manifest["files"]:
+                with open(path / f["name"], "rb") as fh:
+                    if any(digest(fh.read(step)) != h for h in f["digests"]) or fh.read(1):
+                        return False
+            return True
+        except (OSError, ValueError, KeyError):
+            return False
 
     def _pull(self, version: int, final: Path, deadline: float) -> None:
         manifest = self._ask({"type": "MANIFEST", "version": version}, max(1.0, deadline - time.monotonic()))
         partial, journal = self.dest / f".v{version}.partial", self.dest / f".v{version}.journal"
         entries = {f["name"]: f for f in manifest["files"]}
+        if manifest.get("checksum") not in DIGESTS:
+            raise WeightPullError(f"weight server {self.endpoint}: checksum {manifest.get('checksum')!r} is unknown "
+                                  f"here (have {sorted(DIGESTS)}); pip install xxhash")
+        self._digest = DIGESTS[manifest["checksum"]]
         fds = {}
         try:
             for name, f in entries.items():
@@ -109,15 +137,14 @@ class WeightPuller:
                 fds[name] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 os.ftruncate(fds[name], f["size"])
             done = self._resume(journal, entries, fds, manifest["chunk_bytes"])
-            todo = collections.deque((n, i) for n, f in entries.items() for i in range(len(f["sha256"]))
+            todo = collections.deque((n, i) for n, f in entries.items() for i in range(len(f["digests"]))
                                      if (n, i) not in done)
             with open(journal, "a") as log:
                 self._fetch(version, todo, entries, fds, log, deadline)
-            for fd in fds.values():
-                os.fsync(fd)
         finally:
             for fd in fds.values():
                 os.close(fd)
+        (partial / ".manifest.json").write_text(json.dumps(manifest))
         os.replace(partial, final)
         journal.unlink(missing_ok=True)
 
@@ -128,9 +155,9 @@ class WeightPuller:
             return done
         for line in journal.read_text().splitlines():
             name, _, index = line.rpartition("\t")
-            if name in entries and index.isdigit() and int(index) < len(entries[name]["sha256"]):
+            if name in entries and index.isdigit() and int(index) < len(entries[name]["digests"]):
                 data = os.pread(fds[name], chunk_bytes, int(index) * chunk_bytes)
-                if hashlib.sha256(data).hexdigest() == entries[name]["sha256"][int(index)]:
+                if self._digest(data) == entries[name]["digests"][int(index)]:
                     done.add((name, int(index)))
         self.stats["resumed_chunks"] += len(done)
         return done
@@ -170,9 +197,9 @@ class WeightPuller:
 
     def _store(self, key, head, data, entries, fds, log, retries, todo) -> None:
         name, index = key
-        expected = entries[name]["sha256"][index]
+        expected = entries[name]["digests"][index]
         self.stats["max_frame"] = max(self.stats["max_frame"], len(data))
-        if hashlib.sha256(data).hexdigest() != expected or head.get("sha256") != expected:
+        if self._digest(data) != expected or head.get("digest") != expected:
             self.stats["bad_chunks"] += 1
             retries[key] += 1
             if retries[key] > 3:

@@ -8,7 +8,7 @@ Rows, each measured `--repeat` times, interleaved (a slow spell of the shared ma
 - raw TCP: the checkpoint's bytes sent by a bare socket (sendfile) on the head, received and written to a
   file on gen1: the floor of the link.
 - pull (CURVE) / pull (no auth): `WeightPuller.pull` on gen1 from the weight server on the head
-  (async_rl/weight_server.py): 4 MiB chunks, sha256-checked, journaled, written to gen1's local store.
+  (async_rl/weight_server.py): 4 MiB chunks, each checked (xxh3_64), journaled, written to gen1's local store.
   The weight server has hashed the version beforehand (it does so for each new version while idle).
 "vs raw" is the median over rounds of pull seconds / raw seconds of the same round.
 Then (unless --no-attach) attach-to-first-group: a tiny run launched on the head, `async-rl attach --hub

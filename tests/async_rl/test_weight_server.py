@@ -78,7 +78,7 @@ def server(tmp_path):
 
 def _same_tree(a: Path, b: Path) -> None:
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != ".manifest.json")
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
@@ -136,6 +136,18 @@ def test_a_pull_cut_off_in_a_dead_process_continues_from_its_journal(server, tmp
     assert again.stats["resumed_chunks"] == 15 and again.stats["chunks"] == 40 - 15
 
 
+def test_a_torn_local_copy_found_after_a_restart_is_pulled_again(server, tmp_path):
+    WeightPuller(server.endpoint, tmp_path / "local").pull(3)
+    local = tmp_path / "local" / "v3" / "model.safetensors"
+    data = bytearray(local.read_bytes())
+    data[20 * CHUNK:21 * CHUNK] = bytes(CHUNK)  # pages a machine crash never wrote back
+    local.write_bytes(bytes(data))
+    again = WeightPuller(server.endpoint, tmp_path / "local")  # a new process: it trusts nothing it did not check
+    _same_tree(tmp_path / "weights" / "v3", again.pull(3))
+    assert again.stats["chunks"] == 40
+    assert again.pull(3) and again.stats["chunks"] == 40  # checked once per process, not per call
+
+
 def test_bytes_that_differ_from_the_manifest_are_refused(server, tmp_path):
     puller = WeightPuller(server.endpoint, tmp_path / "local")
     puller._ask({"type": "MANIFEST", "version": 3}, 10)  # the server hashes v3 now
@@ -184,3 +196,20 @@ def test_with_keys_only_a_client_holding_them_is_answered(tmp_path):
         _same_tree(tmp_path / "weights" / "v3", out)
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("checksum", ["xxh3_64", "sha256"])
+def test_manifest_digests_match_an_independent_computation(tmp_path, monkeypatch, checksum):
+    import hashlib
+
+    import async_rl.weight_server as ws
+    xxhash = pytest.importorskip("xxhash") if checksum == "xxh3_64" else None
+    monkeypatch.setattr(ws, "CHECKSUM", checksum)
+    store = WeightStore(_store(tmp_path), tmp_path / "initial", CHUNK)
+    head, _ = handle(store, {"type": "MANIFEST", "version": 3, "rid": 1})
+    data = (tmp_path / "weights" / "v3" / "model.safetensors").read_bytes()
+    entry = next(f for f in head["files"] if f["name"] == "model.safetensors")
+    ref = [xxhash.xxh3_64(data[o:o + CHUNK]).hexdigest() if xxhash else hashlib.sha256(data[o:o + CHUNK]).hexdigest()
+           for o in range(0, len(data), CHUNK)]
+    assert head["checksum"] == checksum and entry["digests"] == ref
+    store.close()
