@@ -102,7 +102,7 @@ class Generator:
 
     def sync_weights(self, version: int, path: str) -> None:
         """Bring every engine to `version`; if that version was already pruned, to whatever is newest."""
-        if self.cfg.rollout.update_weight_mode == "broadcast":
+        if self.cfg.rollout.update_weight_mode in ("broadcast", "tensor"):
             self._adopt_broadcast(version)
         before = [e.version for e in self.fleet.engines]
         self.fleet.sync(version, path)
@@ -110,7 +110,7 @@ class Generator:
             self._log(f"engines now at versions {[e.version for e in self.fleet.engines]}")
 
     def _adopt_broadcast(self, version: int) -> None:
-        """update_weight_mode=broadcast: the learner put `version` into the engines before telling the hub, so
+        """update_weight_mode=broadcast / tensor: the learner put `version` into the engines before telling the hub, so
         take each engine's word for its version; the fleet then loads from disk only an engine that missed
         the broadcast (restarted, or attached after the learner formed its group)."""
         for e in self.fleet.engines:

@@ -94,7 +94,7 @@ def _engine_rules(r) -> None:
     if torch_device_problem(r.engine_device):
         raise _err(f"rollout.engine_device={r.engine_device!r}: {torch_device_problem(r.engine_device)}")
     _one_of("rollout", r, "engine_kv_cache", ("auto", "dynamic", "static"))
-    _one_of("rollout", r, "update_weight_mode", ("disk", "broadcast"))
+    _one_of("rollout", r, "update_weight_mode", ("disk", "broadcast", "tensor"))
     for name in ("rollout_num_gpus", "rollout_health_check_first_wait"):
         _at_least("rollout", r, name, 0)
     for name in ("rollout_num_gpus_per_engine", "sglang_server_concurrency", "update_weight_buffer_size"):
