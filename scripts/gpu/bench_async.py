@@ -190,7 +190,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def engine_alone(model: Path, concurrency: int, args, seconds: float = 15.0, warmup: float = 10.0) -> dict:
+def engine_alone(model: Path, concurrency: int, args, seconds: float = 12.0, warmup: float = 8.0) -> dict:
     """The engine alone (in process, no HTTP, nothing else on the GPU) kept at `concurrency` sequences with
     the loop's sampling: generated tokens/s (standalone generation rate at that concurrency)."""
     import random
