@@ -108,6 +108,8 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
     t_first, t_last = timed[0]["time"] - timed[0]["perf/step_time_s"], timed[-1]["time"]
     return {
         "variant": name, "run_dir": str(run_dir), "timed_steps": [r["step"] for r in timed],
+        "steps_timeline": [(r["step"], r["version"], round(r["perf/unix_time"] - timed[0]["perf/unix_time"], 2),
+                            r["train_tokens"]) for r in rows],
         "window": [t_first, t_last], "phases": phases, "publish": publish,
         "compiles": timed[-1].get("perf/compiles", 0) - rows[skip - 1].get("perf/compiles", 0) if skip else 0,
         "engine": engine_log_stats(run_dir, rows, skip), "skip": skip,
@@ -126,7 +128,7 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
 
 _ENGINE_LINE = re.compile(r"\[engine\] forwards=(\d+) new_seqs=(\d+) new_tokens=(\d+) seconds=([\d.]+) "
                           r"prefill_s=([\d.]+) decodes=(\d+) .*?paused_s=([\d.]+)(?: graphs=(\d+) captures=(\d+) "
-                          r"capture_s=([\d.]+))? weight_version=\d+ t=([\d.]+)")
+                          r"capture_s=([\d.]+))? weight_version=(\d+) t=([\d.]+)")
 
 
 def engine_log_stats(run_dir: Path, rows: list[dict], skip: int) -> dict:
@@ -138,18 +140,20 @@ def engine_log_stats(run_dir: Path, rows: list[dict], skip: int) -> dict:
     lines = []
     for log in sorted((run_dir / "logs").glob("engine*.log")):
         lines += [m for m in map(_ENGINE_LINE.search, log.read_text().splitlines()) if m]
-    inside = [m for m in lines if t0 <= float(m.group(11)) <= t1]
-    before = [m for m in lines if float(m.group(11)) < t0]
+    inside = [m for m in lines if t0 <= float(m.group(12)) <= t1]
+    before = [m for m in lines if float(m.group(12)) < t0]
+    timeline = [(round(float(m.group(12)) - t0, 2), int(m.group(3)), int(m.group(6)), int(m.group(11))) for m in lines]
     if not inside:
-        return {"lines": len(lines), "window": [t0, t1],
-                "t_range": [float(lines[0].group(11)), float(lines[-1].group(11))] if lines else []}
+        return {"lines": len(lines), "window": [t0, t1], "timeline": timeline,
+                "t_range": [float(lines[0].group(12)), float(lines[-1].group(12))] if lines else []}
     col = lambda i: sum(float(m.group(i)) for m in inside)  # noqa: E731
     last = lambda ms, i: float(ms[-1].group(i)) if ms and ms[-1].group(i) else 0.0  # noqa: E731
     decodes = col(6)
     return {"busy": col(4) / (t1 - t0), "prefill_s_per_s": col(5) / (t1 - t0),
             "mean_decode_batch": (col(3) - col(2)) / max(decodes, 1), "decode_steps_per_s": decodes / (t1 - t0),
             "paused_s_per_s": (last(inside, 7) - last(before, 7)) / (t1 - t0),
-            "captures": last(inside, 9) - last(before, 9), "capture_s": last(inside, 10) - last(before, 10)}
+            "captures": last(inside, 9) - last(before, 9), "capture_s": last(inside, 10) - last(before, 10),
+            "timeline": timeline}  # (seconds from the window's start, new tokens, decode steps, weight version)
 
 
 def replay_learner(run_dir: Path, warmup: int) -> dict:
