@@ -121,6 +121,7 @@ class EngineFleet:
                     self.log(f"engine {engine.url}: loading v{version} failed ({message}); asking the hub again")
                     if self.latest is None:
                         raise EngineError(message)
+                    time.sleep(0.2)  # update_weight_mode=tensor announces a version before its disk copy lands
                     version, path = self.latest()
             finally:
                 if paused:

@@ -308,3 +308,26 @@ def parse_update_from_distributed(body) -> DistributedUpdate:
     return DistributedUpdate(names, [DTYPES[str(d).replace("torch.", "")] for d in dtypes], shapes,
                              str(body.get("group_name", "weight_update_group")), parse_weight_version(body),
                              bool(body.get("abort_all_requests", False)), bool(body.get("flush_cache", True)))
+
+
+@dataclass
+class TensorUpdate:
+    serialized: str
+    weight_version: str | None
+    abort_all_requests: bool
+    flush_cache: bool
+
+
+def parse_update_from_tensor(body) -> TensorUpdate:
+    """SGLang's /update_weights_from_tensor body: `serialized_named_tensors` holds one string per engine
+    rank (this engine has one); only the default load_format (pickled (name, tensor) pairs) is served."""
+    body = _obj(body, "/update_weights_from_tensor")
+    data = body.get("serialized_named_tensors")
+    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
+        raise BadRequest("serialized_named_tensors: must be a list of one string (this engine has one rank), "
+                         "e.g. [async_rl.weight_tensor.dumps(named_tensors)]")
+    if body.get("load_format") not in (None, "direct"):
+        raise BadRequest(f"load_format={body.get('load_format')!r}: this engine reads only the default "
+                         "format; leave it out")
+    return TensorUpdate(data[0], parse_weight_version(body), bool(body.get("abort_all_requests", False)),
+                        bool(body.get("flush_cache", True)))

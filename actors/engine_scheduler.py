@@ -50,7 +50,8 @@ class Scheduler(threading.Thread):
         self.weight_session = False  # between /begin_weight_update and /end_weight_update
         self.groups: dict = {}  # group_name -> torch process group for /update_weights_from_distributed
         self.stopping = threading.Event()
-        self._last_log, self._unlogged = 0.0, [0, 0, 0, 0.0]
+        self._last_log, self._unlogged = 0.0, [0, 0, 0, 0.0, 0.0, 0]
+        self._paused_at, self.paused_s = None, 0.0  # total seconds paused (weight updates), for the log
 
     # ---- called from HTTP handler threads -----------------------------------------------------------
     def submit(self, item):
@@ -137,7 +138,7 @@ class Scheduler(threading.Thread):
                 self.batch = batch
             else:
                 self.batch.merge(batch)
-        self._log(len(seqs) if prompt else 0, tokens, time.monotonic() - start)
+        self._log(len(seqs) if prompt else 0, tokens, time.monotonic() - start, prompt)
 
     # ---- controls (run on this thread via `call`) ---------------------------------------------------
     def pause(self, mode: str) -> None:
@@ -147,9 +148,13 @@ class Scheduler(threading.Thread):
             self.waiting.extendleft(reversed(self.batch.seqs))
             self.batch = None
         self.paused = True
+        self._paused_at = self._paused_at or time.monotonic()
 
     def resume(self) -> None:
         self.paused = False
+        if self._paused_at is not None:
+            self.paused_s += time.monotonic() - self._paused_at
+            self._paused_at = None
 
     def abort(self, rid: str, abort_all: bool = False, reason: dict = ABORT_REASON) -> int:
         """Finish every admitted or held sequence whose rid starts with `rid` (SGLang matches prefixes, so a
@@ -206,15 +211,24 @@ class Scheduler(threading.Thread):
         for item in leftovers:
             self._fail(item, "server is shutting down")
 
-    def _log(self, new_seqs: int, new_tokens: int, seconds: float) -> None:
+    def _log(self, new_seqs: int, new_tokens: int, seconds: float, prompt: bool = False) -> None:
         u = self._unlogged
         u[0], u[1], u[2], u[3] = u[0] + 1, u[1] + new_seqs, u[2] + new_tokens, u[3] + seconds
+        if prompt:
+            u[4] += seconds
+        else:
+            u[5] += 1
 
     def _flush_log(self, force: bool = False) -> None:
         """At most one line a second; a line sums the forward passes since the previous one."""
         u, now = self._unlogged, time.monotonic()
         if u[0] and (force or now - self._last_log >= 1.0):
+            static = self.engine.static
+            graphs = f" graphs={len(static.graphs)} captures={static.captures} capture_s={static.capture_s:.3f}" \
+                if static is not None and static.cuda_graph else ""
+            # decode_rows / decodes = mean decode batch; prefill_s is inside seconds; paused_s is cumulative
             print(f"[engine] forwards={u[0]} new_seqs={u[1]} new_tokens={u[2]} seconds={u[3]:.3f} "
-                  f"running={len(self.batch) if self.batch else 0} waiting={len(self.waiting)} "
-                  f"paused={self.paused} weight_version={self.engine.weight_version}", flush=True)
-            self._last_log, self._unlogged = now, [0, 0, 0, 0.0]
+                  f"prefill_s={u[4]:.3f} decodes={u[5]} running={len(self.batch) if self.batch else 0} "
+                  f"waiting={len(self.waiting)} paused={self.paused} paused_s={self.paused_s:.3f}{graphs} "
+                  f"weight_version={self.engine.weight_version} t={time.time():.3f}", flush=True)
+            self._last_log, self._unlogged = now, [0, 0, 0, 0.0, 0.0, 0]

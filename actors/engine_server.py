@@ -8,7 +8,8 @@ Endpoints (SGLang's names, bodies and status codes): `/generate`, `/health`, `/h
 `/get_model_info` (`/model_info`), `/flush_cache`, `/pause_generation {mode: abort|in_place|retract}`,
 `/continue_generation`, `/abort_request {rid | abort_all}`, `/update_weights_from_disk`,
 `/init_weights_update_group`, `/destroy_weights_update_group`, `/begin_weight_update`,
-`/update_weights_from_distributed`, `/end_weight_update`.
+`/update_weights_from_distributed`, `/end_weight_update`, `/update_weights_from_tensor` (handles to a
+learner's weights on this machine: async_rl/weight_tensor.py).
 
 Guarantees: the scheduler's (actors/engine_scheduler.py): one thread owns the model, weight changes land
 between decode steps, every token carries the version that produced it (`meta_info.token_versions`, and
@@ -72,6 +73,7 @@ class Handler(BaseHTTPRequestHandler):
                   "/init_weights_update_group": self._init_group, "/destroy_weights_update_group": self._destroy_group,
                   "/begin_weight_update": self._begin_update, "/end_weight_update": self._end_update,
                   "/update_weights_from_distributed": self._update_from_distributed,
+                  "/update_weights_from_tensor": self._update_from_tensor,
                   "/pause_generation": self._pause, "/continue_generation": self._continue,
                   "/abort_request": self._abort}
         self._dispatch(routes, body)
@@ -229,6 +231,24 @@ class Handler(BaseHTTPRequestHandler):
             tensors = receive_tensors(s.groups[u.group_name], u.names, u.dtypes, u.shapes, s.engine.device)
             return s.after_update(s.engine.load_named_tensors(tensors, u.weight_version), u.flush_cache)
         return self._weights_reply(*self._write(receive))
+
+
+    def _update_from_tensor(self, body):
+        u = proto.parse_update_from_tensor(body)
+        if u.abort_all_requests:
+            self.scheduler.call(lambda s: s.abort("", abort_all=True))
+
+        def copy(s):
+            from async_rl.weight_tensor import loads
+            try:
+                named = loads(u.serialized)
+            except ValueError as e:
+                return False, str(e)
+            outcome = s.engine.load_named_tensors(dict(named), u.weight_version)
+            if s.engine.device.type == "cuda":  # the learner may overwrite its buffer once we answer
+                torch.cuda.synchronize(s.engine.device)
+            return s.after_update(outcome, u.flush_cache)
+        return self._weights_reply(*self._write(copy))
 
 
 def make_server(scheduler: Scheduler, host: str, port: int, guard: Guard | None = None) -> ThreadingHTTPServer:

@@ -16,6 +16,7 @@ Invariants (on top of those of actors/engine_model.py, which this path keeps):
 from __future__ import annotations
 
 import importlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +235,7 @@ class StaticDecoder:
         self.buckets = batch_buckets(max_batch_size)
         self.graphs: dict = {}
         self.pool = None
+        self.captures, self.capture_s = 0, 0.0  # graphs captured so far and the seconds it took (logged)
 
     # ---- arena ownership ----------------------------------------------------------------------------
     def arena_for(self, batch: StaticBatch) -> Arena:
@@ -320,6 +322,7 @@ class StaticDecoder:
     def _replay(self, key, run):
         """Capture `run` into a CUDA graph on first use of `key`, then replay it; returns its outputs."""
         if key not in self.graphs:
+            t0 = time.perf_counter()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up: writes the same column the replay writes
@@ -330,6 +333,7 @@ class StaticDecoder:
                 outputs = run()
             self.pool = graph.pool()
             self.graphs[key] = (graph, outputs)
+            self.captures, self.capture_s = self.captures + 1, self.capture_s + time.perf_counter() - t0
         graph, outputs = self.graphs[key]
         graph.replay()
         return outputs

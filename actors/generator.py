@@ -128,7 +128,7 @@ class Generator:
                 if self.fleet.target is None:
                     raise  # nothing loaded yet: nothing to generate with
                 return
-        if self.cfg.rollout.update_weight_mode == "broadcast":
+        if self.cfg.rollout.update_weight_mode in ("broadcast", "tensor"):
             self._adopt_broadcast(version)
         before = [e.version for e in self.fleet.engines]
         self.fleet.sync(version, path)
@@ -136,7 +136,7 @@ class Generator:
             self._log(f"engines now at versions {[e.version for e in self.fleet.engines]}")
 
     def _adopt_broadcast(self, version: int) -> None:
-        """update_weight_mode=broadcast: the learner put `version` into the engines before telling the hub, so
+        """update_weight_mode=broadcast / tensor: the learner put `version` into the engines before telling the hub, so
         take each engine's word for its version; the fleet then loads from disk only an engine that missed
         the broadcast (restarted, or attached after the learner formed its group)."""
         for e in self.fleet.engines:

@@ -34,6 +34,7 @@ from learners.critic import Critic
 from learners.kl import approx_kl
 from learners.objective import actor_loss
 from learners.optim import accumulate_step, build_optimizer as _build_optimizer, micro_slices
+from learners.perf import Phases, profile_step
 from learners.plugins import load_algo_plugins
 from learners.priorities import group_priorities
 from learners.weights import BroadcastPublisher, eval_pin, publish
@@ -96,6 +97,8 @@ class TorchLearner:
         self.stopping = False
         self.broadcast = (BroadcastPublisher(cfg, self.run_dir)
                           if cfg.rollout.update_weight_mode == "broadcast" else None)
+        self.tensor = None  # update_weight_mode=tensor: learners.handover.TensorPublisher, made at first use
+        self.phases = Phases(self.device)
 
     # ---- what a backend provides (learners.megatron overrides these) ------------------------------
     def _build_policy(self):
@@ -128,7 +131,8 @@ class TorchLearner:
 
     # ---- one learner step ------------------------------------------------------------------------
     def train_step(self, groups: list[Group]) -> dict:
-        batch = build_batch(groups, self.pad_id).to(self.device)
+        with self.phases.time("build"):
+            batch = build_batch(groups, self.pad_id).to(self.device)
         with self._autocast():
             return self._train_batch(groups, batch)
 
@@ -140,7 +144,8 @@ class TorchLearner:
 
     def _train_batch(self, groups: list[Group], batch: TrainBatch) -> dict:
         r, a = self.cfg.rollout, self.cfg.algo
-        self._score(batch)
+        with self.phases.time("score"):
+            self._score(batch)
         kl = approx_kl(batch.logp_old, batch.ref_logp, a.kl_loss_type) * batch.mask \
             if batch.ref_logp is not None else None
         if a.disable_compute_advantages_and_returns:
@@ -151,12 +156,13 @@ class TorchLearner:
         iw = self._importance_weights(batch)
         train_policy = self.steps_done >= a.num_critic_only_steps
         steps = []
-        for k in range(r.num_steps_per_rollout):
-            start = k * r.global_batch_size
-            m = self.critic.step(batch, start, r.global_batch_size, r.micro_batch_size) if self.critic else {}
-            if train_policy:
-                m.update(self._policy_step(batch, start))
-            steps.append(m)
+        with self.phases.time("update"):
+            for k in range(r.num_steps_per_rollout):
+                start = k * r.global_batch_size
+                m = self.critic.step(batch, start, r.global_batch_size, r.micro_batch_size) if self.critic else {}
+                if train_policy:
+                    m.update(self._policy_step(batch, start))
+                steps.append(m)
         if self.cfg.debug.save_debug_rollout_data or self.cfg.debug.dump_details:  # slime's debug outputs
             from async_rl.debug import record_step
             record_step(self.cfg, self.steps_done, self.version, groups, batch)
@@ -241,12 +247,32 @@ class TorchLearner:
     def publish_next(self) -> None:
         """Publish weights v+1. While retraining replayed steps the hub already has v+1 (and the engines a
         newer one): the disk copy is rewritten, the engines are not rolled back, the hub takes VERSION as a no-op."""
+        if self.cfg.rollout.update_weight_mode == "tensor" and self.version + 1 > self.hub_version and \
+                self.hand_over(self.model.state_dict(), self.version + 1, self.model.config):
+            self.version += 1
+            return
         if self.broadcast is not None and self.version + 1 > self.hub_version:  # engines first, then disk
             self.broadcast.send(self.model, self.version + 1)
         path = publish(self.model, self.tokenizer, self.run_dir, self.version + 1, self.cfg.ckpt.keep_weight_versions,
                        pin=eval_pin(self.cfg, self.version + 1))
         self.version += 1
         self.hub.request({"type": "VERSION", "version": self.version, "weights_path": str(path)}, timeout=30)
+
+    def hand_over(self, named: dict, version: int, hf_config) -> bool:
+        """update_weight_mode=tensor (learners.handover): True when the engines hold `version` and the hub
+        was told; False when it must go through disk instead."""
+        if self.tensor is None:
+            from learners.handover import TensorPublisher
+            self.tensor = TensorPublisher(self.cfg, self.run_dir, self.tokenizer, hf_config)
+
+        def announce(path) -> None:
+            self.hub.request({"type": "VERSION", "version": version, "weights_path": str(path)}, timeout=30)
+        return self.tensor.publish(named, version, eval_pin(self.cfg, version), announce)
+
+    def flush_weights(self) -> None:
+        """Every published version on disk (checkpoints and the end of the run wait for this)."""
+        if self.tensor is not None:
+            self.tensor.flush()
 
     def resume(self) -> int:
         """Load the newest complete checkpoint, if any; returns the learner step to continue from."""
@@ -262,6 +288,7 @@ class TorchLearner:
         return int(state["step"])
 
     def save_checkpoint(self, step: int) -> None:
+        self.flush_weights()
         path = checkpoint.save(self, step, self.cfg.ckpt.keep_checkpoints)
         print(f"learner: checkpoint {path}", flush=True)
         self.report_checkpoint(step)
@@ -306,18 +333,24 @@ class TorchLearner:
         try:
             while step < r.num_rollout and not self.stopping:
                 self.step = step
-                reply = self.sample()
+                with self.phases.time("sample_wait"):
+                    reply = self.sample()
                 if reply is None:
                     break
                 self.apply_knobs(reply)
                 t0 = time.time()
-                metrics = self.train_step([Group.from_wire(g) for g in reply["groups"]])
+                with profile_step(step):
+                    metrics = self.train_step([Group.from_wire(g) for g in reply["groups"]])
                 metrics["knob_version"] = self.knob_version
                 t_publish = time.time()
                 if (step + 1) % r.update_weights_interval == 0:
-                    self.publish_next()
+                    with self.phases.time("publish"):
+                        self.publish_next()
                 now = time.time()
                 metrics["perf/publish_s"] = now - t_publish  # weight publication: disk (+ broadcast) + VERSION
+                metrics.update(self.phases.take())
+                if self.tensor is not None:
+                    metrics.update({f"perf/publish/{k}": v for k, v in self.tensor.timings.items()})
                 metrics.update(self._perf(step, now, t_start, now - last, now - t0, reply["stats"], prev_stats,
                                           metrics["train_tokens"]))
                 writer.log(metrics)
@@ -329,12 +362,14 @@ class TorchLearner:
             if self.lease:  # the last batch is in the weights now: let the hub count it consumed
                 self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=30)
         finally:
+            if self.tensor is not None:
+                self.tensor.close()  # every version on disk before the learner exits
             writer.close()
 
     def _perf(self, step, now, t_start, wall, busy, stats, prev, tokens) -> dict:
         gens = max(1, stats.get("num_generators", 1))
         return {
-            "step": step, "time": now - t_start,
+            "step": step, "time": now - t_start, "perf/unix_time": now,
             "perf/step_time_s": wall, "perf/learner_busy_frac": min(1.0, busy / max(wall, 1e-9)),
             "perf/train_tokens_per_s": tokens / max(wall, 1e-9),
             "perf/gen_tokens_per_s": (stats["gen_tokens"] - prev["gen_tokens"]) / max(wall, 1e-9),

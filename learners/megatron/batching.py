@@ -2,12 +2,17 @@
 
 Invariants: every row of a mini-batch goes to exactly one DP rank, and every DP rank gets the same number
 of rows (so averaging per-sample losses over ranks is the global mean); within a rank every row is in
-exactly one micro-batch, in order; a micro-batch is cut to its longest row, which drops only padding
-columns (mask 0 there), so losses and logprobs are those of the uncut rows.
+exactly one micro-batch; a micro-batch is cut to its longest row, which drops only padding
+columns (mask 0 there), so losses and logprobs are those of the uncut rows. Rows are dealt into
+micro-batches longest first (`by_length`), so rows of similar length share a micro-batch and little
+padding is computed: with long-tailed response lengths, rows in arrival order pad most micro-batches to
+the longest response of the batch. Losses are sums over micro-batches, so the order changes no result
+beyond float rounding.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -35,6 +40,13 @@ def _snake(k: int, dp: int) -> int:
     """Rank of the k-th longest row: 0, 1, .., dp-1, dp-1, .., 0, 0, 1, .."""
     r = k % (2 * dp)
     return r if r < dp else 2 * dp - 1 - r
+
+
+def by_length(rows: list[int], lengths: list[int]) -> list[int]:
+    """`rows` longest first (ties in row order); ASYNC_RL_SORT_MICRO=0 keeps them in order (for A/B runs)."""
+    if os.environ.get("ASYNC_RL_SORT_MICRO", "1") == "0":
+        return list(rows)
+    return sorted(rows, key=lambda i: -lengths[i])
 
 
 def micro_batches(rows: list[int], lengths: list[int], micro_size: int, max_tokens: int = 0) -> list[list[int]]:

@@ -118,7 +118,7 @@ class MegatronLearner(TorchLearner):
         out = torch.zeros(batch.mask.shape, dtype=batch.mask.dtype)  # on the host: gloo sums it over DP
         model.eval()
         on_device = batching.to_device(batch, self.device)
-        micros = batching.micro_batches(rows, lengths, r.micro_batch_size, budget)
+        micros = batching.micro_batches(batching.by_length(rows, lengths), lengths, r.micro_batch_size, budget)
         parts = [batching.take(on_device, micro, self.device, lengths) for micro in micros]
         if lay.pp > 1:
             done = self._pipelined(model, parts, lambda part, logits: (
@@ -144,7 +144,7 @@ class MegatronLearner(TorchLearner):
         token_denom = float(batch.mask[start:start + size].sum().clamp(min=1.0))
         lengths = batching.row_lengths(batch)
         rows = batching.dp_rows(start, size, lay.dp, lay.dp_rank, lengths, t.balance_data)
-        micros = batching.micro_batches(rows, lengths, r.micro_batch_size,
+        micros = batching.micro_batches(batching.by_length(rows, lengths), lengths, r.micro_batch_size,
                                         t.max_tokens_per_gpu if t.use_dynamic_batch_size else 0)
         self.optimizer.zero_grad()
         on_device = batching.to_device(batch, self.device)
@@ -232,9 +232,14 @@ class MegatronLearner(TorchLearner):
         """Every rank takes part in the TP/PP gather; rank 0 alone then broadcasts the HF tensors to the
         engines (update_weight_mode=broadcast, update_weight_buffer_size buckets), writes them to disk (evals,
         restarted engines, late joiners) and announces the version."""
-        state = gather_hf(self.model, self.shape, self.layout)  # collective
+        tensor = self.cfg.rollout.update_weight_mode == "tensor"
+        state = gather_hf(self.model, self.shape, self.layout, on_device=tensor)  # collective
         version = self.version + 1
-        if self.layout.rank == 0:
+        if self.layout.rank == 0 and tensor and version > self.hub_version and \
+                self.hand_over(state, version, self.hf_config):
+            state = None  # the engines hold it, the hub knows it, the disk copy is being written
+        elif self.layout.rank == 0:
+            state = {k: v.cpu() for k, v in state.items()}
             # engines first (generation resumes sooner), then disk; not while retraining replayed steps (the
             # engines already hold a newer version; the hub takes this VERSION as a no-op)
             if self.broadcast is not None and version > self.hub_version:
@@ -246,6 +251,7 @@ class MegatronLearner(TorchLearner):
         self.version = version
 
     def save_checkpoint(self, step: int) -> None:
+        self.flush_weights()
         path = checkpoint.save(self, step, self.cfg.ckpt.keep_checkpoints)
         if self.layout.rank == 0:
             print(f"learner: checkpoint {path}", flush=True)

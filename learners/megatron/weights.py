@@ -72,8 +72,9 @@ def load_hf(model, hf_sd: dict[str, torch.Tensor], shape: Shape, tp_rank: int, t
 
 
 @torch.no_grad()
-def gather_hf(model, shape: Shape, layout: parallel.Layout) -> dict[str, torch.Tensor] | None:
-    """The whole model as an HF state dict (CPU tensors) on global rank 0; None on other ranks.
+def gather_hf(model, shape: Shape, layout: parallel.Layout, on_device: bool = False) -> dict[str, torch.Tensor] | None:
+    """The whole model as an HF state dict (CPU tensors; with `on_device` and PP = 1, tensors on the
+    model's device, some of them views of its parameters) on global rank 0; None on other ranks.
 
     Collective over the TP group of each stage of the first DP replica (other DP replicas hold the same
     weights and return at once), then one gather over the pipeline stages.
@@ -91,7 +92,7 @@ def gather_hf(model, shape: Shape, layout: parallel.Layout) -> dict[str, torch.T
             dist.all_gather(shards, p.contiguous(), group=ps.get_tensor_model_parallel_group())
             p = merge_tp(name, shards) if layout.tp_rank == 0 else None
         if layout.tp_rank == 0:
-            stage[name] = p.cpu()
+            stage[name] = p if on_device and layout.pp == 1 else p.cpu()
     if layout.tp_rank != 0:
         return None
     stages = parallel.gather_stages(stage, layout)
