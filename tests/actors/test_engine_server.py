@@ -227,7 +227,10 @@ def test_sigterm_exits_cleanly_under_load(engine):
 
     thread = threading.Thread(target=keep_generating)
     thread.start()
-    time.sleep(0.5)
+    deadline = time.time() + 60  # one generation finished (a loaded CI core can take over a second), the next running
+    while "done" not in outcome and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     thread.join(30)
