@@ -191,3 +191,14 @@ class TensorPublisher:
         self.writer.close()
         if self.updater is not None:
             self.updater.close()
+
+
+def hand_over(learner, named: dict, version: int, hf_config, pin: bool) -> bool:
+    """A learner's (learners.torch_learner.TorchLearner's) publication of `version` by tensor handover,
+    announcing it to the learner's hub; its TensorPublisher is made at first use (engines.json exists then)."""
+    if learner.tensor is None:
+        learner.tensor = TensorPublisher(learner.cfg, learner.run_dir, learner.tokenizer, hf_config)
+
+    def announce(path) -> None:
+        learner.hub.request({"type": "VERSION", "version": version, "weights_path": str(path)}, timeout=30)
+    return learner.tensor.publish(named, version, pin, announce)

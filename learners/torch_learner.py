@@ -259,15 +259,10 @@ class TorchLearner:
         self.hub.request({"type": "VERSION", "version": self.version, "weights_path": str(path)}, timeout=30)
 
     def hand_over(self, named: dict, version: int, hf_config) -> bool:
-        """update_weight_mode=tensor (learners.handover): True when the engines hold `version` and the hub
-        was told; False when it must go through disk instead."""
-        if self.tensor is None:
-            from learners.handover import TensorPublisher
-            self.tensor = TensorPublisher(self.cfg, self.run_dir, self.tokenizer, hf_config)
-
-        def announce(path) -> None:
-            self.hub.request({"type": "VERSION", "version": version, "weights_path": str(path)}, timeout=30)
-        return self.tensor.publish(named, version, eval_pin(self.cfg, version), announce)
+        """update_weight_mode=tensor: True when the engines hold `version` and the hub was told; False when
+        it must go through disk instead (learners.handover)."""
+        from learners.handover import hand_over
+        return hand_over(self, named, version, hf_config, eval_pin(self.cfg, version))
 
     def flush_weights(self) -> None:
         """Every published version on disk (checkpoints and the end of the run wait for this)."""
