@@ -45,7 +45,8 @@ def warmup_steps(args, staleness: int) -> int:
     """Steps left out: --skip, and at least max_staleness + 3. Admission lets the generators fill
     (max_staleness + 1) versions' worth of groups while the learner starts (and the run never needs more
     than num_rollout x rollout_batch_size groups), so the first ~max_staleness steps train on a buffer filled
-    at start-up and would measure the learner alone, not the loop."""
+    at start-up and would measure the learner alone, not the loop. For the same reason (every group the run
+    needs granted) the last max_staleness steps drain the buffer: with --timed they run but are not timed."""
     return max(args.skip, staleness + 3) if args.timed else args.skip
 
 
@@ -70,7 +71,8 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
         shutil.rmtree(run_dir)
     gpu = not args.smoke
     skip = warmup_steps(args, staleness)
-    steps = skip + args.timed if args.timed else args.steps
+    # and the last max_staleness steps too: once every group the run needs is granted, they drain the buffer
+    steps = skip + args.timed + staleness if args.timed else args.steps
     overrides = [
         f"hf_checkpoint={model}", f"prompt_data={data}", "eval_prompt_data=", f"max_staleness={staleness}",
         f"num_rollout={steps}", f"rollout_batch_size={args.batch}", f"n_samples_per_prompt={args.n}",
@@ -99,7 +101,7 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
             print(f"--- {log.name}\n" + log.read_text()[-2000:])
         raise SystemExit(f"max_staleness={staleness}: launch failed with exit code {proc.returncode}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[skip:]
+    timed = rows[skip:skip + args.timed] if args.timed else rows[skip:]
     wall = timed[-1]["time"] - timed[0]["time"] + timed[0]["perf/step_time_s"]
     phases = {k[len("perf/phase/"):-2]: statistics.mean(r.get(k, 0.0) for r in timed)
               for k in sorted({k for r in timed for k in r if k.startswith("perf/phase/")})}
@@ -112,7 +114,7 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
                             r["train_tokens"]) for r in rows],
         "window": [t_first, t_last], "phases": phases, "publish": publish,
         "compiles": timed[-1].get("perf/compiles", 0) - rows[skip - 1].get("perf/compiles", 0) if skip else 0,
-        "engine": engine_log_stats(run_dir, rows, skip), "skip": skip,
+        "engine": engine_log_stats(run_dir, rows[:skip + len(timed)], skip), "skip": skip,
         "staleness": staleness, "run_s": time.time() - t0, "steps": len(timed),
         "trained_tok_s": sum(r["train_tokens"] for r in timed) / wall,
         "step_s": wall / len(timed),
