@@ -11,7 +11,8 @@ the tiny character tokenizer plus a chat template; the data are addition prompts
 {"prompt", "label"} rows. A random model never stops early, so every response is rollout_max_response_len
 tokens (the estimate's worst case); prompts are short, so the run sets rollout_max_prompt_len=16 and the
 estimate is computed for the same config. Prints the dry-run, then a table per GPU: estimate, measured peak
-(nvidia-smi, every 0.2 s), measured / estimate.
+(nvidia-smi, every 0.2 s), measured / estimate. (Written with the recipes; no GPU was lent to run it then,
+so it has not been run yet: its first run is the first check of the estimate.)
 """
 from __future__ import annotations
 
