@@ -1,4 +1,4 @@
-"""Client for an engine speaking SGLang's native HTTP API: SGLang itself or `actors.engine_server`.
+"""Client for an engine speaking SGLang's native HTTP API: SGLang itself or `actors.engine.server`.
 
 Guarantees: it relies only on fields a real SGLang server returns (`output_ids` or, failing that, the token
 ids in `meta_info.output_token_logprobs`; `meta_info.finish_reason`; `meta_info.weight_version` and

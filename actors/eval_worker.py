@@ -96,7 +96,7 @@ class EvalWorker:
         c = self.cfg.cluster
         host = "127.0.0.1"  # only this worker talks to its engine: never reachable from another host
         port = free_port(host)
-        cmd = [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint,
+        cmd = [sys.executable, "-m", "actors.engine.server", "--model-path", self.cfg.ckpt.hf_checkpoint,
                "--host", host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
                "--seed", str(self.cfg.train.seed + 7919), "--device", self.device, "--max-batch-size", "128"]
         log = self.run_dir / "logs" / "eval_engine.log"

@@ -144,7 +144,7 @@ def _engine_rules(r) -> None:
                    "function replaces the whole rollout, including per-sample generation")
 
 
-# SGLang options the launcher sets itself, and the field each comes from (actors/sglang_engine uses it too)
+# SGLang options the launcher sets itself, and the field each comes from (actors/engine/sglang.py uses it too)
 SGLANG_OWNED_OPTIONS = {"--model-path": "ckpt.hf_checkpoint", "--host": "cluster.host", "--port": "(picked free)",
                         "--tp-size": "rollout.rollout_num_gpus_per_engine",
                         "--tp": "rollout.rollout_num_gpus_per_engine",

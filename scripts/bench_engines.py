@@ -93,7 +93,7 @@ def build_qwen2_05b(out: Path, dev: str, smoke: bool = False) -> Path:
 
 def engine_generate(scheduler, prompts: list[list[int]], new_tokens: int, temperature: float = 1.0):
     """One request of `prompts` through the running scheduler thread; returns its sequences."""
-    from actors.engine_protocol import Request, SamplingParams, Sequence
+    from actors.engine.protocol import Request, SamplingParams, Sequence
 
     request = Request(return_logprob=True, is_batch=True)
     params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True)
@@ -133,8 +133,8 @@ def gpu_main(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from actors.engine_model import Engine
-    from actors.engine_scheduler import Scheduler
+    from actors.engine.model import Engine
+    from actors.engine.scheduler import Scheduler
 
     batches, n = [int(b) for b in args.batches.split(",")], args.new_tokens
     dev = "cpu" if args.smoke else "cuda"

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_once(staleness: int, steps: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"s{staleness}-{len(list(out.glob(f's{staleness}-*')))}"
-    cmd = [sys.executable, "-m", "async_rl.cli", "launch", str(ROOT / "configs/quickstart.yaml"),
+    cmd = [sys.executable, "-m", "async_rl.launch.cli", "launch", str(ROOT / "configs/quickstart.yaml"),
            f"max_staleness={staleness}", f"num_rollout={steps}", "progress=false", "eval_prompt_data=",
            *extra, "--run-dir", str(run_dir)]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

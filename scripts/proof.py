@@ -56,7 +56,7 @@ def launch(task: str, run_dir: Path, steps: int, seed: int, overrides: list[str]
         import shutil
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "async_rl.cli", "launch", TASKS[task][0], f"num_rollout={steps}", f"seed={seed}",
+    cmd = [sys.executable, "-m", "async_rl.launch.cli", "launch", TASKS[task][0], f"num_rollout={steps}", f"seed={seed}",
            f"rollout_seed={seed}", "progress=false", *overrides, "--run-dir", str(run_dir)]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

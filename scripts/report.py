@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from async_rl.metrics import read_metrics  # noqa: E402
-from async_rl.report import summarize  # noqa: E402
+from async_rl.launch.report import summarize  # noqa: E402
 
 
 def smooth(values: list, window: int) -> list:

@@ -55,7 +55,7 @@ class Drained(subprocess.Popen):
 
 
 def cli(*args, **kw) -> subprocess.Popen:
-    return Drained([sys.executable, "-m", "async_rl.cli", *args], **kw)
+    return Drained([sys.executable, "-m", "async_rl.launch.cli", *args], **kw)
 
 
 def alive(pid: int) -> bool:
@@ -114,7 +114,7 @@ def test_async_run_contract_and_staleness_bound(tmp_path, tiny_world):
     for name in ("hub", "engine0", "generator0", "learner"):
         assert (run_dir / "logs" / f"{name}.log").exists()
     assert_no_orphans(run_dir)
-    st = subprocess.run([sys.executable, "-m", "async_rl.cli", "status", "--run-dir", str(run_dir), "--json"],
+    st = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "status", "--run-dir", str(run_dir), "--json"],
                         capture_output=True, text=True, check=True)
     status = json.loads(st.stdout)
     assert status["status"] == "completed" and status["last_step"]["step"] == 11
@@ -168,7 +168,7 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_world):
 
 def test_stop_works_while_nobody_reads_the_launchers_stdout(tmp_path, tiny_world):
     """stdout is a pipe that is full before the launcher starts and never read: its prints must not block the
-    supervisor, so `async-rl stop` still ends the run (async_rl/outstream.py)."""
+    supervisor, so `async-rl stop` still ends the run (async_rl/launch/outstream.py)."""
     r, w = os.pipe()
     os.set_blocking(w, False)
     try:
@@ -178,7 +178,7 @@ def test_stop_works_while_nobody_reads_the_launchers_stdout(tmp_path, tiny_world
         os.set_blocking(w, True)
     cfg = write_config(tmp_path, tiny_world, num_rollout=100000)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "async_rl.cli", "launch", str(cfg), "--run-dir", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "async_rl.launch.cli", "launch", str(cfg), "--run-dir", str(run_dir)],
                             stdout=w, stderr=subprocess.STDOUT)
     os.close(w)
     try:
@@ -186,7 +186,7 @@ def test_stop_works_while_nobody_reads_the_launchers_stdout(tmp_path, tiny_world
         while not ((run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 3):
             assert proc.poll() is None and time.time() < deadline, "the run never got to step 3"
             time.sleep(0.2)
-        stop = subprocess.run([sys.executable, "-m", "async_rl.cli", "stop", "--run-dir", str(run_dir),
+        stop = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "stop", "--run-dir", str(run_dir),
                                "--timeout", "90"], capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         proc.wait(timeout=60)  # its last lines could not be written: it still exits, after drain's 10 s
@@ -212,7 +212,7 @@ def test_stop_then_resume_continues_exactly(tmp_path, tiny_world):
     while not ((run_dir / "metrics.jsonl").exists() and len(read_rows(run_dir)) >= 6):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.2)
-    stop = subprocess.run([sys.executable, "-m", "async_rl.cli", "stop", "--run-dir", str(run_dir)],
+    stop = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "stop", "--run-dir", str(run_dir)],
                           capture_output=True, text=True, timeout=120)
     out, _ = proc.communicate(timeout=60)
     assert stop.returncode == 0 and proc.returncode == 0, (stop.stdout, stop.stderr, out)
@@ -245,13 +245,13 @@ def test_stop_then_resume_continues_exactly(tmp_path, tiny_world):
 def test_live_knobs_reach_hub_learner_and_generators(tmp_path, tiny_world):
     proc, run_dir = _start_and_wait_running(tmp_path, tiny_world)
     try:
-        bad = subprocess.run([sys.executable, "-m", "async_rl.cli", "set", "--run-dir", str(run_dir), "n_samples_per_prompt=2"],
+        bad = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "set", "--run-dir", str(run_dir), "n_samples_per_prompt=2"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "not a live knob" in bad.stderr
-        bad = subprocess.run([sys.executable, "-m", "async_rl.cli", "set", "--run-dir", str(run_dir), "tis_clip=0"],
+        bad = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "set", "--run-dir", str(run_dir), "tis_clip=0"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "algo.tis_clip=0.0: must be > tis_clip_low" in bad.stderr
-        ok = subprocess.run([sys.executable, "-m", "async_rl.cli", "set", "--run-dir", str(run_dir), "max_staleness=0",
+        ok = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "set", "--run-dir", str(run_dir), "max_staleness=0",
                              "tis_clip=1.5", "rollout_temperature=0.7"], capture_output=True, text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
         deadline = time.time() + 60
@@ -284,11 +284,11 @@ def test_attach_adds_a_generator_whose_groups_are_trained_and_detach_drains_it(t
             assert attached.poll() is None, attached.communicate()[0]
             assert time.time() < deadline, "the attached generator never delivered"
             time.sleep(0.5)
-            st = json.loads(subprocess.run([sys.executable, "-m", "async_rl.cli", "status", "--run-dir", str(run_dir),
+            st = json.loads(subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "status", "--run-dir", str(run_dir),
                                             "--json"], capture_output=True, text=True, check=True).stdout)
             mine = {k: v for k, v in st["hub"]["generators"].items() if k.startswith(f"a{attached.pid}-")}
         consumed_before = read_rows(run_dir)[-1]["buffer/consumed"]
-        detach = subprocess.run([sys.executable, "-m", "async_rl.cli", "detach", "--run-dir", str(run_dir)],
+        detach = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "detach", "--run-dir", str(run_dir)],
                                 capture_output=True, text=True, timeout=90)
         assert detach.returncode == 0, detach.stdout + detach.stderr
         attached.communicate(timeout=30)

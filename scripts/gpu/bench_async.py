@@ -88,7 +88,7 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
         *stop_ids(model, args.stop_ids), *args.overrides, *words,
         f"save_debug_rollout_data={run_dir / 'rollouts'}",  # the batches, for the standalone learner replay
     ]
-    cmd = [sys.executable, "-m", "async_rl.cli", "launch", str(ROOT / "configs/quickstart.yaml"), *overrides,
+    cmd = [sys.executable, "-m", "async_rl.launch.cli", "launch", str(ROOT / "configs/quickstart.yaml"), *overrides,
            "--run-dir", str(run_dir)]
     t0 = time.time()
     env = {**os.environ, **dict(w.split("=", 1) for w in env_words)}
@@ -203,9 +203,9 @@ def engine_alone(model: Path, concurrency: int, args, seconds: float = 12.0, war
 
     import torch
 
-    from actors import engine_protocol as proto
-    from actors.engine_model import Engine
-    from actors.engine_scheduler import Scheduler
+    from actors.engine import protocol as proto
+    from actors.engine.model import Engine
+    from actors.engine.scheduler import Scheduler
 
     engine = Engine(str(model), 0, "cuda" if torch.cuda.is_available() else "cpu", max_batch_size=max(concurrency, 1))
     sched = Scheduler(engine, max(concurrency, 1))

@@ -98,7 +98,7 @@ def main() -> int:
 
     from async_rl import config as config_mod
     from async_rl.placement import GiB, model_shape
-    from async_rl.plan import estimate, plan
+    from async_rl.launch.plan import estimate, plan
     out = Path(args.out)
     base = config_mod.load(args.recipe)
     shape, _ = model_shape(base.ckpt.hf_checkpoint)
@@ -118,7 +118,7 @@ def main() -> int:
     subprocess.run(["rm", "-rf", str(run_dir)])
     peak = PeakMemory()
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", args.recipe, *words, "--run-dir",
+    proc = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", args.recipe, *words, "--run-dir",
                            str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     measured = peak.stop()
     print(proc.stdout[-3000:])

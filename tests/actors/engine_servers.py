@@ -50,12 +50,12 @@ def build_checkpoint(out_dir: Path, seed: int, **kwargs) -> Path:
 
 
 def embedded_command(model_path: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "actors.engine_server", "--model-path", str(model_path), "--host", "127.0.0.1",
+    return [sys.executable, "-m", "actors.engine.server", "--model-path", str(model_path), "--host", "127.0.0.1",
             "--port", str(port), "--num-threads", "1", *extra]
 
 
 def sglang_command(model_path: Path, port: int, *extra: str) -> list[str]:
-    from actors.sglang_engine import sglang_server_command
+    from actors.engine.sglang import sglang_server_command
     return sglang_server_command(str(SGLANG_PYTHON), str(model_path), "127.0.0.1", port, tp_size=1,
                                  extra_args=["--device", "cpu", "--max-total-tokens", "32768",
                                              "--disable-cuda-graph", "--random-seed", "0", *extra])

@@ -29,7 +29,7 @@ def guarded(tmp_path_factory):
     (store / "v9").symlink_to(outside)  # a link inside the store to a dir outside it
     key = engine_api_key(root / "run" / "keys")
     port = free_port()
-    cmd = [sys.executable, "-m", "actors.engine_server", "--model-path", str(ckpt), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "actors.engine.server", "--model-path", str(ckpt), "--host", "127.0.0.1",
            "--port", str(port), "--num-threads", "1", "--api-key-env", ENGINE_KEY_ENV, "--weight-store", str(store),
            "--weight-store", str(ckpt)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, ENGINE_KEY_ENV: key},

@@ -24,7 +24,7 @@ PROMPTS = ["1+2=", "17+5=", "3+14=", "20+20=", "7+7= 9", "12+"]
 
 def start_server(model_path: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, EngineClient]:
     port = free_port()
-    cmd = [sys.executable, "-m", "actors.engine_server", "--model-path", str(model_path), "--host",
+    cmd = [sys.executable, "-m", "actors.engine.server", "--model-path", str(model_path), "--host",
            "127.0.0.1", "--port", str(port), "--num-threads", "1", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     client = EngineClient(f"http://127.0.0.1:{port}", timeout=60)

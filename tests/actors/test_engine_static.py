@@ -1,4 +1,4 @@
-"""The static-KV-cache engine path (actors/engine_static.py) against the dynamic HF-cache path and
+"""The static-KV-cache engine path (actors/engine/static.py) against the dynamic HF-cache path and
 independent references, on CPU.
 
 CUDA graphs cannot run here (no GPU): these tests run the same static-path code eagerly; the graph replay
@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from actors import engine_static
-from actors.engine_model import Engine
-from actors.engine_protocol import Request, SamplingParams, Sequence
+from actors.engine import static as engine_static
+from actors.engine.model import Engine
+from actors.engine.protocol import Request, SamplingParams, Sequence
 from tests.actors.engine_servers import build_checkpoint, reference_logprobs
 
 ATOL = 1e-4

@@ -77,7 +77,7 @@ def test_eval_worker_logs_pass_at_k_per_dataset_at_pinned_versions_while_trainin
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", str(tmp_path / "run.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(tmp_path / "run.yaml"),
                            "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -133,7 +133,7 @@ def world(tmp_path, monkeypatch):
     procs = []
     port = free_port()
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "actors.engine_server", "--model-path", str(tmp_path / "model"), "--host",
+        [sys.executable, "-m", "actors.engine.server", "--model-path", str(tmp_path / "model"), "--host",
          "127.0.0.1", "--port", str(port), "--num-threads", "1"], cwd=ROOT,
         stdout=open(tmp_path / "engine.log", "w"), stderr=subprocess.STDOUT))
     procs.append(subprocess.Popen(

@@ -83,7 +83,7 @@ def test_docs_config_md_is_current():
     import io
     from pathlib import Path
 
-    from async_rl.cli import main
+    from async_rl.launch.cli import main
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         main(["config", "--doc"])

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from rich.console import Console
 
-from async_rl import cli
-from async_rl.progress import Progress
+from async_rl.launch import cli
+from async_rl.launch.progress import Progress
 from async_rl.run_dir import lock_run_dir
 from tests.test_e2e import assert_no_orphans, cli as cli_proc, read_rows, write_config
 
@@ -195,7 +195,7 @@ def test_resume_of_a_dir_that_never_held_a_run_creates_nothing(tmp_path, tiny_wo
 
 
 def test_config_doc_into_a_closed_pipe_exits_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "async_rl.cli", "config", "--doc"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "async_rl.launch.cli", "config", "--doc"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     proc.stdout.close()  # like `| head` that has already exited
     err = proc.stderr.read().decode()
@@ -248,7 +248,7 @@ def test_hurry_cuts_the_grace_period_short_but_still_kills(tmp_path):
     period, unless `hurry` is set (a second Ctrl-C), which SIGKILLs it at once."""
     import threading
 
-    from async_rl.procs import ProcessGroup
+    from async_rl.launch.procs import ProcessGroup
     procs = ProcessGroup(tmp_path)
     child = procs.start_command("stubborn", [sys.executable, "-c", "import signal, time; "
                                              "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "

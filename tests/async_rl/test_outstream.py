@@ -1,4 +1,4 @@
-"""The launcher's stdout wrapper (async_rl/outstream.py) on a real pipe: writing never blocks when nobody
+"""The launcher's stdout wrapper (async_rl/launch/outstream.py) on a real pipe: writing never blocks when nobody
 reads, what could not be queued is counted and reported, and a reader that keeps up gets every line in
 order."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
-from async_rl.outstream import Unblocked
+from async_rl.launch.outstream import Unblocked
 
 
 def _pipe():

@@ -89,7 +89,7 @@ def write_config(tmp_path: Path, world: dict, num_rollout: int, **buffer) -> Pat
 
 
 def launch(cluster: dict, cfg: Path, run_dir: Path, *extra) -> subprocess.Popen:
-    return Drained([sys.executable, "-m", "async_rl.cli", "launch", str(cfg), *extra, "--run-dir", str(run_dir),
+    return Drained([sys.executable, "-m", "async_rl.launch.cli", "launch", str(cfg), *extra, "--run-dir", str(run_dir),
                     "--cluster", "ray", "--address", cluster["address"]], env=cluster["env"])
 
 
@@ -164,7 +164,7 @@ def ancestors(pid: int) -> list[int]:
 
 
 def cli(cluster: dict, *args, timeout: float = 120, **kw):
-    return subprocess.run([sys.executable, "-m", "async_rl.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "async_rl.launch.cli", *args], capture_output=True, text=True,
                           env=cluster["env"], timeout=timeout, **kw)
 
 
@@ -179,7 +179,7 @@ def test_attach_on_a_joined_node_streams_groups_that_are_trained_and_detach_remo
         while len(rows(run_dir)) < 2:
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
             time.sleep(0.3)
-        attached = Drained([sys.executable, "-m", "async_rl.cli", "attach", "--run-dir", str(run_dir),
+        attached = Drained([sys.executable, "-m", "async_rl.launch.cli", "attach", "--run-dir", str(run_dir),
                             "--address", ray_cluster["address"], "--node-resource", "generator"], env=ray_cluster["env"])
         record, prefix = run_dir / "attached" / f"{attached.pid}.json", f"a{attached.pid}-g0-"
         trained: list[int] = []  # learner steps whose batch holds a group of the attached generator
@@ -265,7 +265,7 @@ def test_placement_options_that_cannot_be_honoured_fail_clearly(words, message):
 
 
 def test_bundles_follow_the_slime_placement_options():
-    from async_rl.ray_launcher import bundles
+    from async_rl.launch.ray_launcher import bundles
     cfg = _cfg(learner_num_threads=2, engine_num_threads=1)
     assert bundles(cfg, 2) == [{"CPU": 2}, {"CPU": 1}, {"CPU": 1}]  # a CPU cluster asks for no GPU
     cfg = _cfg(num_gpus_per_node=8)
@@ -275,6 +275,6 @@ def test_bundles_follow_the_slime_placement_options():
 
 def test_address_without_cluster_ray_is_a_usage_error(tmp_path):
     world = {"model_sft": tmp_path / "none", "train": tmp_path / "none.jsonl"}  # refused before paths are read
-    out = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", str(write_config(tmp_path, world, 2)),
+    out = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(write_config(tmp_path, world, 2)),
                           "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--address 127.0.0.1:1: only for --cluster ray" in out.stderr

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from async_rl import cli
+from async_rl.launch import cli
 from async_rl import config as config_mod
 from async_rl.placement import GiB, Shape, assignment, model_shape
-from async_rl.plan import estimate
+from async_rl.launch.plan import estimate
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 GPU_GIB = 80  # the smallest GPU the recipes are written for (H100 80 GB)
@@ -96,7 +96,7 @@ def test_engine_and_learner_gpu_lists_are_checked():
 def test_a_child_sees_the_gpus_the_dry_run_shows(tmp_path):
     """The launcher's ProcessGroup gives engine i and the learner exactly their ids as CUDA_VISIBLE_DEVICES
     (a real child process prints what it got)."""
-    from async_rl.launcher import Launcher
+    from async_rl.launch.launcher import Launcher
     cfg = config_mod.load(next(p for p in CONFIGS if "8gpu" in p.stem))
     launcher = Launcher(cfg, tmp_path)
     (tmp_path / "logs").mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from async_rl import cli
+from async_rl.launch import cli
 from async_rl import config as config_mod
 from async_rl.slime_flags import ALWAYS, EXPLAINED, explain, to_words
 from tests.test_e2e import assert_no_orphans, cli as cli_proc, read_rows

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from async_rl.debug import find_rollouts, load_rollout
-from async_rl.procs import RestartPolicy
+from async_rl.launch.procs import RestartPolicy
 from tests.test_e2e import assert_no_orphans, cli, read_rows, write_config
 
 BATCH = 4  # write_config's rollout_batch_size
@@ -191,7 +191,7 @@ def test_stop_while_the_learner_awaits_its_restart_ends_the_run_without_restarti
         victim = json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"]
         os.kill(victim, signal.SIGKILL)
         time.sleep(1.5)  # the supervisor (every 0.5 s) has seen it die and scheduled the restart
-        stop = subprocess.run([sys.executable, "-m", "async_rl.cli", "stop", "--run-dir", str(run_dir),
+        stop = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "stop", "--run-dir", str(run_dir),
                                "--timeout", "90"], capture_output=True, text=True, timeout=120)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -218,7 +218,7 @@ def test_learner_restart_point_and_metrics_rewind(tmp_path):
     """The learner (either backend) resumes at its newest checkpoint; the hub replays the later batches;
     the rows of the steps it trains again are dropped, so steps stay contiguous with none repeated."""
     from async_rl import config as C
-    from async_rl.launcher import Launcher
+    from async_rl.launch.launcher import Launcher
 
     launcher = Launcher(C.load(None, ["save_interval=1"]), tmp_path)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "version": s}) + "\n" for s in range(6)))

@@ -84,7 +84,7 @@ def launch(tmp_path: Path, world: dict, name: str, *overrides: str) -> Path:
            "logging": {"progress": False}, "cluster": {"startup_timeout": 60}, "buffer": {"auth": False}}
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / name
-    proc = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", str(tmp_path / f"{name}.yaml"), *overrides,
+    proc = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(tmp_path / f"{name}.yaml"), *overrides,
                            "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir

@@ -1,4 +1,4 @@
-"""Short CPU learning runs through the real launcher (`python -m async_rl.cli launch`: hub, engine,
+"""Short CPU learning runs through the real launcher (`python -m async_rl.launch.cli launch`: hub, engine,
 generator, learner as processes): async GRPO + TIS and PPO with its critic both raise the sampled reward
 on the addition task; a bad learner plug-in fails the launch at start-up with the field in the message.
 
@@ -38,7 +38,7 @@ def launch(tmp_path: Path, world: dict, model: Path, *overrides: str) -> tuple[i
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", str(path), *overrides,
+    proc = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(path), *overrides,
                            "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=240)
     return proc.returncode, proc.stdout + proc.stderr, run_dir
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.multihost.hosts import Host, wait_for
 from tests.test_e2e import write_config
 
-CLI = ["-m", "async_rl.cli"]
+CLI = ["-m", "async_rl.launch.cli"]
 
 
 def launch_head(head: Host, world: dict, *overrides: str, num_rollout: int = 100_000) -> tuple:

@@ -46,7 +46,7 @@ def test_launch_with_megatron_tp2(tmp_path, tiny_world):
     run_dir = tmp_path / "run"
     env = {**os.environ, "ASYNC_RL_MEGATRON_CPU_SHIM": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE / "cpu_site"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "async_rl.cli", "launch", str(tmp_path / "run.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(tmp_path / "run.yaml"),
                            "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=240, env=env)
     learner_log = (run_dir / "logs" / "learner.log")
     assert proc.returncode == 0, proc.stdout + proc.stderr + (learner_log.read_text() if learner_log.exists() else "")

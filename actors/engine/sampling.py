@@ -1,5 +1,5 @@
-"""The embedded engine's sampling distribution, shared by the dynamic-cache path (actors/engine_model.py) and
-the static arena (actors/engine_static.py).
+"""The embedded engine's sampling distribution, shared by the dynamic-cache path (actors/engine/model.py) and
+the static arena (actors/engine/static.py).
 
 Invariant: each token's logprob is that of the distribution it was sampled from: raw log_softmax for greedy
 rows (temperature 0), else logits / temperature, then top-k, then top-p, renormalized.

@@ -10,7 +10,7 @@ Invariants:
   padding, so batching is invisible in the results (tests compare with one-at-a-time greedy).
 - Weight loads are all-or-nothing: a refused update leaves weights, `model_path` and `weight_version`.
 - On CUDA (or with kv_cache=static) batches live in a preallocated arena and decode steps may replay CUDA
-  graphs (actors/engine_static.py); the invariants above hold on both paths (tests/actors/test_engine_static.py).
+  graphs (actors/engine/static.py); the invariants above hold on both paths (tests/actors/test_engine_static.py).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from actors.engine_protocol import Sequence
-from actors.engine_sampling import process_logits
+from actors.engine.protocol import Sequence
+from actors.engine.sampling import process_logits
 
 
 @dataclass
@@ -84,10 +84,10 @@ class Engine:
     def __init__(self, model_path: str, weight_version: int, device: str = "cpu", dtype: str = "auto",
                  kv_cache: str = "auto", cuda_graph: bool = True, max_batch_size: int = 64):
         """dtype: auto (bfloat16 on CUDA, float32 elsewhere) or a DTYPES name; kv_cache: dynamic (HF cache),
-        static (actors/engine_static.py; CUDA graphs there when cuda_graph) or auto (static on CUDA)."""
+        static (actors/engine/static.py; CUDA graphs there when cuda_graph) or auto (static on CUDA)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from actors.engine_protocol import DTYPES
+        from actors.engine.protocol import DTYPES
 
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
@@ -110,7 +110,7 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _static_decoder(self, kv_cache: str, on_cuda: bool, cuda_graph: bool, max_batch_size: int):
-        from actors import engine_static
+        from actors.engine import static as engine_static
 
         reason = engine_static.unsupported_reason(self.model)
         if kv_cache == "static" and reason:

@@ -11,7 +11,7 @@ command lines) on the nodes of that cluster that advertise `--node-resource NAME
 the Ray driver that owns them, so detaching (or its end) removes them from the cluster.
 
 Needs the run directory (config, keys, published weights) at the same path where they run; a host without
-it attaches by address instead (`attach --hub --key`, async_rl/attach_remote.py).
+it attaches by address instead (`attach --hub --key`, async_rl/launch/attach_remote.py).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from async_rl import config as config_mod
-from async_rl.launcher import LaunchError, Launcher
-from async_rl.procs import ProcessGroup
+from async_rl.launch.launcher import LaunchError, Launcher
+from async_rl.launch.procs import ProcessGroup
 from async_rl.run_dir import pid_alive, read_manifest
 
 
@@ -49,7 +49,7 @@ def attach(run_dir: str | Path, engines: int, address: str | None = None, node_r
     launcher.procs = None
     try:
         if address:
-            from async_rl.ray_launcher import attach_group
+            from async_rl.launch.ray_launcher import attach_group
             launcher.procs = attach_group(address, run_dir, run_dir / "logs" / tag, cfg, engines, node_resource)
             for sig in previous:  # ray.init put its crash handler on SIGTERM (it aborts): detach must drain
                 signal.signal(sig, lambda *_: stopping.append(1))

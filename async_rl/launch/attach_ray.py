@@ -1,5 +1,5 @@
 """`async-rl attach --hub tcp://HOST:PORT --key FILE --address RAY_HEAD [--node-resource NAME] [--engines N]`:
-the no-shared-filesystem attach (async_rl/attach_remote.py), run on the nodes of a Ray cluster.
+the no-shared-filesystem attach (async_rl/launch/attach_remote.py), run on the nodes of a Ray cluster.
 
 Ray only places: one ProcessActor per node that advertises NAME runs `async-rl attach --hub` there, with the
 key handed over in its environment (never a path of this machine). Everything else happens on the node:
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from async_rl.launcher import LaunchError
+from async_rl.launch.launcher import LaunchError
 
 KEY_ENV = "ASYNC_RL_ATTACH_KEY"  # the attach key's text, for an attach started where the key file is not
 
@@ -29,7 +29,7 @@ def split(engines: int, nodes: int) -> list[int]:
 def attach_remote_ray(hub: str, key: str | None, engines: int, address: str, node_resource: str | None) -> int:
     import ray
 
-    from async_rl.ray_launcher import RayProcessGroup, connect, nodes_with
+    from async_rl.launch.ray_launcher import RayProcessGroup, connect, nodes_with
     try:
         connect(address, Path(tempfile.mkdtemp(prefix="arl-attach-")))
     except LaunchError as exc:
@@ -56,7 +56,7 @@ def attach_remote_ray(hub: str, key: str | None, engines: int, address: str, nod
     try:
         for j, n in enumerate(split(engines, len(nodes))):
             group.start_command(f"node{j}", ["sh", "-c", 'cd "${TMPDIR:-/tmp}" && exec "$@"', "sh", sys.executable,
-                                             "-m", "async_rl.cli", "attach", "--hub", hub, "--engines", str(n)])
+                                             "-m", "async_rl.launch.cli", "attach", "--hub", hub, "--engines", str(n)])
         print(f"attach: {engines} engine(s) on {len(group.children)} Ray node(s) advertising {node_resource!r}", flush=True)
         while not stopping and any(c.proc.poll() is None for c in group.children.values()):
             time.sleep(0.5)

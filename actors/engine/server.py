@@ -1,8 +1,8 @@
 """The embedded engine: an HTTP server speaking the subset of SGLang's native API that async-rl uses.
 
-Run: `python -m actors.engine_server --model-path DIR --host 127.0.0.1 --port PORT [--num-threads N]
+Run: `python -m actors.engine.server --model-path DIR --host 127.0.0.1 --port PORT [--num-threads N]
 [--max-batch-size 64] [--weight-version 0] [--seed 0] [--device cpu] [--dtype auto] [--kv-cache auto]
-[--no-cuda-graph]` (the last three: actors/engine_model.py's Engine).
+[--no-cuda-graph]` (the last three: actors/engine/model.py's Engine).
 
 Endpoints (SGLang's names, bodies and status codes): `/generate`, `/health`, `/health_generate`,
 `/get_model_info` (`/model_info`), `/flush_cache`, `/pause_generation {mode: abort|in_place|retract}`,
@@ -11,10 +11,10 @@ Endpoints (SGLang's names, bodies and status codes): `/generate`, `/health`, `/h
 `/update_weights_from_distributed`, `/end_weight_update`, `/update_weights_from_tensor` (handles to a
 learner's weights on this machine: async_rl/weight_tensor.py).
 
-Guarantees: the scheduler's (actors/engine_scheduler.py): one thread owns the model, weight changes land
+Guarantees: the scheduler's (actors/engine/scheduler.py): one thread owns the model, weight changes land
 between decode steps, every token carries the version that produced it (`meta_info.token_versions`, and
 SGLang's `meta_info.weight_versions` spans). A malformed request gets HTTP 400 with `{"error": ...}` naming
-the field, the value and the fix (actors/engine_protocol.py); no request can crash the server.
+the field, the value and the fix (actors/engine/protocol.py); no request can crash the server.
 SIGTERM/SIGINT shut it down cleanly with exit code 0, failing whatever was still in flight.
 """
 from __future__ import annotations
@@ -30,11 +30,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 import transformers
 
-from actors import engine_protocol as proto
-from actors.engine_guard import Guard
-from actors.engine_model import Engine
-from actors.engine_protocol import BadRequest, Request, SamplingParams, Sequence
-from actors.engine_scheduler import Scheduler
+from actors.engine import protocol as proto
+from actors.engine.guard import Guard
+from actors.engine.model import Engine
+from actors.engine.protocol import BadRequest, Request, SamplingParams, Sequence
+from actors.engine.scheduler import Scheduler
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a paused or wedged engine answers 503 after it
@@ -42,7 +42,7 @@ HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a paused or wedged eng
 
 class Handler(BaseHTTPRequestHandler):
     scheduler: Scheduler  # set on the subclass built by `make_server`
-    guard: Guard = Guard()  # API key + weight store (actors/engine_guard.py); open by default
+    guard: Guard = Guard()  # API key + weight store (actors/engine/guard.py); open by default
     protocol_version = "HTTP/1.1"
     # headers and body go out in separate writes; with Nagle on, the body waits for the peer's delayed
     # ACK (~40 ms a request on loopback, measured: it made every call 45 ms)
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32) or a dtype name")
     parser.add_argument("--kv-cache", default="auto", choices=["auto", "dynamic", "static"],
-                        help="static: preallocated KV arena (actors/engine_static.py); auto: static on CUDA")
+                        help="static: preallocated KV arena (actors/engine/static.py); auto: static on CUDA")
     parser.add_argument("--no-cuda-graph", action="store_true", help="static path on CUDA: decode eagerly")
     parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (SGLang's --api-key)")
     parser.add_argument("--api-key-env", default=None, help="as --api-key, read from this environment variable")

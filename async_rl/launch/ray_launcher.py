@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from async_rl import config as config_mod
-from async_rl.launcher import LaunchError, Launcher
-from async_rl.procs import Child, ProcessGroup
+from async_rl.launch.launcher import LaunchError, Launcher
+from async_rl.launch.procs import Child, ProcessGroup
 
 RESTARTABLE = ("hub", "engine", "generator")  # their state survives a restart (WAL, new incarnation id)
 
@@ -323,7 +323,7 @@ class RayLauncher(Launcher):
 
     def _restarted(self, proc: RayProc, old_pid: int) -> None:
         """Ray restarted `proc`'s actor: count it, re-sync a restarted engine to the current weights, record."""
-        from async_rl.launcher import _engine_ready, _wait
+        from async_rl.launch.launcher import _engine_ready, _wait
         child = self.procs.children[proc.name]
         child.restarts = getattr(child, "restarts", 0) + 1
         print(f"async-rl: {proc.name} died and Ray restarted it (pid {old_pid} -> {proc.pid}, restart "

@@ -1,7 +1,7 @@
 """The embedded engine's static-KV-cache path: preallocated memory and, on CUDA, decode steps replayed
 from CUDA graphs (the GPU fast path; on CPU it runs the same code eagerly, which is what CI checks).
 
-Invariants (on top of those of actors/engine_model.py, which this path keeps):
+Invariants (on top of those of actors/engine/model.py, which this path keeps):
 - The arena holds the running rows' keys/values in one [rows, kv_heads, columns, head_dim] buffer per layer,
   allocated once (regrown only when a longer context needs it). Running rows are rows [0, n), left-padded:
   every row writes its next token at the shared column `col`; `valid[r, c]` marks row r's real tokens.
@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from actors.engine_sampling import process_logits
-from actors.engine_protocol import Sequence
+from actors.engine.sampling import process_logits
+from actors.engine.protocol import Sequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 COLUMN_BLOCK = 128  # graph column buckets and arena growth are multiples of this

@@ -155,7 +155,7 @@ def machine_lines(cfg) -> list[str]:
     """What launch's checks would refuse on this machine (a recipe is often checked away from its GPUs)."""
     from async_rl.config import ConfigError
     from async_rl.config_rules import check_paths
-    from async_rl.preflight import check_before_start
+    from async_rl.launch.preflight import check_before_start
     try:
         check_paths(cfg)
         check_before_start(cfg)

@@ -24,10 +24,10 @@ import requests
 from async_rl import config as config_mod
 from async_rl.config_rules import check_paths
 from async_rl.endpoints import advertise, advertised_host, is_loopback, serves_weights
-from async_rl.procs import Interrupts, ProcessGroup, RestartPolicy
-from async_rl.progress import Progress
+from async_rl.launch.procs import Interrupts, ProcessGroup, RestartPolicy
+from async_rl.launch.progress import Progress
 from async_rl.placement import assignment, gpu_env
-from async_rl.preflight import check_before_start
+from async_rl.launch.preflight import check_before_start
 from async_rl.run_dir import Manifest, RunDirBusy, lock_run_dir
 
 
@@ -229,7 +229,7 @@ class Launcher:
                     *_split_words(r.sglang_server_args)]
         guard = ["--weight-store", str(self.weight_store()), "--weight-store", self.cfg.ckpt.hf_checkpoint,
                  *(["--api-key-env", ENGINE_KEY_ENV] if key else [])]
-        return [sys.executable, "-m", "actors.engine_server", "--model-path", self.cfg.ckpt.hf_checkpoint, *guard,
+        return [sys.executable, "-m", "actors.engine.server", "--model-path", self.cfg.ckpt.hf_checkpoint, *guard,
                 "--host", c.host, "--port", str(port), "--num-threads", str(c.engine_num_threads),
                 "--seed", str(self.cfg.train.seed + i), "--device", r.engine_device, "--dtype", r.engine_dtype,
                 "--kv-cache", r.engine_kv_cache, "--max-batch-size", str(r.engine_max_batch_size),
@@ -429,7 +429,7 @@ class Launcher:
 
 def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, launcher: Launcher | None = None) -> int:
     """Run a whole job (or continue one, `resume`); returns the exit code. Never leaves a child process behind.
-    `launcher`: one built elsewhere (the Ray launcher, async_rl/ray_launcher.py); default a local one."""
+    `launcher`: one built elsewhere (the Ray launcher, async_rl/launch/ray_launcher.py); default a local one."""
     launcher = launcher or Launcher(cfg, run_dir, resume)
     try:
         launcher.prepare()
@@ -473,7 +473,7 @@ def launch(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, la
         launcher.record(status, exit_code=code, finished=time.time(), ended_by=signals.why(status))
     if signals.count > 1:
         print("async-rl: interrupted again: every process was killed", flush=True)
-    from async_rl.report import write_report
+    from async_rl.launch.report import write_report
     summary = write_report(launcher.run_dir, evals=evals)
     if summary:
         print(summary, flush=True)

@@ -14,14 +14,14 @@ from async_rl.run_dir import pid_alive, read_manifest
 
 
 def cmd_launch(args) -> int:
-    from async_rl.launcher import launch
+    from async_rl.launch.launcher import launch
     try:
         cfg = config_mod.load(args.config, args.overrides)
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:  # validated above; print what launch would do, start and write nothing
-        from async_rl.plan import plan
+        from async_rl.launch.plan import plan
         print(f"{args.config or '(no YAML)'}: the config is valid; --dry-run starts nothing\n{plan(cfg)}")
         if args.cluster == "ray":
             print("--cluster ray: Ray places the processes instead (one bundle each: the learner's "
@@ -35,15 +35,15 @@ def cmd_launch(args) -> int:
     if args.cluster == "ray":
         try:
             import ray  # noqa: F401
-            from async_rl.ray_launcher import RayLauncher
+            from async_rl.launch.ray_launcher import RayLauncher
         except ImportError as exc:
             print(f"async-rl: --cluster ray needs Ray ({exc}): pip install -e '.[ray]' (scripts/setup.sh does)",
                   file=sys.stderr)
             return 2
         launcher = RayLauncher(cfg, run_dir, resume=args.resume, address=args.address)
     out = None
-    if not sys.stdout.isatty():  # the supervisor must never block on a pipe nobody reads (async_rl/outstream.py)
-        from async_rl.outstream import Unblocked
+    if not sys.stdout.isatty():  # the supervisor must never block on a pipe nobody reads (async_rl/launch/outstream.py)
+        from async_rl.launch.outstream import Unblocked
         out = sys.stdout = Unblocked(sys.stdout)
     try:
         return launch(cfg, run_dir, resume=args.resume, launcher=launcher)
@@ -99,7 +99,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return 0
-    from async_rl.progress import describe
+    from async_rl.launch.progress import describe
     print(f"run {st['run_dir']}: {st['status']}" + (f" (exit code {st['exit_code']})" if st["exit_code"] is not None else ""))
     if st["last_step"]:
         print(f"  step {st['last_step']['step'] + 1}: {describe(st['last_step'])}")
@@ -202,16 +202,16 @@ def cmd_attach(args) -> int:
               "(it does not), not both", file=sys.stderr)
         return 2
     if args.hub and args.address:
-        from async_rl.attach_ray import attach_remote_ray
+        from async_rl.launch.attach_ray import attach_remote_ray
         return attach_remote_ray(args.hub, args.key, args.engines, args.address, args.node_resource)
     if args.hub:
-        from async_rl.attach_remote import attach_remote
+        from async_rl.launch.attach_remote import attach_remote
         return attach_remote(args.hub, args.key, args.engines, args.work_dir, args.host)
     if args.node_resource and not args.address:
         print(f"async-rl: --node-resource {args.node_resource}: only with --address HEAD:PORT (a Ray cluster's head)",
               file=sys.stderr)
         return 2
-    from async_rl.attach import attach
+    from async_rl.launch.attach import attach
     return attach(args.run_dir, args.engines, args.address, args.node_resource)
 
 
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_attach)
     p = sub.add_parser("detach", help="drain and remove the generators `attach` added")
     p.add_argument("--run-dir", required=True)
-    p.set_defaults(fn=lambda a: __import__("async_rl.attach", fromlist=["detach"]).detach(a.run_dir))
+    p.set_defaults(fn=lambda a: __import__("async_rl.launch.attach", fromlist=["detach"]).detach(a.run_dir))
     p = sub.add_parser("config", help="print a resolved config, or every knob with --doc")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*")

@@ -21,8 +21,8 @@ import queue
 import threading
 import time
 
-from actors.engine_model import Batch, Engine
-from actors.engine_protocol import Request, Sequence
+from actors.engine.model import Batch, Engine
+from actors.engine.protocol import Request, Sequence
 
 ABORT_REASON = {"type": "abort", "message": "Abort by request"}
 PAUSE_ABORT_REASON = {"type": "abort", "message": "Abort by pause_generation(mode=abort)"}

@@ -22,8 +22,8 @@ from pathlib import Path
 from async_rl import config as config_mod
 from async_rl.endpoints import is_loopback
 from async_rl.hub_client import HubClient, HubError, HubTimeout
-from async_rl.launcher import LaunchError, Launcher
-from async_rl.procs import ProcessGroup
+from async_rl.launch.launcher import LaunchError, Launcher
+from async_rl.launch.procs import ProcessGroup
 
 
 class AttachError(RuntimeError):
@@ -102,7 +102,7 @@ def attach_remote(hub: str, key: str | None, engines: int, work_dir: str | None 
         return 2
     work = Path(work_dir or f"attach-{os.getpid()}").resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    from async_rl.attach_ray import KEY_ENV
+    from async_rl.launch.attach_ray import KEY_ENV
     if key is None and os.environ.get(KEY_ENV):  # started by attach_ray on a node where the key file is not
         key = str(work / "attach.key")
         Path(key).write_text(os.environ[KEY_ENV])
