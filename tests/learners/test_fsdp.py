@@ -82,3 +82,27 @@ def test_checkpoint_at_two_ranks_resumes_at_one_and_two(tmp):
                        "--resume-from", str(ckpt))
         _close(tail, resumed)
         assert abs(resumed["weights_sum"] - whole["weights_sum"]) <= TOL * whole["weights_sum"]
+
+
+@pytest.mark.parametrize("words, needle", [
+    (["actor_num_gpus_per_node=3"], "global_batch_size=64: every one of the learner's 3 data-parallel ranks"),
+    (["actor_num_gpus_per_node=2", "advantage_estimator=ppo"], "the PPO critic is not sharded"),
+    (["actor_num_gpus_per_node=2", "update_weight_mode=tensor", "engine_device=cuda", "learner_device=cuda"],
+     "update_weight_mode='tensor' with train.actor_num_gpus_per_node=2"),
+    (["actor_num_gpus_per_node=2", "learner_device=cuda:1"], "each rank takes its own GPU"),
+    (["fsdp_cpu_offload=true"], "train.fsdp_cpu_offload=True: offloads a sharded GPU learner"),
+])
+def test_config_rules_of_several_ranks(words, needle):
+    from async_rl import config as C
+    with pytest.raises(C.ConfigError) as err:
+        C.load(None, words)
+    assert needle in str(err.value)
+
+
+def test_dry_run_plan_shows_the_ranks():
+    from async_rl import config as C
+    from async_rl.launch import plan
+    cfg = C.load(None, ["actor_num_gpus_per_node=2", "balance_data=true"])
+    assert "torch, cpu, FSDP2 over 2 ranks under torchrun" in "\n".join(plan.placement_lines(cfg))
+    one = C.load(None, [])
+    assert "FSDP2" not in "\n".join(plan.placement_lines(one))
