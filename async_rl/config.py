@@ -97,6 +97,7 @@ class RolloutConfig:
     num_rollout: int = knob(50, "Learner steps to run; the run ends after this many. 0 = num_epoch passes over the prompt data (num_epoch * prompts // rollout_batch_size steps, resolved at launch).")
     num_epoch: int = knob(1, "With num_rollout=0: passes over the prompt data (after the rollout_max_prompt_len filter) that make up the run.")
     rollout_max_response_len: int = knob(8, "Max new tokens per response (SGLang's max_new_tokens).")
+    rollout_max_context_len: int = knob(0, "Max tokens of prompt plus response in generation (slime's): every request's max_new_tokens is cut to this minus its prompt's length (evals too), and with data.rollout_max_prompt_len=0 prompts longer than this - 1 are dropped at load (so each sample has at least one response token); must not exceed max_position_embeddings of ckpt.hf_checkpoint's config.json. A custom generate function reads it from ctx.cfg to budget its turns. 0 = no limit (rollout_max_response_len alone bounds a response).")
     rollout_temperature: float = knob(1.0, "Sampling temperature (the learner scales logits by it too).")
     rollout_top_p: float = knob(1.0, "Top-p (nucleus) sampling.")
     rollout_top_k: int = knob(-1, "Top-k sampling; -1 disables.")
@@ -147,6 +148,7 @@ class EvalConfig:
     eval_label_key: str = knob("", "Key of the label in the eval files; empty = data.label_key.")
     eval_tool_key: str = knob("", "Key of per-prompt tool specs in the eval files; empty = data.tool_key.")
     eval_reward_key: str = knob("", "When the reward fn returns a dict, the entry evals score by; empty = rollout.reward_key.")
+    eval_function_path: str = knob("", "Dotted path of the async fn(ctx: actors.custom_generate.GenerateContext, prompt: dict) -> async_rl.types.Trajectory that generates each eval response (the signature of rollout.custom_generate_function_path; ctx.sampling_params are the eval's); empty = rollout.custom_generate_function_path when set (as slime defaults to the rollout's), else one plain /generate call per response. Unlike slime's, it generates one sample, not a whole eval rollout; a rollout.rollout_function_path does not apply to evals.")
 
 
 @dataclass
