@@ -89,6 +89,8 @@ class RolloutConfig:
     rollout_health_check_first_wait: float = knob(0.0, "use_fault_tolerance: seconds after an engine (re)starts before its first health check.")
     custom_generate_function_path: str = knob("", "Dotted path of an async fn(ctx: actors.custom_generate.GenerateContext, prompt: dict) -> async_rl.types.Trajectory that generates one sample (several turns, tool calls); its loss_mask must cover model-generated tokens only. Built-in example: actors.tools.calculator_generate.")
     rollout_function_path: str = knob("", "Dotted path of fn(generator: actors.generator.Generator, prompts: list[dict]) -> list[async_rl.types.Group] replacing the whole rollout of one engine call (unscored groups; rewards and filters still apply).")
+    custom_config_path: str = knob("", "YAML file of `key: value` settings (slime's --custom-config-path), read once at launch into custom_config: keys that name config fields (bare, dotted, or a section map) set them, after the YAML and the key=value words; every other key is a setting for the run's plug-ins, which read them with async_rl.plugins.custom_config(). Empty = none.")
+    custom_config: dict = knob({}, "The content of custom_config_path (filled at launch and kept in run_dir/config.yaml, so every process and host sees the same settings); may also be written here as a map.")
     rollout_batch_size: int = knob(8, "Prompts (groups) consumed per learner step.")
     n_samples_per_prompt: int = knob(8, "Responses generated per prompt (a group, for GRPO).")
     global_batch_size: int = knob(0, "Samples per optimizer step; 0 = rollout_batch_size * n_samples_per_prompt / num_steps_per_rollout.")
@@ -333,6 +335,14 @@ def _coerce(sec: str, name: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: must be true or false")
+    if typ is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a map such as {{threshold: 0.5}}")
+        return dict(value)
     if typ is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip() else []
@@ -397,6 +407,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> C
     cfg = from_dict(data)
     for word in overrides:
         apply(cfg, *parse_override(word))
+    from async_rl import custom_config  # slime's --custom-config-path, applied last as slime does
+    custom_config.apply(cfg)
     finalize(cfg)
     return cfg
 

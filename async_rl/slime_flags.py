@@ -94,8 +94,6 @@ EXPLAINED = {
     "ci_disable_kl_checker": _CI,
     "ci_metric_checker_key": _CI,
     "ci_metric_checker_threshold": _CI,
-    "custom_config_path": "not built: plug-ins (module.fn paths) read their own settings; put them in your "
-                          "module, or in the prompt's metadata (data.metadata_key)",
     "padded_vocab_size": "not needed: the learners take vocab_size from ckpt.hf_checkpoint's config.json",
 }
 
