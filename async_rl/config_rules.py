@@ -443,6 +443,8 @@ def _eval_rules(e) -> None:
 
 def _train_rules(cfg: "Config") -> None:
     t = cfg.train
+    if t.distributed_timeout_minutes <= 0:
+        raise _err(f"train.distributed_timeout_minutes={t.distributed_timeout_minutes}: must be > 0 minutes")
     for name in ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size"):
         _at_least("train", t, name, 1)
