@@ -326,6 +326,7 @@ def _algo_kl_rules(a) -> None:
 
 
 def _algo_plugin_rules(a) -> None:
+    _dotted_path("algo", a, "rollout_data_postprocess_path")
     if a.loss_type == "custom_loss" and not a.custom_loss_function_path:
         raise _err("algo.loss_type='custom_loss': needs custom_loss_function_path=module.fn "
                    "(fn(logp, batch, algo) -> (loss, metrics))")

@@ -46,9 +46,6 @@ EXPLAINED = {
                           "buffer.remover",
     "keep_old_actor": "nothing to keep: the engines hold the behaviour policy (every token carries its "
                       "version) and the learner recomputes logp_old at the version it trains at",
-    "rollout_data_postprocess_path": "no whole rollout is ever collected in one place (generation is "
-                                     "continuous); per group use rollout.custom_reward_post_process_path "
-                                     "(fn(rewards, group)) or rollout.dynamic_sampling_filter_path (fn(group) -> bool)",
     "disable_rollout_global_dataset": "there is always one global dataset: the hub deals data.prompt_data's prompts "
                                       "to every generator (none duplicated or skipped); remove the flag",
     "multimodal_keys": "not built: prompts are text (a string, or chat messages with data.apply_chat_template)",
