@@ -192,7 +192,8 @@ class Generator:
         else:
             prompt_ids = [self.prompt_ids(p) for p in prompts]
             samples = rollout.generate_samples(engine.client, [ids for ids in prompt_ids for _ in range(n)],
-                                               self.sampling_params(), r.partial_rollout)
+                                               self.sampling_params(), r.partial_rollout,
+                                               max_context_len=r.rollout_max_context_len)
             trajs = [rollout.to_trajectory(s, self.tokenizer.decode(s.output_ids, skip_special_tokens=True),
                                            r.mask_offpolicy_in_partial_rollout) for s in samples]
         return [self.make_group(p, trajs[i * n:(i + 1) * n]) for i, p in enumerate(prompts)]

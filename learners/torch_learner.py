@@ -36,7 +36,7 @@ from learners.kl import approx_kl
 from learners.objective import actor_loss
 from learners.optim import accumulate_step, build_optimizer as _build_optimizer, micro_slices
 from learners.perf import Phases, profile_step
-from learners.plugins import load_algo_plugins
+from learners.plugins import load_algo_plugins, postprocess
 from learners.priorities import group_priorities
 from learners.weights import BroadcastPublisher, eval_pin, publish
 
@@ -154,6 +154,7 @@ class TorchLearner:
         else:
             adv = compute_advantages(a, batch.rewards, batch.mask, kl, batch.values)
             batch.advantages, batch.returns = adv.advantages, adv.returns
+        postprocess(self.plugins, self.cfg, self.steps_done, batch)  # algo.rollout_data_postprocess_path
         iw = self._importance_weights(batch)
         train_policy = self.steps_done >= a.num_critic_only_steps
         steps = []
