@@ -112,6 +112,23 @@ def _rollout_rules(cfg: "Config") -> None:
     _batch_sizes(r)
     _engine_rules(r)
     _data_rules(cfg.data)
+    _context_rules(r, cfg.data)
+
+
+def _context_rules(r, d) -> None:
+    """rollout_max_context_len bounds prompt + response: prompts must leave room for one response token."""
+    _at_least("rollout", r, "rollout_max_context_len", 0)
+    if not r.rollout_max_context_len:
+        return
+    if r.rollout_max_context_len < 2:
+        raise _err(f"rollout.rollout_max_context_len={r.rollout_max_context_len}: must be >= 2 (a prompt token and "
+                   f"a response token), or 0 for no limit")
+    if not d.rollout_max_prompt_len:  # slime's default: the longest prompt that leaves one token to generate
+        d.rollout_max_prompt_len = r.rollout_max_context_len - 1
+    elif d.rollout_max_prompt_len > r.rollout_max_context_len - 1:
+        raise _err(f"data.rollout_max_prompt_len={d.rollout_max_prompt_len}: must be at most rollout_max_context_len"
+                   f" - 1 = {r.rollout_max_context_len - 1} (room for a response token); lower it, or set it to 0 to "
+                   f"take that default")
 
 
 def _engine_rules(r) -> None:
@@ -309,6 +326,7 @@ def _algo_kl_rules(a) -> None:
 
 
 def _algo_plugin_rules(a) -> None:
+    _dotted_path("algo", a, "rollout_data_postprocess_path")
     if a.loss_type == "custom_loss" and not a.custom_loss_function_path:
         raise _err("algo.loss_type='custom_loss': needs custom_loss_function_path=module.fn "
                    "(fn(logp, batch, algo) -> (loss, metrics))")
@@ -410,6 +428,7 @@ def _eval_rules(e) -> None:
     for name in ("eval_interval",):
         _at_least("eval", e, name, 0)
     _at_least("eval", e, "n_samples_per_eval_prompt", 1)
+    _dotted_path("eval", e, "eval_function_path")
     _at_least("eval", e, "eval_temperature", 0)
     if not 0 < e.eval_top_p <= 1:
         raise _err(f"eval.eval_top_p={e.eval_top_p}: must be in (0, 1]")
@@ -425,6 +444,8 @@ def _eval_rules(e) -> None:
 
 def _train_rules(cfg: "Config") -> None:
     t = cfg.train
+    if t.distributed_timeout_minutes <= 0:
+        raise _err(f"train.distributed_timeout_minutes={t.distributed_timeout_minutes}: must be > 0 minutes")
     for name in ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size"):
         _at_least("train", t, name, 1)

@@ -22,6 +22,7 @@ from pathlib import Path
 import requests
 
 from async_rl import config as config_mod
+from async_rl import protocol
 from async_rl.config_rules import check_paths
 from async_rl.endpoints import advertise, advertised_host, is_loopback, serves_weights
 from async_rl.launch.procs import Interrupts, ProcessGroup, RestartPolicy
@@ -178,7 +179,7 @@ class Launcher:
         if self.resume:  # the hub remembers the STOP that ended the run before; lift it
             from async_rl.hub_client import HubClient
             client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
-            client.request({"type": "START"}, timeout=c.startup_timeout)
+            client.request(protocol.Start(), timeout=c.startup_timeout)
             client.close()
 
     def start_engines(self) -> None:
@@ -404,7 +405,7 @@ class Launcher:
         from async_rl.hub_client import HubClient
         client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
         try:
-            reply = client.request({"type": "STATS"}, timeout=self.cfg.cluster.startup_timeout)
+            reply = client.request(protocol.Stats(), timeout=self.cfg.cluster.startup_timeout)
         finally:
             client.close()
         version, path = int(reply["version"]), str(reply["weights_path"])
@@ -420,7 +421,7 @@ class Launcher:
         try:
             from async_rl.hub_client import HubClient
             client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
-            client.request({"type": "STOP"}, timeout=2.0)
+            client.request(protocol.Stop(), timeout=2.0)
             client.close()
         except Exception:
             pass  # the hub is gone; SIGTERM below still stops everyone

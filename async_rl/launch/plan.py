@@ -17,7 +17,10 @@ ASSUMED_PROMPT_LEN = 512  # tokens, when data.rollout_max_prompt_len does not bo
 def _seq_len(cfg) -> tuple[int, str]:
     prompt = cfg.data.rollout_max_prompt_len
     note = "" if prompt else f" (prompt length assumed {ASSUMED_PROMPT_LEN}: set data.rollout_max_prompt_len)"
-    return (prompt or ASSUMED_PROMPT_LEN) + cfg.rollout.rollout_max_response_len, note
+    total = (prompt or ASSUMED_PROMPT_LEN) + cfg.rollout.rollout_max_response_len
+    if cfg.rollout.rollout_max_context_len:  # prompt + response never exceeds it
+        return min(total, cfg.rollout.rollout_max_context_len), ""
+    return total, note
 
 
 def _parallel(cfg) -> tuple[int, int, int]:
