@@ -249,7 +249,7 @@ class TrainConfig:
     """The learner process."""
     train_backend: Literal["torch", "megatron"] = knob("torch", "`torch` (HF model, CPU or GPU) or `megatron` (megatron-core GPTModel built from the HF config, Llama/Qwen2/Qwen3; CUDA GPUs: `pip install -e .[megatron]`).")
     seed: int = knob(1234, "Seed of model-side randomness (learner and engines).")
-    actor_num_gpus_per_node: int = knob(1, "Learner processes (one per GPU) on this node; megatron: data parallel size = this / (tensor * pipeline * context parallel sizes). torch: 1.")
+    actor_num_gpus_per_node: int = knob(1, "Learner processes (one per GPU) on this node. megatron: data parallel size = this / (tensor * pipeline * context parallel sizes). torch: FSDP2 data-parallel ranks (learners/fsdp.py; NCCL, one GPU each, with learner_device=cuda; gloo ranks on the CPU with learner_device=cpu); rank 0 talks to the hub.")
     tensor_model_parallel_size: int = knob(1, "megatron: GPUs each layer's weights are split across (TP); must divide the attention and KV head counts.")
     pipeline_model_parallel_size: int = knob(1, "megatron: pipeline stages (PP): Megatron's 1F1B schedule over the micro-batches (stages exchange activation shapes, so dynamic micro-batches work); weights convert and gather per stage.")
     context_parallel_size: int = knob(1, "megatron: GPUs a sequence is split across (CP); needs Transformer Engine attention, so only 1 for now.")
@@ -257,12 +257,14 @@ class TrainConfig:
     use_dynamic_batch_size: bool = knob(False, "megatron: form micro-batches by a token budget (max_tokens_per_gpu, padded tokens) instead of micro_batch_size samples; each micro-batch is cut to its longest row.")
     max_tokens_per_gpu: int = knob(0, "megatron: token budget of one training micro-batch per GPU (rows x longest row) with use_dynamic_batch_size.")
     log_probs_max_tokens_per_gpu: int = knob(0, "megatron: token budget of one logprob-recomputation micro-batch with use_dynamic_batch_size; 0 = max_tokens_per_gpu.")
-    balance_data: bool = knob(False, "megatron: deal each global batch's samples to data-parallel ranks so their token counts are balanced (equal sample counts), instead of in order.")
+    balance_data: bool = knob(False, "Both backends: deal each global batch's samples to data-parallel ranks so their token counts are balanced (equal sample counts), instead of in order.")
     recompute_granularity: Literal["", "full", "selective"] = knob("", "megatron activation recomputation: `` (off), `full` (whole layers; recompute_method + recompute_num_layers) or `selective` (core attention only).")
     recompute_method: Literal["", "uniform", "block"] = knob("", "megatron, recompute_granularity=full: `uniform` (every recompute_num_layers layers as a unit) or `block` (the first recompute_num_layers layers of each stage).")
     recompute_num_layers: int = knob(0, "megatron, recompute_granularity=full: layers per recompute unit (uniform) or layers recomputed (block).")
     distributed_timeout_minutes: float = knob(10.0, "megatron: minutes a collective of the learner's process groups (the default group, Megatron's model-parallel groups, the gloo groups for objects and pipeline stages) may wait for a rank before it fails (slime's --distributed-timeout-minutes, its default 10); the failed rank exits and the launcher's supervisor restarts the learner (cluster.max_restarts). Fractions are allowed (slime takes whole minutes). The weight-broadcast group to engines keeps its own, shorter, limit: max(60 s, cluster.startup_timeout).")
     bf16: bool = knob(False, "GPU only. megatron: bf16 parameters and activations with fp32 main weights, gradients and Adam states (Megatron's mixed-precision optimizer). torch: bf16 autocast of the forward passes (fp32 weights and AdamW). false = fp32.")
+    gradient_checkpointing: bool = knob(False, "torch: recompute each decoder layer's activations in the backward pass (HF gradient checkpointing; slime's FSDP name): less activation memory for ~1/3 more compute. megatron: use recompute_granularity.")
+    fsdp_cpu_offload: bool = knob(False, "torch with actor_num_gpus_per_node > 1: keep the sharded parameters, gradients and AdamW states in host memory (FSDP2 CPUOffloadPolicy; the optimizer steps on the CPU), copying each layer to the GPU for its forward/backward; slime's `optimizer=deepspeed_cpu_adam` does the same.")
     learner_device: str = knob("cpu", "train_backend=torch: torch device of the learner (`cpu`, `cuda`, `cuda:N`); the megatron backend always uses its rank's GPU.")
 
 

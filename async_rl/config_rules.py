@@ -457,9 +457,9 @@ def _train_rules(cfg: "Config") -> None:
         _megatron_rules(cfg)
 
 
-_MEGATRON_ONLY = ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+_MEGATRON_ONLY = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "context_parallel_size", "sequence_parallel", "use_dynamic_batch_size", "max_tokens_per_gpu",
-                  "log_probs_max_tokens_per_gpu", "balance_data", "recompute_granularity", "recompute_method",
+                  "log_probs_max_tokens_per_gpu", "recompute_granularity", "recompute_method",
                   "recompute_num_layers")
 
 
@@ -495,11 +495,38 @@ def _torch_backend_rules(cfg: "Config") -> None:
         if getattr(cfg.train, name) != getattr(default_t, name):
             raise _err(f"train.{name}={getattr(cfg.train, name)!r}: only train_backend=megatron uses it; set "
                        f"train_backend=megatron, or {name}={getattr(default_t, name)!r}")
+    _fsdp_rules(cfg)
     for name in ("lr_decay_style", "lr_warmup_iters", "warmup_ratio"):
         if getattr(cfg.optimizer, name) != getattr(default_o, name):
             raise _err(f"optimizer.{name}={getattr(cfg.optimizer, name)!r}: learning-rate schedules are applied "
                        f"by train_backend=megatron only; set train_backend=megatron, or "
                        f"{name}={getattr(default_o, name)!r}")
+
+
+def _fsdp_rules(cfg: "Config") -> None:
+    """The torch learner at several ranks (learners/fsdp.py)."""
+    t, r = cfg.train, cfg.rollout
+    dp = t.actor_num_gpus_per_node
+    if t.fsdp_cpu_offload and (dp == 1 or not t.learner_device.startswith("cuda")):
+        raise _err(f"train.fsdp_cpu_offload=True: offloads a sharded GPU learner's states to the host; it needs "
+                   f"learner_device=cuda and actor_num_gpus_per_node > 1 (now {t.learner_device!r}, {dp}); set "
+                   f"fsdp_cpu_offload=false")
+    if dp == 1:
+        return
+    per_step = r.rollout_batch_size * r.n_samples_per_prompt
+    for name, size in (("rollout.global_batch_size", r.global_batch_size), ("rollout_batch_size x n_samples_per_prompt", per_step)):
+        if size % dp:
+            raise _err(f"{name}={size}: every one of the learner's {dp} data-parallel ranks "
+                       f"(train.actor_num_gpus_per_node) trains an equal share; make it a multiple of {dp}")
+    if cfg.algo.advantage_estimator == "ppo":
+        raise _err(f"algo.advantage_estimator='ppo' with train.actor_num_gpus_per_node={dp}: the PPO critic is not "
+                   f"sharded; train it at one rank (actor_num_gpus_per_node=1) or use grpo, gspo or reinforce_plus_plus")
+    if r.update_weight_mode == "tensor":
+        raise _err(f"rollout.update_weight_mode='tensor' with train.actor_num_gpus_per_node={dp}: CUDA IPC handover "
+                   f"is built for one learner rank; use update_weight_mode=broadcast or disk")
+    if t.learner_device not in ("cpu", "cuda"):
+        raise _err(f"train.learner_device={t.learner_device!r} with actor_num_gpus_per_node={dp}: each rank takes "
+                   f"its own GPU (cuda:LOCAL_RANK); set learner_device=cuda (or cpu for gloo ranks)")
 
 
 def _megatron_rules(cfg: "Config") -> None:

@@ -261,11 +261,12 @@ class Launcher:
                                                            *(["--resume"] if self.resume else [])], cpus=c.learner_cpus)
             return
         t = self.cfg.train
-        if t.train_backend == "megatron":  # one process per GPU, under torchrun (its own rendezvous port)
+        entry = "learners.megatron.learner" if t.train_backend == "megatron" else "learners.torch_learner"
+        if t.train_backend == "megatron" or t.actor_num_gpus_per_node > 1:  # one process per rank, under torchrun
             module, launch = "torch.distributed.run", ["--standalone", f"--nproc-per-node={t.actor_num_gpus_per_node}",
-                                                       "-m", "learners.megatron.learner"]
+                                                       "-m", entry]  # (--standalone: its own rendezvous port)
         else:
-            module, launch = "learners.torch_learner", []
+            module, launch = entry, []
         self.procs.start("learner", module,
                          [*launch, "--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub",
                           self.hub_endpoint, *self.key_args(), *(["--resume"] if self.resume else [])],
