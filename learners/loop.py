@@ -26,6 +26,7 @@ import torch
 
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
+from async_rl import protocol
 from async_rl.hub_client import HubClient, HubTimeout
 from async_rl.metrics import MetricsWriter, elapsed_before
 from async_rl.plugins import PluginError
@@ -36,7 +37,7 @@ from learners.batch import TrainBatch, build_batch
 from learners.kl import approx_kl
 from learners.objective import actor_loss
 from learners.perf import Phases, profile_step
-from learners.plugins import load_algo_plugins
+from learners.plugins import load_algo_plugins, postprocess
 from learners.priorities import group_priorities
 from learners.step_metrics import loop_metrics, rl_metrics
 from learners.weights import BroadcastPublisher, eval_pin, publish
@@ -66,7 +67,7 @@ class Learner:
         self.backend = backend_cls(cfg)
         self.rank, self.device = self.backend.rank, self.backend.device
         speaks = self.rank == 0
-        self.hub = (HubClient(hub_endpoint, identity="learner", keys_dir=keys_dir,
+        self.hub = (HubClient(hub_endpoint, identity=protocol.LEARNER_ID, keys_dir=keys_dir,
                               resend_after=cfg.buffer.put_timeout) if hub_endpoint and speaks else None)
         self.lease = None  # the batch being trained on; acked with the next SAMPLE, redelivered if we die
         self.step = 0  # the learner step the next SAMPLE is for: the hub replays steps trained before a restart
@@ -97,6 +98,7 @@ class Learner:
             else:
                 adv = compute_advantages(a, batch.rewards, batch.mask, kl, batch.values)
                 batch.advantages, batch.returns = adv.advantages, adv.returns
+            postprocess(self.plugins, self.cfg, self.steps_done, batch)  # algo.rollout_data_postprocess_path
             iw = self._importance_weights(batch)
             train_policy = self.steps_done >= a.num_critic_only_steps
             steps = []
@@ -164,7 +166,7 @@ class Learner:
                 self.broadcast.send_tensors(weights.items(), version, device=self.device)
             path = publish(self.backend.export_hf(weights), self.tokenizer, self.run_dir, version,
                            self.cfg.ckpt.keep_weight_versions, pin=eval_pin(self.cfg, version))
-            self.hub.request({"type": "VERSION", "version": version, "weights_path": str(path)}, timeout=30)
+            self.hub.request(protocol.Version(version=version, weights_path=str(path)), timeout=30)
         self.version = version
 
     def hand_over(self, named: dict, version: int) -> bool:
@@ -201,13 +203,13 @@ class Learner:
     def report_checkpoint(self, step: int) -> None:
         """Tell the hub a complete checkpoint holds steps < `step`: it stops keeping their batches for replay."""
         if self.hub is not None:
-            self.hub.request({"type": "CHECKPOINT", "learner_id": "learner", "step": step}, timeout=60)
+            self.hub.request(protocol.Checkpoint(step=step), timeout=60)
 
     # ---- the hub session -------------------------------------------------------------------------------
     def ack(self, timeout: float) -> None:
         """The batch last trained on is in the weights now: the hub counts it consumed (rank 0's lease)."""
         if self.lease:
-            self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=timeout)
+            self.hub.request(protocol.Ack(lease=self.lease), timeout=timeout)
             self.lease = None
 
     def apply_knobs(self, reply: dict) -> None:
@@ -225,10 +227,9 @@ class Learner:
         reply = None
         if self.rank == 0 and not self.stopping:
             try:
-                reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner",
-                                          "num_groups": self.cfg.rollout.rollout_batch_size, "version": self.version,
-                                          "ack_lease": self.lease, "step": self.step}, timeout=None,
-                                         should_stop=lambda: self.stopping)
+                ask = protocol.Sample(num_groups=self.cfg.rollout.rollout_batch_size, version=self.version,
+                                      ack_lease=self.lease, step=self.step)
+                reply = self.hub.request(ask, timeout=None, should_stop=lambda: self.stopping)
             except HubTimeout:
                 reply = None
             else:
