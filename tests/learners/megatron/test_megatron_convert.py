@@ -41,7 +41,7 @@ def hf_model(family: str, seed: int = 0):
 def train_section(tp=1, pp=1):
     return SimpleNamespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=1,
                            sequence_parallel=False, seed=1, recompute_granularity="", recompute_method="",
-                           recompute_num_layers=0)
+                           recompute_num_layers=0, distributed_timeout_minutes=10.0)  # train.* defaults
 
 
 @pytest.mark.parametrize("family", FAMILIES)
