@@ -23,7 +23,7 @@ import torch
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
 from async_rl import protocol
-from async_rl.config_rules import kl_reward_shaping
+from async_rl.config_rules.algo import kl_reward_shaping
 from async_rl.hub_client import HubClient, HubTimeout
 from async_rl.metrics import MetricsWriter, elapsed_before
 from async_rl.types import Group
