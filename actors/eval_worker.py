@@ -35,7 +35,7 @@ from actors.engine_client import EngineClient
 from actors.evaluate import eval_reward_config, evaluate_sets, load_eval_set
 from actors.rewards import RewardScorer
 from async_rl import config as config_mod
-from async_rl.config_rules import eval_datasets
+from async_rl.config_rules.eval import eval_datasets
 
 
 def free_port(host: str) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from actors.engine_client import EngineClient
 from actors.rewards import RewardScorer
 from async_rl import config as config_mod
-from async_rl.config_rules import eval_datasets
+from async_rl.config_rules.eval import eval_datasets
 from async_rl.data import eval_data_config, load_prompt_data
 
 

@@ -2,7 +2,7 @@
 
 Every endpoint binds to `cluster.host` (loopback by default: a one-machine run is reachable from nowhere
 else) and is advertised, in run.json and by the hub's INFO reply, at `cluster.advertise_host` (default:
-cluster.host). A wildcard bind (0.0.0.0) is never advertised: config_rules refuses it without an
+cluster.host). A wildcard bind (0.0.0.0) is never advertised: config_rules/cluster.py refuses it without an
 advertise_host. A port is always chosen on the host whose process binds it.
 """
 from __future__ import annotations

@@ -92,8 +92,8 @@ def learner_gpu_count(cfg) -> int:
 
 
 def check(cfg) -> None:
-    """Rules of cluster.engine_gpus / learner_gpus (config_rules calls this); errors name field, value, fix."""
-    from async_rl.config import ConfigError
+    """Rules of cluster.engine_gpus / learner_gpus (config_rules/cluster.py calls it); errors name field, value, fix."""
+    from async_rl.config_rules import ConfigError
     c, r = cfg.cluster, cfg.rollout
     for name in ("engine_gpus", "learner_gpus"):
         ids = getattr(c, name)

@@ -30,7 +30,7 @@ import uuid
 from async_rl import config as config_mod
 from async_rl import protocol as P
 from async_rl import wire
-from async_rl.config_rules import max_staleness_problem
+from async_rl.config_rules.buffer import max_staleness_problem
 from async_rl.types import PackedGroup
 from buffer import priorities
 from buffer.durable import DurableLog

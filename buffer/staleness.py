@@ -15,14 +15,14 @@ Invariants:
   and reclaim records) and is saved with the hub's snapshot (`state` / `restore`). `batch_groups` and
   `groups_needed` are the run's config, read again at every hub start, never snapshotted.
 
-The one validator of the bound is `async_rl.config_rules.max_staleness_problem` (async_rl/ never imports
+The one validator of the bound is `async_rl.config_rules.buffer.max_staleness_problem` (async_rl/ never imports
 buffer/, so the config loader can only share a check that lives there).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from async_rl.config_rules import max_staleness_problem
+from async_rl.config_rules.buffer import max_staleness_problem
 
 
 def check_max_staleness(value) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 
-from async_rl.config_rules import kl_reward_shaping
+from async_rl.config_rules.algo import kl_reward_shaping
 from learners.batch import TrainBatch
 
 # (logits [rows, T-1, V] of a micro-batch, that micro-batch's rows: TrainBatch.select's dict) -> (loss, metrics)

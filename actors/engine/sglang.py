@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from async_rl.config_rules import SGLANG_OWNED_OPTIONS as OWNED_OPTIONS  # set by the launcher from other fields
+from async_rl.config_rules.rollout import SGLANG_OWNED_OPTIONS as OWNED_OPTIONS  # set by the launcher from other fields
 
 
 def split_server_args(args: list) -> list[str]:

@@ -23,7 +23,7 @@ import requests
 
 from async_rl import config as config_mod
 from async_rl import protocol
-from async_rl.config_rules import check_paths
+from async_rl.config_rules.paths import check_paths
 from async_rl.endpoints import advertise, advertised_host, is_loopback, serves_weights
 from async_rl.launch.procs import Interrupts, ProcessGroup, RestartPolicy
 from async_rl.launch.progress import Progress

@@ -158,7 +158,7 @@ def memory_lines(cfg, est: dict) -> list[str]:
 def machine_lines(cfg) -> list[str]:
     """What launch's checks would refuse on this machine (a recipe is often checked away from its GPUs)."""
     from async_rl.config import ConfigError
-    from async_rl.config_rules import check_paths
+    from async_rl.config_rules.paths import check_paths
     from async_rl.launch.preflight import check_before_start
     try:
         check_paths(cfg)

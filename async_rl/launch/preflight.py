@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from async_rl.config import Config, ConfigError
-from async_rl.config_rules import eval_datasets
+from async_rl.config_rules.eval import eval_datasets
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 

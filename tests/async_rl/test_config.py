@@ -71,7 +71,7 @@ def test_every_field_is_documented():
 
 
 def test_check_paths_names_missing_checkpoint(tmp_path):
-    from async_rl.config_rules import check_paths
+    from async_rl.config_rules.paths import check_paths
     cfg = C.load(None, [f"hf_checkpoint={tmp_path}"])
     with pytest.raises(C.ConfigError, match="ckpt.hf_checkpoint=.*no config.json"):
         check_paths(cfg)
@@ -112,3 +112,32 @@ def test_every_enumerated_field_declares_its_choices_and_refuses_others():
         with pytest.raises(C.ConfigError) as err:
             C.finalize(direct)
         assert str(err.value) == f"{sec}.{name}='bogus': must be one of {list(allowed)}"
+
+
+def test_finalize_reaches_every_section_module_in_order(monkeypatch):
+    """Each section's rules are `config_rules/<section>.validate`; finalize calls every one of them (a new
+    section module that finalize forgets fails here), rollout first (it derives the batch sizes that train
+    reads), and every config section without a module is one that has no rules."""
+    import importlib
+    import pkgutil
+
+    from async_rl import config_rules
+    modules = {m.name for m in pkgutil.iter_modules(config_rules.__path__)} - {"base", "paths"}
+    assert modules == set(C.SECTIONS) - {"logging"}
+    calls = []
+    for name in modules:
+        mod = importlib.import_module(f"async_rl.config_rules.{name}")
+        monkeypatch.setattr(mod, "validate", lambda cfg, name=name, real=mod.validate: (calls.append(name), real(cfg)))
+    cfg = C.finalize(C.Config())
+    assert sorted(calls) == sorted(modules) and calls[0] == "rollout" and calls.index("train") > calls.index("algo")
+    assert cfg.rollout.global_batch_size == 64
+
+
+def test_rules_package_does_not_import_the_loader():
+    """config imports config_rules, never the other way round: validating needs no async_rl.config."""
+    import subprocess
+    import sys
+    code = ("import sys; import async_rl.config_rules, async_rl.config_sections; "
+            "print('async_rl.config' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from async_rl import config as config_mod
-from async_rl.config_rules import check_paths
+from async_rl.config_rules.paths import check_paths
 from learners.weights import BroadcastPublisher, engine_urls
 from tests.actors import engine_servers as servers
 

@@ -127,7 +127,7 @@ def test_a_group_of_one_is_accepted_where_it_still_trains():
 
 
 def test_kl_coef_under_grpo_is_inert_as_in_slime_unless_asked():
-    from async_rl.config_rules import kl_reward_shaping
+    from async_rl.config_rules.algo import kl_reward_shaping
     from learners.backend import needs_reference
 
     # slime's GRPO scripts set kl_coef beside use_kl_loss + kl_loss_coef: accepted, kl_coef inert
