@@ -68,23 +68,41 @@ def build_data(out: Path) -> tuple[Path, Path]:
 
 
 class PeakMemory:
-    """Peak memory.used per GPU (MiB) from nvidia-smi while the run lasts."""
+    """Peak memory.used per GPU (MiB) from nvidia-smi while the run lasts, and the first reading (memory in use
+    before the run: this script's own CUDA context, which built the model)."""
 
     def __init__(self):
         self.peak: dict[int, int] = {}
+        self.before: dict[int, int] = {}
         self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
                                       "-lms", "200"], stdout=subprocess.PIPE, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+        self.apps: dict[str, int] = {}  # process (its command line, shortened) -> peak MiB
+        self.apps_proc = subprocess.Popen(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                           "--format=csv,noheader,nounits", "-lms", "200"],
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read_apps, daemon=True).start()
+
+    def _read_apps(self):
+        for line in self.apps_proc.stdout:
+            try:
+                pid, used = (int(x) for x in line.split(","))
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:90]
+            except (ValueError, OSError):
+                continue
+            self.apps[cmd] = max(self.apps.get(cmd, 0), used)
 
     def _read(self):
         for line in self.proc.stdout:
             index, used = (int(x) for x in line.split(","))
+            self.before.setdefault(index, used)
             self.peak[index] = max(self.peak.get(index, 0), used)
 
     def stop(self) -> dict[int, int]:
-        self.proc.terminate()
-        self.proc.wait()
+        for proc in (self.proc, self.apps_proc):
+            proc.terminate()
+            proc.wait()
         return self.peak
 
 
@@ -129,11 +147,15 @@ def main() -> int:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     print(f"\nrun: {len(rows)} steps in {time.time() - t0:.0f}s, response length "
           f"{rows[-1].get('response_length/mean')}, reward {rows[-1].get('reward/mean')}")
-    print("| GPU | processes | estimate GiB | measured peak GiB | measured / estimate |\n|---|---|---|---|---|")
+    print("| GPU | processes | estimate GiB | measured peak GiB (in use before the run) | measured / estimate |\n"
+          "|---|---|---|---|---|")
+    for cmd, mib in sorted(peak.apps.items(), key=lambda kv: -kv[1]):
+        print(f"process peak {mib / 1024:.1f} GiB: {cmd}")
     for gpu, users in sorted(estimate(cfg)["gpus"].items()):
         est = sum(b for _, b in users) / GiB
-        got = measured.get(gpu, 0) / 1024
-        print(f"| {gpu} | {' + '.join(n for n, _ in users)} | {est:.1f} | {got:.1f} | {got / est:.2f} |")
+        before = peak.before.get(gpu, 0) / 1024
+        got = measured.get(gpu, 0) / 1024 - before
+        print(f"| {gpu} | {' + '.join(n for n, _ in users)} | {est:.1f} | {got:.1f} ({before:.1f}) | {got / est:.2f} |")
     return 0
 
 
