@@ -171,8 +171,9 @@ def engine_log_stats(run_dir: Path, rows: list[dict], skip: int) -> dict:
             "timeline": timeline}  # (seconds from the window's start, new tokens, decode steps, weight version)
 
 
-def replay_learner(run_dir: Path, warmup: int) -> dict:
-    """The run's learner alone (no hub, engine or publication) on the batches the run trained on, in order:
+def replay_learner(run_dir: Path, warmup: int, steps: tuple[int, int] | None = None) -> dict:
+    """The run's learner alone (no hub, engine or publication) on the batches the run trained on, in order
+    (only those of steps [first, last) when given, after `warmup` steps on the batches just before them):
     its own step time on the same batches (standalone train rate)."""
     import torch
 
@@ -189,7 +190,10 @@ def replay_learner(run_dir: Path, warmup: int) -> dict:
     torch.set_num_threads(cfg.cluster.learner_num_threads)  # as the run's learner process (torch_learner.main)
     lrn = L(cfg, run_dir / "replay", None)
     times, tokens, compiles = [], 0, []
-    for i, (_, path) in enumerate(debug.find_rollouts(str(run_dir / "rollouts"))):
+    found = list(debug.find_rollouts(str(run_dir / "rollouts")))
+    if steps is not None:
+        found = found[max(0, steps[0] - warmup):steps[1]]
+    for i, (_, path) in enumerate(found):
         groups = [Group.from_wire(g) for g in wire.decode(path.read_bytes())["groups"]]
         _sync()
         t0 = time.perf_counter()
@@ -210,7 +214,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def engine_alone(model: Path, concurrencies: list[int], args, seconds: float = 10.0, warmup: float = 6.0) -> dict:
+def engine_alone(model: Path, concurrencies: list[int], args, seconds: float = 8.0, warmup: float = 5.0) -> dict:
     """The engine alone (in process, no HTTP, nothing else on the GPU) kept at each of `concurrencies`
     sequences in turn with the loop's sampling: generated tokens/s at each (standalone generation rates)."""
     rates = {}
@@ -325,10 +329,13 @@ def main() -> int:
     ap.add_argument("--replay", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--engine-alone", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--alone-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--replay-steps", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--alone-same-batch", action="store_true", help="also time the engine alone at the loop's "
+                    "mean decode batch (the decode ratio column); else only at the loop's in-flight cap")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
     if args.replay:
-        print("RESULT " + json.dumps(replay_learner(Path(args.replay), warmup=2)), flush=True)
+        print("RESULT " + json.dumps(replay_learner(Path(args.replay), warmup=2, steps=args.replay_steps)), flush=True)
         return 0
     if args.engine_alone:
         print("RESULT " + json.dumps(engine_alone(Path(args.engine_alone), args.alone_at, args)), flush=True)
@@ -347,9 +354,12 @@ def main() -> int:
         for s in [int(x) for x in only.split(",")] if only else args.staleness:
             r = run(out, model, data, s, args, ":".join([name.rstrip("!"), *words]))
             if alone and s > 0:
-                r["alone_train"] = child_json(["--replay", r["run_dir"]])
+                first = r["timed_steps"][0]
+                r["alone_train"] = child_json(["--replay", r["run_dir"], "--replay-steps", str(first),
+                                               str(first + len(r["timed_steps"]))])  # the timed steps' batches
                 same, cap = max(1, round(r["engine"].get("mean_decode_batch", 1))), in_flight_cap(args, s)
-                g = child_json(["--engine-alone", str(model), "--alone-at", str(same), str(cap),
+                g = child_json(["--engine-alone", str(model), "--alone-at", *([str(same)] if args.alone_same_batch
+                                                                             else []), str(cap),
                                 "--concurrency", str(args.concurrency), "--response-len", str(args.response_len),
                                 "--stop-ids", str(args.stop_ids)])
                 rates = g.get("gen_tok_s_at", {})
@@ -358,9 +368,9 @@ def main() -> int:
                 r.update(efficiency(r, r["alone_train"], r["alone_gen"]["gen_tok_s_cap"]))
             results.append(r)
             print(f"RUN {json.dumps(r)}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     table = "\n".join(tables(results, args))
     (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(table)
     return 0
 
@@ -401,7 +411,7 @@ def tables(results: list[dict], args) -> list[str]:
                      f"{p.get('score', 0):.3f} | {p.get('update', 0):.3f} | {p.get('publish', 0):.3f} | {r['compiles']} | "
                      f"{alone} | {e.get('busy', 0):.2f} | {e.get('mean_decode_batch', 0):.0f} | "
                      f"{e.get('paused_s_per_s', 0):.3f} | {e.get('captures', 0):.0f} ({e.get('capture_s', 0):.1f}) | "
-                     f"{loop_gen:.0f} | {g.get('gen_tok_s', 0):.0f} | {gen_ratio} |")
+                     f"{loop_gen:.0f} | {g.get('gen_tok_s') or 0:.0f} | {gen_ratio} |")
     lines += [""] + notes if notes else []
     pubs = [r for r in results if r["publish"]]
     if pubs:
