@@ -81,7 +81,16 @@ def _compile_on(device: torch.device) -> bool:
 
 def _kernel(name: str, fn, device: torch.device):
     """`fn` compiled by torch.compile (one fused kernel per block) on CUDA; `fn` itself elsewhere or if that
-    fails (the failure is printed once)."""
+    fails (the failure is printed once).
+
+    One graph per kernel for every block shape (two: blocks at storage offset 0, and the rest), compiled in
+    the first step: a block is handed over as a tensor of its own (`detach`, no `_base`), so the compiled
+    code guards on the block's [n, V] alone, not on the [B, T, V] logits it was cut from (whose 1-row
+    micro-batches and new lengths would each compile a graph); sizes that happen to be equal are not
+    assumed equal (no duck shapes); blocks of one position run eager (no 0/1 specialisation). Without
+    this the 16 x 8 loop recompiled ~10 times in its timed steps and dynamo's recompile limit (8 per
+    function) sent later shapes to its eager fallback.
+    """
     if not _compile_on(device) or _compiled.get("failed"):
         return fn
     if name not in _compiled:
@@ -89,10 +98,13 @@ def _kernel(name: str, fn, device: torch.device):
     compiled = _compiled[name]
 
     def run(*args):
-        if _compiled.get("failed"):
+        if _compiled.get("failed") or args[0].shape[0] < 2:
             return fn(*args)
         try:
-            return compiled(*args)
+            from torch.fx.experimental import _config as fx_config
+
+            with fx_config.patch(use_duck_shape=False):
+                return compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         except Exception as exc:  # noqa: BLE001 (no compiler or Triton there: eager blocks are still right)
             _compiled["failed"] = True
             print(f"learners.losses: torch.compile of the logprob kernels failed ({type(exc).__name__}: "

@@ -278,6 +278,14 @@ def _slime_words(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     return [argv[0], *to_words(argv[1:], own)]
 
 
+def _is_file(word: str) -> bool:
+    """A path that exists; False also for a word no file can be named (a key=value longer than NAME_MAX)."""
+    try:
+        return Path(word).is_file()
+    except OSError:
+        return False
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line, slime's dashed flags included; raises ConfigError for a flag that cannot be taken."""
     ap = build_parser()
@@ -286,7 +294,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if getattr(args, "config", None):  # the YAML is the positional word that is no key=value, wherever it is
         words = [args.config, *args.overrides]
-        files = [w for w in words if "=" not in w or Path(w).exists()]
+        files = [w for w in words if "=" not in w or _is_file(w)]
         args.config = files[0] if files else None
         args.overrides = [w for w in words if w is not args.config]
     return args

@@ -115,6 +115,7 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
         "window": [t_first, t_last], "phases": phases, "publish": publish,
         "compiles": timed[-1].get("perf/compiles", 0) - rows[skip - 1].get("perf/compiles", 0) if skip else 0,
         "engine": engine_log_stats(run_dir, rows[:skip + len(timed)], skip), "skip": skip,
+        "recompiles": recompile_reasons(run_dir),
         "staleness": staleness, "run_s": time.time() - t0, "steps": len(timed),
         "trained_tok_s": sum(r["train_tokens"] for r in timed) / wall,
         "step_s": wall / len(timed),
@@ -126,6 +127,18 @@ def run(out: Path, model: Path, data: Path, staleness: int, args, variant: str =
         "sample_len": statistics.mean(r["train_tokens"] for r in timed) / (args.batch * args.n),
         "publish_s": statistics.mean(r.get("perf/publish_s") or 0.0 for r in timed),
     }
+
+
+def recompile_reasons(run_dir: Path, limit: int = 40) -> list[str]:
+    """With TORCH_LOGS=recompiles: which function the learner recompiled and the guard that failed, in order
+    (the log's clock time first, to place them against the steps' perf/unix_time)."""
+    out = []
+    for log in sorted((run_dir / "logs").glob("learner*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "[__recompiles]" in line and ("Recompiling function" in line or "    - " in line):
+                clock = line.split()[1] if len(line.split()) > 1 else ""
+                out.append(f"{clock} {line.split('[__recompiles]', 1)[1].strip()[:220]}")
+    return out[:limit]
 
 
 _ENGINE_LINE = re.compile(r"\[engine\] forwards=(\d+) new_seqs=(\d+) new_tokens=(\d+) seconds=([\d.]+) "
@@ -158,8 +171,9 @@ def engine_log_stats(run_dir: Path, rows: list[dict], skip: int) -> dict:
             "timeline": timeline}  # (seconds from the window's start, new tokens, decode steps, weight version)
 
 
-def replay_learner(run_dir: Path, warmup: int) -> dict:
-    """The run's learner alone (no hub, engine or publication) on the batches the run trained on, in order:
+def replay_learner(run_dir: Path, warmup: int, steps: tuple[int, int] | None = None) -> dict:
+    """The run's learner alone (no hub, engine or publication) on the batches the run trained on, in order
+    (only those of steps [first, last) when given, after `warmup` steps on the batches just before them):
     its own step time on the same batches (standalone train rate)."""
     import torch
 
@@ -176,7 +190,10 @@ def replay_learner(run_dir: Path, warmup: int) -> dict:
     torch.set_num_threads(cfg.cluster.learner_num_threads)  # as the run's learner process (learners.loop.main)
     lrn = make_learner(cfg, run_dir / "replay", None)
     times, tokens, compiles = [], 0, []
-    for i, (_, path) in enumerate(debug.find_rollouts(str(run_dir / "rollouts"))):
+    found = list(debug.find_rollouts(str(run_dir / "rollouts")))
+    if steps is not None:
+        found = found[max(0, steps[0] - warmup):steps[1]]
+    for i, (_, path) in enumerate(found):
         groups = [Group.from_wire(g) for g in wire.decode(path.read_bytes())["groups"]]
         _sync()
         t0 = time.perf_counter()
@@ -187,7 +204,8 @@ def replay_learner(run_dir: Path, warmup: int) -> dict:
             tokens += m["train_tokens"]
             compiles.append(compiled_graphs())
     return {"steps": len(times), "step_s": statistics.median(times), "mean_step_s": statistics.mean(times),
-            "train_tok_s": tokens / sum(times), "compiles": compiles[-1] - compiles[0], "times": times}
+            "train_tok_s": tokens / sum(times), "compiles": compiles[-1] - compiles[0], "times": times,
+            "compiles_per_step": compiles}
 
 
 def _sync() -> None:
@@ -196,9 +214,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def engine_alone(model: Path, concurrency: int, args, seconds: float = 12.0, warmup: float = 8.0) -> dict:
-    """The engine alone (in process, no HTTP, nothing else on the GPU) kept at `concurrency` sequences with
-    the loop's sampling: generated tokens/s (standalone generation rate at that concurrency)."""
+def engine_alone(model: Path, concurrencies: list[int], args, seconds: float = 8.0, warmup: float = 5.0) -> dict:
+    """The engine alone (in process, no HTTP, nothing else on the GPU) kept at each of `concurrencies`
+    sequences in turn with the loop's sampling: generated tokens/s at each (standalone generation rates)."""
+    rates = {}
+    for conc in concurrencies:
+        rates[str(conc)] = _engine_rate(model, conc, args, seconds, warmup)
+    return {"gen_tok_s_at": rates}
+
+
+def _engine_rate(model: Path, concurrency: int, args, seconds: float, warmup: float) -> float:
     import random
 
     import torch
@@ -238,7 +263,11 @@ def engine_alone(model: Path, concurrency: int, args, seconds: float = 12.0, war
     rate = (produced() - marks["n0"]) / (time.perf_counter() - marks["t0"])
     sched.stopping.set()
     _sync()
-    return {"concurrency": concurrency, "gen_tok_s": rate}
+    del sched, engine
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rate
 
 
 def child_json(args: list[str]) -> dict:
@@ -247,16 +276,27 @@ def child_json(args: list[str]) -> dict:
     if not found:
         print(proc.stdout[-2000:], proc.stderr[-3000:])
         return {"error": (proc.stderr or proc.stdout)[-300:]}
-    return json.loads(found[-1][7:])
+    out = json.loads(found[-1][7:])
+    logged = [ln.split("[__recompiles]", 1)[1].strip()[:220] for ln in (proc.stdout + proc.stderr).splitlines()
+              if "[__recompiles]" in ln and ("Recompiling function" in ln or "    - " in ln)]
+    return {**out, "recompiles": logged[:40]} if logged else out
 
 
-def efficiency(r: dict, train: dict, gen: dict) -> dict:
+def in_flight_cap(args, staleness: int) -> int:
+    """The most samples the loop lets the engine hold: admission grants (max_staleness + 1) steps of groups
+    ahead of the learner, and the engine takes at most --concurrency."""
+    return min(args.concurrency, (staleness + 1) * args.batch * args.n)
+
+
+def efficiency(r: dict, train: dict, gen_rate: float | None) -> dict:
     """Loop trained tokens/s over the one-shared-GPU ideal 1 / (1/gen_rate + 1/train_rate), per sample: a
-    sample of P + R tokens costs R / gen_rate to generate and (P + R) / train_rate to train."""
-    if "gen_tok_s" not in gen or "train_tok_s" not in train:
+    sample of P + R tokens costs R / gen_rate to generate and (P + R) / train_rate to train. gen_rate is
+    the engine alone at the loop's in-flight cap (`in_flight_cap`): what generation could reach if the
+    loop kept the engine as full as its config allows; train_rate the learner alone on the run's batches."""
+    if not gen_rate or "train_tok_s" not in train:
         return {}
     resp, total = r["response_len"], r["sample_len"]
-    ideal = total / (resp / gen["gen_tok_s"] + total / train["train_tok_s"])
+    ideal = total / (resp / gen_rate + total / train["train_tok_s"])
     return {"ideal_tok_s": ideal, "efficiency": r["trained_tok_s"] / ideal}
 
 
@@ -288,13 +328,17 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="a 2-layer toy on CPU (checks the script, not the claim)")
     ap.add_argument("--replay", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--engine-alone", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--alone-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--replay-steps", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--alone-same-batch", action="store_true", help="also time the engine alone at the loop's "
+                    "mean decode batch (the decode ratio column); else only at the loop's in-flight cap")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
     if args.replay:
-        print("RESULT " + json.dumps(replay_learner(Path(args.replay), warmup=2)), flush=True)
+        print("RESULT " + json.dumps(replay_learner(Path(args.replay), warmup=2, steps=args.replay_steps)), flush=True)
         return 0
     if args.engine_alone:
-        print("RESULT " + json.dumps(engine_alone(Path(args.engine_alone), args.concurrency, args)), flush=True)
+        print("RESULT " + json.dumps(engine_alone(Path(args.engine_alone), args.alone_at, args)), flush=True)
         return 0
     if args.smoke:
         args.response_len, args.steps, args.skip, args.concurrency = 32, 6, 2, 64
@@ -310,16 +354,23 @@ def main() -> int:
         for s in [int(x) for x in only.split(",")] if only else args.staleness:
             r = run(out, model, data, s, args, ":".join([name.rstrip("!"), *words]))
             if alone and s > 0:
-                r["alone_train"] = child_json(["--replay", r["run_dir"]])
-                conc = max(1, round(r["engine"].get("mean_decode_batch", 1)))
-                r["alone_gen"] = child_json(["--engine-alone", str(model), "--concurrency", str(conc),
-                                             "--response-len", str(args.response_len), "--stop-ids", str(args.stop_ids)])
-                r.update(efficiency(r, r["alone_train"], r["alone_gen"]))
+                first = r["timed_steps"][0]
+                r["alone_train"] = child_json(["--replay", r["run_dir"], "--replay-steps", str(first),
+                                               str(first + len(r["timed_steps"]))])  # the timed steps' batches
+                same, cap = max(1, round(r["engine"].get("mean_decode_batch", 1))), in_flight_cap(args, s)
+                g = child_json(["--engine-alone", str(model), "--alone-at", *([str(same)] if args.alone_same_batch
+                                                                             else []), str(cap),
+                                "--concurrency", str(args.concurrency), "--response-len", str(args.response_len),
+                                "--stop-ids", str(args.stop_ids)])
+                rates = g.get("gen_tok_s_at", {})
+                r["alone_gen"] = {"gen_tok_s": rates.get(str(same)), "same_batch": same, "cap": cap,
+                                  "gen_tok_s_cap": rates.get(str(cap)), **({"error": g["error"]} if "error" in g else {})}
+                r.update(efficiency(r, r["alone_train"], r["alone_gen"]["gen_tok_s_cap"]))
             results.append(r)
             print(f"RUN {json.dumps(r)}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     table = "\n".join(tables(results, args))
     (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(table)
     return 0
 
@@ -334,7 +385,9 @@ def tables(results: list[dict], args) -> list[str]:
     base = {}
     for r in results:
         base.setdefault(r["variant"], r["trained_tok_s"])
-        eff = f"{r['efficiency']:.2f} (ideal {r['ideal_tok_s']:.0f})" if "efficiency" in r else ""
+        eff = (f"{r['efficiency']:.2f} (ideal {r['ideal_tok_s']:.0f}: engine alone at {r['alone_gen']['cap']} "
+               f"{r['alone_gen']['gen_tok_s_cap']:.0f} tok/s, learner alone {r['alone_train']['train_tok_s']:.0f})"
+               if "efficiency" in r else "")
         lines.append(f"| {r['variant']} | {r['staleness']} | {r['trained_tok_s']:.0f} | "
                      f"{r['trained_tok_s'] / base[r['variant']]:.2f}x | {r['step_s']:.2f} | {r['gen_tok_s']:.0f} | "
                      f"{r['learner_busy']:.2f} | {r['gen_busy']:.2f} | {r['staleness_mean']:.2f} | "
@@ -343,17 +396,23 @@ def tables(results: list[dict], args) -> list[str]:
               "", "| variant | s | sample wait | build | score | update | publish | compiles | alone step s | "
               "in loop / alone | engine busy | mean decode batch | paused s/s | graph captures (s) | loop decode tok/s | "
               "alone gen tok/s (same batch) | loop / alone |", "|---" * 17 + "|"]
+    notes = []
     for r in results:
         p, e, a, g = r["phases"], r["engine"], r.get("alone_train", {}), r.get("alone_gen", {})
         train = sum(p.get(k, 0.0) for k in ("build", "score", "update"))
         alone = f"{a['step_s']:.3f} | {train / a['step_s']:.2f}x" if "step_s" in a else " | "
         loop_gen = e.get("mean_decode_batch", 0) * e.get("decode_steps_per_s", 0)
         gen_ratio = f"{loop_gen / g['gen_tok_s']:.2f}" if g.get("gen_tok_s") else ""
+        for who, got in (("the loop's learner", r.get("recompiles")), ("the replay", a.get("recompiles"))):
+            if got:
+                notes.append(f"recompiles logged by {who}, {r['variant']} staleness {r['staleness']}:")
+                notes += [f"    {line}" for line in got]
         lines.append(f"| {r['variant']} | {r['staleness']} | {p.get('sample_wait', 0):.3f} | {p.get('build', 0):.3f} | "
                      f"{p.get('score', 0):.3f} | {p.get('update', 0):.3f} | {p.get('publish', 0):.3f} | {r['compiles']} | "
                      f"{alone} | {e.get('busy', 0):.2f} | {e.get('mean_decode_batch', 0):.0f} | "
                      f"{e.get('paused_s_per_s', 0):.3f} | {e.get('captures', 0):.0f} ({e.get('capture_s', 0):.1f}) | "
-                     f"{loop_gen:.0f} | {g.get('gen_tok_s', 0):.0f} | {gen_ratio} |")
+                     f"{loop_gen:.0f} | {g.get('gen_tok_s') or 0:.0f} | {gen_ratio} |")
+    lines += [""] + notes if notes else []
     pubs = [r for r in results if r["publish"]]
     if pubs:
         keys = sorted({k for r in pubs for k in r["publish"]})

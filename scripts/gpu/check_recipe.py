@@ -11,13 +11,16 @@ the tiny character tokenizer plus a chat template; the data are addition prompts
 {"prompt", "label"} rows. A random model never stops early, so every response is rollout_max_response_len
 tokens (the estimate's worst case); prompts are short, so the run sets rollout_max_prompt_len=16 and the
 estimate is computed for the same config. Prints the dry-run, then a table per GPU: estimate, measured peak
-(nvidia-smi, every 0.2 s), measured / estimate. (Written with the recipes; no GPU was lent to run it then,
-so it has not been run yet: its first run is the first check of the estimate.)
+(nvidia-smi, every 0.2 s, less what was in use before the run), measured / estimate, and each process's
+peak. Not yet run to the end: its first try (H200, 2026-12-02, the 0.5B recipe, `--steps 2` under a 140 s
+limit) was cut off before the table (a step is 256 samples x 1,024 tokens, the launch ~75 s); give it
+about 5 minutes, or `--max-seconds` to stop the run and compare the peak reached so far.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -68,23 +71,41 @@ def build_data(out: Path) -> tuple[Path, Path]:
 
 
 class PeakMemory:
-    """Peak memory.used per GPU (MiB) from nvidia-smi while the run lasts."""
+    """Peak memory.used per GPU (MiB) from nvidia-smi while the run lasts, and the first reading (memory in use
+    before the run: this script's own CUDA context, which built the model)."""
 
     def __init__(self):
         self.peak: dict[int, int] = {}
+        self.before: dict[int, int] = {}
         self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
                                       "-lms", "200"], stdout=subprocess.PIPE, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+        self.apps: dict[str, int] = {}  # process (its command line, shortened) -> peak MiB
+        self.apps_proc = subprocess.Popen(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                           "--format=csv,noheader,nounits", "-lms", "200"],
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read_apps, daemon=True).start()
+
+    def _read_apps(self):
+        for line in self.apps_proc.stdout:
+            try:
+                pid, used = (int(x) for x in line.split(","))
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:90]
+            except (ValueError, OSError):
+                continue
+            self.apps[cmd] = max(self.apps.get(cmd, 0), used)
 
     def _read(self):
         for line in self.proc.stdout:
             index, used = (int(x) for x in line.split(","))
+            self.before.setdefault(index, used)
             self.peak[index] = max(self.peak.get(index, 0), used)
 
     def stop(self) -> dict[int, int]:
-        self.proc.terminate()
-        self.proc.wait()
+        for proc in (self.proc, self.apps_proc):
+            proc.terminate()
+            proc.wait()
         return self.peak
 
 
@@ -94,6 +115,8 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="key=value words for the run and the estimate")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="/dev/shm/check_recipe")
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="stop the run (SIGINT, as Ctrl-C) after this "
+                    "long and compare the peak so far (the estimate's peak is the first step's); 0 = no limit")
     args = ap.parse_args()
 
     from async_rl import config as config_mod
@@ -118,22 +141,36 @@ def main() -> int:
     subprocess.run(["rm", "-rf", str(run_dir)])
     peak = PeakMemory()
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", args.recipe, *words, "--run-dir",
-                           str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "async_rl.launch.cli", "launch", args.recipe, *words, "--run-dir",
+                             str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped = False
+    try:
+        output, _ = proc.communicate(timeout=args.max_seconds or None)
+    except subprocess.TimeoutExpired:
+        stopped = True
+        proc.send_signal(signal.SIGINT)  # the launcher stops every process it started
+        output, _ = proc.communicate(timeout=120)
     measured = peak.stop()
-    print(proc.stdout[-3000:])
-    if proc.returncode != 0:
+    print(output[-3000:])
+    if proc.returncode != 0 and not stopped:
         for log in sorted((run_dir / "logs").glob("*.log")):
             print(f"--- {log.name}\n" + log.read_text()[-2500:])
         return proc.returncode
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else [{}]
+    if stopped:
+        print(f"stopped after --max-seconds {args.max_seconds:.0f}: {len(rows) if rows[0] else 0} steps done")
     print(f"\nrun: {len(rows)} steps in {time.time() - t0:.0f}s, response length "
           f"{rows[-1].get('response_length/mean')}, reward {rows[-1].get('reward/mean')}")
-    print("| GPU | processes | estimate GiB | measured peak GiB | measured / estimate |\n|---|---|---|---|---|")
+    print("| GPU | processes | estimate GiB | measured peak GiB (in use before the run) | measured / estimate |\n"
+          "|---|---|---|---|---|")
+    for cmd, mib in sorted(peak.apps.items(), key=lambda kv: -kv[1]):
+        print(f"process peak {mib / 1024:.1f} GiB: {cmd}")
     for gpu, users in sorted(estimate(cfg)["gpus"].items()):
         est = sum(b for _, b in users) / GiB
-        got = measured.get(gpu, 0) / 1024
-        print(f"| {gpu} | {' + '.join(n for n, _ in users)} | {est:.1f} | {got:.1f} | {got / est:.2f} |")
+        before = peak.before.get(gpu, 0) / 1024
+        got = measured.get(gpu, 0) / 1024 - before
+        print(f"| {gpu} | {' + '.join(n for n, _ in users)} | {est:.1f} | {got:.1f} ({before:.1f}) | {got / est:.2f} |")
     return 0
 
 

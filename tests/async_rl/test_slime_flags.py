@@ -202,3 +202,12 @@ def test_the_yaml_may_come_after_the_flags(tmp_path):
     path.write_text("rollout:\n  rollout_batch_size: 2\n  n_samples_per_prompt: 2\n")
     args = cli.parse_args(["launch", "--n-samples-per-prompt", "4", str(path), "max_staleness=5", "--run-dir", "x"])
     assert args.config == str(path) and args.overrides == ["n_samples_per_prompt=4", "max_staleness=5"]
+
+
+def test_a_word_too_long_for_a_file_name_is_an_override(tmp_path):
+    """500 stop ids make one word longer than a file name may be (bench_async on the GPU): no OSError."""
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  rollout_batch_size: 2\n")
+    long = "rollout_stop_token_ids=[" + ",".join(str(100 + 3 * i) for i in range(500)) + "]"
+    args = cli.parse_args(["launch", str(path), long, "--run-dir", "x"])
+    assert args.config == str(path) and args.overrides == [long]

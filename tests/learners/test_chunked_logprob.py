@@ -127,3 +127,43 @@ def test_a_failing_compiler_falls_back_to_eager_blocks(monkeypatch, capsys):
         return run
     _compiled_run(monkeypatch, broken)
     assert losses._compiled.get("failed") and "using eager blocks" in capsys.readouterr().out
+
+
+def _loop_step(shapes, seed: int, v: int = 50) -> None:
+    """What one learner step hands the kernels: per micro-batch (rows, longest length, the batch's length)
+    a logp_old pass (no grad) and a loss pass (forward + backward, entropy detached as by default); logits
+    are `[:, :-1]` views, targets cut from the whole batch's wider rows. Checked against the reference."""
+    g = torch.Generator().manual_seed(seed)
+    for b, t, wide in shapes:
+        logits = torch.randn(b, t + 1, v, generator=g)[:, :-1]
+        targets = torch.randint(0, v, (b, wide), generator=g)[:, :t]
+        coef = torch.randn(b, t, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            old = losses.token_logprobs(logits, targets)
+        x = logits.detach().requires_grad_(True)
+        logp, _ = losses.logprobs_and_entropy(x, targets)
+        (logp.double() * coef).sum().backward()
+        ref_x = logits.detach().double().requires_grad_(True)
+        ref_logp, _ = reference(ref_x, targets, 1.0)
+        (ref_logp * coef).sum().backward()
+        torch.testing.assert_close(old.double(), ref_logp.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logp.double(), ref_logp.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_blocks_compile_in_the_first_step_only(monkeypatch):
+    """Later steps bring new micro-batch shapes: 1-row micro-batches, new lengths, a row whose last block
+    has one position, a batch as wide as its longest micro-batch. Every graph is compiled in the first
+    step; before, each such shape compiled another (the 16 x 8 GPU loop: ~10 in its timed steps)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(losses, "_compile_on", lambda device: True)
+    monkeypatch.setattr(losses, "_compiled", {})
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 16 * 50)  # blocks of 16 positions
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+    _loop_step([(3, 40, 44), (5, 21, 44), (8, 9, 44)], seed=0)
+    first = graphs()
+    _loop_step([(1, 17, 30), (4, 33, 33), (2, 16, 33), (1, 5, 33), (6, 12, 40), (2, 2, 40)], seed=1)
+    assert graphs() == first, f"{graphs() - first} graphs compiled after the first step"
+    assert first <= 8
