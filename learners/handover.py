@@ -15,7 +15,6 @@ writer only when it is `max_pending` versions behind, at checkpoints and at the 
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -23,33 +22,12 @@ from pathlib import Path
 import torch
 
 from async_rl import protocol
-from learners.weights import publish
+from learners.weights import HFExport, publish
 
 
 def version_path(run_dir: str | Path, version: int) -> Path:
     """Where `learners.weights.publish` puts `version`."""
     return Path(run_dir) / "weights" / f"v{version}"
-
-
-class StateExport:
-    """What `learners.weights.publish` needs of a model: save_pretrained() writing config + safetensors
-    of HF-named CPU tensors."""
-
-    def __init__(self, named: dict[str, torch.Tensor], hf_config, source_dir: str | Path):
-        self.named, self.hf_config, self.source_dir = named, hf_config, Path(source_dir)
-
-    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.hf_config.save_pretrained(str(out))
-        generation = self.source_dir / "generation_config.json"
-        if generation.exists():
-            shutil.copy(generation, out / "generation_config.json")
-        # tied weights share storage; safetensors refuses shared tensors, so each gets its own bytes
-        save_file({k: v.contiguous() for k, v in self.named.items()}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})
 
 
 class DiskWriter:
@@ -106,7 +84,7 @@ class DiskWriter:
                 if event is not None:
                     event.synchronize()
                 t0 = time.perf_counter()
-                publish(StateExport(dict(buf.named()), self.hf_config, self.source_dir), self.tokenizer,
+                publish(HFExport(dict(buf.named()), self.hf_config, self.source_dir), self.tokenizer,
                         self.run_dir, version, self.keep, pin=pin)
                 self.last_seconds, self.written = time.perf_counter() - t0, self.written + 1
             except BaseException as e:  # noqa: BLE001 (raised in the learner at its next publication)
@@ -195,7 +173,7 @@ class TensorPublisher:
 
 
 def hand_over(learner, named: dict, version: int, hf_config, pin: bool) -> bool:
-    """A learner's (learners.torch_learner.TorchLearner's) publication of `version` by tensor handover,
+    """A learner's (learners.loop.Learner's) publication of `version` by tensor handover,
     announcing it to the learner's hub; its TensorPublisher is made at first use (engines.json exists then)."""
     if learner.tensor is None:
         learner.tensor = TensorPublisher(learner.cfg, learner.run_dir, learner.tokenizer, hf_config)

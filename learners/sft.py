@@ -17,7 +17,7 @@ from async_rl.data import load_prompts
 from async_rl.types import Group, Trajectory
 from learners import losses
 from learners.batch import build_batch
-from learners.torch_learner import forward_logprobs
+from learners.torch_backend import forward_logprobs
 
 
 def labelled_groups(tokenizer, rows: list[dict]) -> list[Group]:

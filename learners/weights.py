@@ -49,6 +49,27 @@ def publish(model, tokenizer, run_dir: str | Path, version: int, keep: int, pin:
     return final
 
 
+class HFExport:
+    """What `publish` needs of a model, for HF-named tensors (the Megatron gather, a tensor handover's host
+    snapshot): save_pretrained() writing config.json (+ the source's generation_config.json) and safetensors."""
+
+    def __init__(self, state_dict: dict, hf_config, source_dir: str | Path):
+        self.state_dict, self.hf_config, self.source_dir = state_dict, hf_config, Path(source_dir)
+
+    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf_config.save_pretrained(str(out))
+        generation = self.source_dir / "generation_config.json"
+        if generation.exists():
+            shutil.copy(generation, out / "generation_config.json")
+        # tied weights share storage; safetensors refuses shared tensors, so each gets its own bytes
+        save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+
+
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` versions; pinned versions stay (and do not count against `keep`)."""
     versions = sorted((int(p.name[1:]), p) for p in root.glob("v*") if p.name[1:].isdigit())

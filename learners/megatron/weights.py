@@ -1,5 +1,6 @@
 """Weights in and out of a (TP/PP-sharded) Megatron model: load an HF checkpoint into this rank's shard;
-gather every shard back into one HF state dict on global rank 0; publish it as an HF checkpoint.
+gather every shard back into one HF state dict on global rank 0 (published through
+`learners.weights.HFExport`).
 
 Invariant: `gather_hf(load_hf(sd)) == sd` (up to dtype) for any TP/PP layout; every parameter of the
 stage is written by `load_hf` (a name the converter does not produce is an error, never left
@@ -8,7 +9,6 @@ uninitialised) and every HF tensor the stage needs is read.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -104,22 +104,3 @@ def gather_hf(model, shape: Shape, layout: parallel.Layout, on_device: bool = Fa
     if shape.tied:
         merged.pop("output_layer.weight", None)  # the last stage's copy of the embedding
     return mcore_to_hf(merged, shape)
-
-
-class HFExport:
-    """What `learners.weights.publish` needs of a model: save_pretrained() writing config + safetensors."""
-
-    def __init__(self, state_dict: dict[str, torch.Tensor], hf_config, source_dir: str | Path):
-        self.state_dict, self.hf_config, self.source_dir = state_dict, hf_config, Path(source_dir)
-
-    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.hf_config.save_pretrained(str(out))
-        generation = self.source_dir / "generation_config.json"
-        if generation.exists():
-            shutil.copy(generation, out / "generation_config.json")
-        save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})

@@ -170,11 +170,11 @@ def replay_learner(run_dir: Path, warmup: int) -> dict:
 
     cfg = C.load(str(run_dir / "config.yaml"), ["update_weight_mode=disk", "save_debug_rollout_data="])
     if cfg.train.train_backend == "megatron":
-        from learners.megatron.learner import MegatronLearner as L
+        from learners.megatron.learner import make_learner
     else:
-        from learners.torch_learner import TorchLearner as L
-    torch.set_num_threads(cfg.cluster.learner_num_threads)  # as the run's learner process (torch_learner.main)
-    lrn = L(cfg, run_dir / "replay", None)
+        from learners.torch_learner import make_learner
+    torch.set_num_threads(cfg.cluster.learner_num_threads)  # as the run's learner process (learners.loop.main)
+    lrn = make_learner(cfg, run_dir / "replay", None)
     times, tokens, compiles = [], 0, []
     for i, (_, path) in enumerate(debug.find_rollouts(str(run_dir / "rollouts"))):
         groups = [Group.from_wire(g) for g in wire.decode(path.read_bytes())["groups"]]

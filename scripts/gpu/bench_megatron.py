@@ -13,9 +13,9 @@ samples of prompt_len + response_len tokens, random ids, random rollout logprobs
 build the batch, recompute logp_old (a forward pass), GRPO advantages, TIS weights, then one optimizer
 step by gradient accumulation over micro-batches with the PPO-clip x TIS loss. Weights are random
 (Qwen2 shapes, random init, written once as an HF checkpoint both learners load).
-- torch learner: `learners.torch_learner.TorchLearner` with its HF model in bf16 on the GPU (sdpa
-  attention, fused AdamW on bf16 params) and its batch tensors on the GPU (the class itself is CPU-only).
-- megatron learner: `learners.megatron.learner.MegatronLearner`, unchanged: train.bf16 (bf16 params,
+- torch learner: the learner loop over `learners.torch_backend.TorchBackend` with its HF model in bf16 on
+  the GPU (sdpa attention, fused AdamW on bf16 params) and its batch tensors on the GPU.
+- megatron learner: the loop over `learners.megatron.backend.MegatronBackend`, unchanged: train.bf16 (bf16 params,
   fp32 main params and grads, Megatron's optimizer), local layer spec with SDPA attention.
 MFU = FLOPs / step time / 989 TFLOP/s (H100/H200 dense bf16 peak), FLOPs per token = 8N + 16*L*H*Q*S
 (2N + 4LHQS for the logp_old forward, 6N + 12LHQS for forward + backward; N all parameters with the
@@ -76,8 +76,8 @@ class PhaseTimer:
 
     def __init__(self, lrn, on_gpu: bool):
         self.totals, self.on = {}, False
-        for name, obj, attr in (("score", lrn, "_score"), ("update", lrn, "_policy_step"),
-                                ("optimizer", lrn.optimizer, "step")):
+        for name, obj, attr in (("score", lrn, "_score"), ("update", lrn.backend, "train_step"),
+                                ("optimizer", lrn.backend.optimizer, "step")):
             setattr(obj, attr, self._wrap(name, getattr(obj, attr), on_gpu))
 
     def _wrap(self, name, fn, on_gpu):
@@ -117,13 +117,14 @@ def flops_per_token(size: str, seq: int, n_params: int) -> float:
 def _torch_learner(cfg, run_dir):
     import torch
 
-    import learners.torch_learner as tl
+    import learners.loop as loop
     from learners.batch import TrainBatch
+    from learners.torch_backend import TorchBackend
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test of this script
 
-    class GPUTorchLearner(tl.TorchLearner):
-        def _build_policy(self):
+    class GPUTorchBackend(TorchBackend):
+        def build_policy(self):
             from transformers import AutoModelForCausalLM
             model = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.hf_checkpoint, dtype=torch.bfloat16,
                                                          attn_implementation="sdpa").to(device).train()
@@ -131,14 +132,14 @@ def _torch_learner(cfg, run_dir):
             return model, torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
                                             eps=o.adam_eps, weight_decay=o.weight_decay, fused=device == "cuda")
 
-    build = tl.build_batch
+    build = loop.build_batch
 
     def on_gpu(groups, pad_id) -> TrainBatch:
         b = build(groups, pad_id)
         return dataclasses.replace(b, **{f.name: getattr(b, f.name).to(device) for f in dataclasses.fields(b)
                                          if isinstance(getattr(b, f.name), torch.Tensor)})
-    tl.build_batch = on_gpu
-    return GPUTorchLearner(cfg, run_dir, None)
+    loop.build_batch = on_gpu
+    return loop.Learner(cfg, run_dir, None, None, GPUTorchBackend)
 
 
 def run_variant(a, variant: str) -> dict:
@@ -162,7 +163,7 @@ def run_variant(a, variant: str) -> dict:
         words += ["learner_device=cuda"]  # its batches on the GPU (the model is built there in bf16 below)
     cfg = C.load(None, words)
     lrn = _torch_learner(cfg, a.out / "run") if kind == "torch" else _megatron_learner(cfg, a.out / "run")
-    n_params = sum(p.numel() for p in lrn.model.parameters())
+    n_params = sum(p.numel() for p in lrn.backend.model.parameters())
     phases = PhaseTimer(lrn, on_gpu)
     times, first = [], None
     for step in range(a.warmup + a.steps):
@@ -256,8 +257,8 @@ def check_logprob_kernels(vocab: int, rows: int = 4, seq: int = 2048) -> list[st
 
 
 def _megatron_learner(cfg, run_dir):
-    from learners.megatron.learner import MegatronLearner
-    return MegatronLearner(cfg, run_dir, None)
+    from learners.megatron.learner import make_learner
+    return make_learner(cfg, run_dir, None)
 
 
 def _sync(on_gpu: bool) -> None:

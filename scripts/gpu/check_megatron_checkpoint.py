@@ -52,7 +52,7 @@ def max_diff(a, b, path: str = "") -> tuple[float, str]:
 
 
 def main() -> None:
-    from learners.megatron.learner import MegatronLearner
+    from learners.megatron.learner import make_learner
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="small", choices=list(bench.SIZES))
@@ -71,24 +71,24 @@ def main() -> None:
     def metrics(m: dict) -> tuple:
         return m["loss/pg"], m["grad_norm"], m["lr"], m.get("loss/kl")
 
-    first = MegatronLearner(cfg, run_dir, None)
+    first = make_learner(cfg, run_dir, None)
     first.train_step(batches[0])
     first.save_checkpoint(1)
-    saved = to_cpu(first.optimizer.state_dict())
+    saved = to_cpu(first.backend.optimizer.state_dict())
     after = [metrics(first.train_step(b)) for b in batches[1:]]
-    final = to_cpu([p for p in first.model.parameters()])
+    final = to_cpu([p for p in first.backend.model.parameters()])
     del first
     gc.collect()
     torch.cuda.empty_cache()
 
-    second = MegatronLearner(cfg, run_dir, None)
+    second = make_learner(cfg, run_dir, None)
     step = second.resume()
-    restored = to_cpu(second.optimizer.state_dict())
+    restored = to_cpu(second.backend.optimizer.state_dict())
     again = [metrics(second.train_step(b)) for b in batches[1:]]
     state_diff, where = max_diff(saved, restored)
-    param_diff, _ = max_diff(final, to_cpu([p for p in second.model.parameters()]))
+    param_diff, _ = max_diff(final, to_cpu([p for p in second.backend.model.parameters()]))
     n_state = sum(t.numel() for t in _tensors(saved))
-    print(f"\nresumed at step {step}; optimizer state: {n_state:,} numbers, {type(second.optimizer.optimizer).__name__}")
+    print(f"\nresumed at step {step}; optimizer state: {n_state:,} numbers, {type(second.backend.optimizer.optimizer).__name__}")
     print("| check | A (no stop) | B (resumed) | max abs diff |")
     print("|---|---|---|---|")
     print(f"| optimizer state after load | saved | restored | {state_diff:.3g} {where if state_diff else ''} |")

@@ -184,7 +184,7 @@ def test_multi_group_put_is_all_or_nothing():
 
 
 def test_batch_stats_carry_what_the_learner_logs_and_leave_the_rest_to_status():
-    from learners.torch_learner import BUFFER_KEYS  # what the learner writes as buffer/* from each BATCH
+    from learners.step_metrics import BUFFER_KEYS  # what the learner writes as buffer/* from each BATCH
     hub = Hub(cfg(), PROMPTS)
     for gid in ("g0", "g1", "g2"):
         hub.handle(b"g", {"type": "PUT", "groups": [group(gid=gid, seq=0)]})

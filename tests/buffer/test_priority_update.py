@@ -64,10 +64,10 @@ def hub(tiny_world, tmp_path):
 def test_learner_sends_mean_abs_advantage_and_the_hub_table_holds_it(tiny_world, hub, tmp_path):
     from buffer.durable import DurableLog
     from buffer.hub import Hub
-    from learners.torch_learner import TorchLearner
+    from learners.torch_learner import make_learner
 
     cfg, endpoint, state_dir, proc = hub
-    learner = TorchLearner(cfg, tmp_path / "run", endpoint)
+    learner = make_learner(cfg, tmp_path / "run", endpoint)
     generator = HubClient(endpoint, "gen")
     for group in make_groups(learner.tokenizer):
         generator.put([group], {}, timeout=30)

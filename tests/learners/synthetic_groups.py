@@ -28,10 +28,10 @@ def groups(lrn, seed: int = 0, behavior_shift: float | None = None) -> list[Grou
         out.append(Group("g", g, g, "x", trajs))
     if behavior_shift is not None:
         from learners.batch import build_batch
-        from learners.torch_learner import forward_logprobs
+        from learners.torch_backend import forward_logprobs
         batch = build_batch(out, lrn.pad_id)
         with torch.no_grad():
-            logp = forward_logprobs(lrn.model, batch.select(slice(None)), 1.0)
+            logp = forward_logprobs(lrn.backend.model, batch.select(slice(None)), 1.0)
         for i, t in enumerate(t for g in out for t in g.trajectories):
             t.rollout_logprobs = (logp[i][batch.mask[i].bool()] - behavior_shift).numpy().astype(np.float32)
     return out

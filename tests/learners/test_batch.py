@@ -7,7 +7,7 @@ import torch
 
 from async_rl.types import Group, Trajectory
 from learners.batch import build_batch
-from learners.torch_learner import forward_logprobs
+from learners.torch_backend import forward_logprobs
 
 
 def _traj(prompt, response, lp_offset=0.0, version=0):

@@ -62,7 +62,7 @@ def test_trimmed_micro_batches_give_the_same_logprobs_loss_and_gradients(tiny_wo
 
     from async_rl import config as C
     from learners.objective import actor_loss
-    from learners.torch_learner import forward_logits, forward_logprobs
+    from learners.torch_backend import forward_logits, forward_logprobs
 
     rng = np.random.default_rng(1)
     groups = []

@@ -43,10 +43,10 @@ def plugin(tmp_path, monkeypatch):
 
 
 def make_learner(world, *words):
-    from learners.torch_learner import TorchLearner
+    from learners.torch_learner import make_learner
     cfg = C.load(None, [f"hf_checkpoint={world['model_sft']}", "rollout_batch_size=2", "n_samples_per_prompt=4",
                         *words])
-    return TorchLearner(cfg, world["root"] / "run", None)
+    return make_learner(cfg, world["root"] / "run", None)
 
 
 @pytest.mark.parametrize("words, needle", [
@@ -128,7 +128,7 @@ def test_a_group_of_one_is_accepted_where_it_still_trains():
 
 def test_kl_coef_under_grpo_is_inert_as_in_slime_unless_asked():
     from async_rl.config_rules import kl_reward_shaping
-    from learners.torch_learner import needs_reference
+    from learners.backend import needs_reference
 
     # slime's GRPO scripts set kl_coef beside use_kl_loss + kl_loss_coef: accepted, kl_coef inert
     slime_style = C.load(None, ["kl_coef=0.05", "use_kl_loss=true", "kl_loss_coef=0.01"]).algo

@@ -40,10 +40,10 @@ def plugin(tmp_path, monkeypatch):
 
 def make_learner(world, *words):
     from async_rl import config as C
-    from learners.torch_learner import TorchLearner
+    from learners import torch_learner
     cfg = C.load(None, [f"hf_checkpoint={world['model_sft']}", "rollout_batch_size=2", "n_samples_per_prompt=4",
                         "entropy_coef=0", *words])
-    return TorchLearner(cfg, world["root"] / "run_post", None)
+    return torch_learner.make_learner(cfg, world["root"] / "run_post", None)
 
 
 def test_called_each_step_with_the_filled_batch(tiny_world, plugin):

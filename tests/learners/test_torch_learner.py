@@ -9,18 +9,19 @@ import pytest
 import torch
 
 from async_rl import config as C
-from learners.torch_learner import TorchLearner
+from learners.loop import Learner
+from learners.torch_learner import make_learner
 from synthetic_groups import N, N_GROUPS, groups  # tests/learners/synthetic_groups.py
 
 KEYS = ["version", "reward/mean", "reward/std", "loss/pg", "pg_clipfrac", "ppo_kl", "entropy", "tis/weight_mean",
         "tis/clipfrac", "advantages/mean", "advantages/std", "response_length/mean", "grad_norm"]
 
 
-def learner(world, *words) -> TorchLearner:
+def learner(world, *words) -> Learner:
     cfg = C.load(None, [f"hf_checkpoint={world['model_sft']}", f"rollout_batch_size={N_GROUPS}",
                         f"n_samples_per_prompt={N}", *words])
     torch.manual_seed(0)
-    return TorchLearner(cfg, world["root"] / "run", None)
+    return make_learner(cfg, world["root"] / "run", None)
 
 
 def params(model) -> torch.Tensor:
@@ -36,12 +37,12 @@ def params(model) -> torch.Tensor:
 ])
 def test_every_estimator_trains_with_finite_metrics(tiny_world, words):
     lrn = learner(tiny_world, *words)
-    before = params(lrn.model)
+    before = params(lrn.backend.model)
     m = lrn.train_step(groups(lrn))
     assert all(k in m for k in KEYS), set(KEYS) - set(m)
     for k, v in m.items():
         assert v is None or not isinstance(v, float) or math.isfinite(v), (k, v)
-    assert not torch.equal(before, params(lrn.model))
+    assert not torch.equal(before, params(lrn.backend.model))
     if "advantage_estimator=ppo" in words:
         assert m["critic/value_loss"] > 0 and "returns/mean" in m
     if any(w.startswith("use_kl_loss") or w.startswith("kl_coef") for w in words):
@@ -55,11 +56,11 @@ def test_micro_batching_does_not_change_the_update(tiny_world, per_token):
     words = [f"calculate_per_token_loss={per_token}", "entropy_coef=0.01", "clip_grad=0"]
     whole, split = learner(tiny_world, *words), learner(tiny_world, *words, "micro_batch_size=2")
     for lrn in (whole, split):  # plain SGD: the update is the gradient itself (Adam would hide a scale error)
-        lrn.optimizer = torch.optim.SGD(lrn.model.parameters(), lr=1.0)
+        lrn.backend.optimizer = torch.optim.SGD(lrn.backend.model.parameters(), lr=1.0)
     data = groups(whole, seed=3)
     whole.train_step(data)
     split.train_step(data)
-    assert torch.allclose(params(whole.model), params(split.model), atol=1e-6)
+    assert torch.allclose(params(whole.backend.model), params(split.backend.model), atol=1e-6)
 
 
 def test_decoupled_ppo_weight_is_prox_over_behavior(tiny_world):
@@ -83,20 +84,20 @@ def test_use_rollout_logprobs_gives_unit_weights(tiny_world):
 
 def test_critic_only_steps_leave_the_policy_alone(tiny_world):
     lrn = learner(tiny_world, "advantage_estimator=ppo", "num_critic_only_steps=1")
-    policy, critic = params(lrn.model), params(lrn.critic.model)
+    policy, critic = params(lrn.backend.model), params(lrn.backend.critic.model)
     m = lrn.train_step(groups(lrn))
-    assert torch.equal(policy, params(lrn.model)) and not torch.equal(critic, params(lrn.critic.model))
+    assert torch.equal(policy, params(lrn.backend.model)) and not torch.equal(critic, params(lrn.backend.critic.model))
     assert m["loss/pg"] is None and m["critic/value_loss"] is not None
     lrn.train_step(groups(lrn, seed=1))
-    assert not torch.equal(policy, params(lrn.model))
+    assert not torch.equal(policy, params(lrn.backend.model))
 
 
 def test_reference_model_is_refreshed_every_interval(tiny_world):
     frozen = learner(tiny_world, "use_kl_loss=true", "kl_loss_coef=0.1")
-    start = params(frozen.ref)
+    start = params(frozen.backend.ref)
     frozen.train_step(groups(frozen))
-    assert torch.equal(start, params(frozen.ref))
+    assert torch.equal(start, params(frozen.backend.ref))
     refreshed = learner(tiny_world, "use_kl_loss=true", "kl_loss_coef=0.1", "ref_update_interval=1")
     refreshed.train_step(groups(refreshed))
-    assert torch.equal(params(refreshed.ref), params(refreshed.model))
+    assert torch.equal(params(refreshed.backend.ref), params(refreshed.backend.model))
     assert refreshed.train_step(groups(refreshed, seed=1))["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -35,13 +35,13 @@ def _words(world: dict, tp: int) -> list[str]:
 
 
 def _train_and_publish(words: list[str], run_dir: str, endpoint: str) -> dict:
-    from learners.megatron.learner import MegatronLearner
+    from learners.megatron.learner import make_learner
 
-    lrn = MegatronLearner(C.load(None, words), run_dir, endpoint)
+    lrn = make_learner(C.load(None, words), run_dir, endpoint)
     lrn.train_step(groups(lrn, seed=0))
     lrn.publish_next()
     pub = lrn.broadcast
-    return {"rank": lrn.layout.rank, "version": lrn.version, "has_publisher": pub is not None,
+    return {"rank": lrn.backend.layout.rank, "version": lrn.version, "has_publisher": pub is not None,
             "sent": pub.sent if pub else 0, "failures": pub.failures if pub else 0,
             "buckets": pub.last_buckets if pub else 0}
 

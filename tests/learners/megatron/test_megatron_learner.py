@@ -26,8 +26,8 @@ def _config(world: dict, words: list[str], backend: str = "megatron") -> C.Confi
 
 
 def _megatron(world: dict, words: list[str], run_dir: str):
-    from learners.megatron.learner import MegatronLearner
-    return MegatronLearner(_config(world, words), run_dir, None)
+    from learners.megatron.learner import make_learner
+    return make_learner(_config(world, words), run_dir, None)
 
 
 def _train(world: dict, words: list[str], run_dir: str) -> dict:
@@ -38,8 +38,8 @@ def _train(world: dict, words: list[str], run_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def torch_reference(tiny_world) -> dict:
-    from learners.torch_learner import TorchLearner
-    lrn = TorchLearner(_config(tiny_world, [], backend="torch"), tiny_world["root"] / "run_torch", None)
+    from learners.torch_learner import make_learner
+    lrn = make_learner(_config(tiny_world, [], backend="torch"), tiny_world["root"] / "run_torch", None)
     steps = [lrn.train_step(groups(lrn, seed=s)) for s in range(STEPS)]
     return {"loss": [m["loss/pg"] for m in steps], "grad_norm": [m["grad_norm"] for m in steps]}
 
@@ -64,20 +64,21 @@ def test_megatron_steps_match_the_torch_learner(tiny_world, torch_reference, tmp
 
 def _publish_and_probe(world: dict, run_dir: str) -> dict:
     from learners.megatron.model import forward_logits
-    from learners.megatron.weights import HFExport, gather_hf
-    from learners.weights import publish
+    from learners.megatron.weights import gather_hf
+    from learners.weights import HFExport, publish
 
     lrn = _megatron(world, ["tensor_model_parallel_size=2", "actor_num_gpus_per_node=2"], run_dir)
+    b = lrn.backend
     lrn.train_step(groups(lrn, seed=0))
     lrn.apply_knobs({"knob_version": 1, "knobs": {"optimizer.lr": 5e-4}})  # live `async-rl set lr=5e-4`
-    lr_after_knob = lrn.optimizer.lr
+    lr_after_knob = b.optimizer.lr
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11, 12]])
     with torch.no_grad():
-        logits = forward_logits(lrn.model.eval(), ids, lrn.shape.vocab)
-    state = gather_hf(lrn.model, lrn.shape, lrn.layout)
+        logits = forward_logits(b.model.eval(), ids, b.shape.vocab)
+    state = gather_hf(b.model, b.shape, b.layout)
     path = None
     if state is not None:
-        path = str(publish(HFExport(state, lrn.hf_config, world["model_sft"]), lrn.tokenizer, run_dir, 1, 2))
+        path = str(publish(HFExport(state, b.hf_config, world["model_sft"]), lrn.tokenizer, run_dir, 1, 2))
     return {"logits": logits, "ids": ids, "path": path, "lr": lr_after_knob}
 
 
@@ -103,7 +104,8 @@ def _resume(world: dict, run_dir: str, parallel: list[str]) -> dict:
     second = _megatron(world, words, run_dir)
     step = second.resume()
     again = [second.train_step(groups(second, seed=s)) for s in (1, 2)]
-    same_params = all(torch.equal(p, q) for p, q in zip(first.model.parameters(), second.model.parameters()))
+    same_params = all(torch.equal(p, q) for p, q in zip(first.backend.model.parameters(),
+                                                          second.backend.model.parameters()))
     return {"step": step, "version": second.version, "same_params": same_params,
             "metrics": [(m["loss/pg"], m["grad_norm"], m["lr"], m["kl"]) for m in after],
             "metrics_again": [(m["loss/pg"], m["grad_norm"], m["lr"], m["kl"]) for m in again]}

@@ -1,0 +1,141 @@
+"""The torch backend (`train_backend: torch`): one process, an HF transformers model on
+`train.learner_device` (fp32 weights and AdamW; bf16 autocast on a GPU with train.bf16), the PPO critic
+when the run has one, micro-batches by gradient accumulation (learners.optim).
+
+Checkpoint part: `model/` (the policy as an HF checkpoint, tied weights not repeated) and `trainer_state.pt`
+(optimizer, RNG streams, critic and reference when present).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from async_rl import config as config_mod
+from learners import checkpoint, losses
+from learners.backend import LossFn, needs_reference
+from learners.batch import TrainBatch
+from learners.critic import Critic
+from learners.optim import accumulate_step, build_optimizer as _build_optimizer, micro_slices
+
+
+def build_optimizer(model: torch.nn.Module, o: config_mod.OptimizerConfig) -> torch.optim.Optimizer:
+    return _build_optimizer(model.parameters(), o)
+
+
+def forward_logits(model, rows: dict) -> torch.Tensor:
+    """Logits of the positions that predict `rows["targets"]`; [B, T-1, V]."""
+    return model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1]
+
+
+def forward_logprobs(model, rows: dict, temperature: float) -> torch.Tensor:
+    return losses.token_logprobs(forward_logits(model, rows), rows["targets"], temperature)
+
+
+class TorchBackend:
+    """learners.backend.Backend on one process."""
+    rank = 0
+
+    def __init__(self, cfg: config_mod.Config):
+        self.cfg = cfg
+        self.device = torch.device(cfg.train.learner_device)
+        self.model, self.optimizer = self.build_policy()
+        self.ref = self._load_reference() if needs_reference(cfg.algo) else None
+        self.critic = (Critic(cfg.ckpt.hf_checkpoint, cfg.algo, cfg.optimizer)
+                       if cfg.algo.advantage_estimator == "ppo" else None)
+        if self.critic is not None:
+            self.critic.model.to(self.device)
+
+    def build_policy(self):
+        """(policy model in train mode, its optimizer)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.hf_checkpoint, dtype=torch.float32)
+        model.to(self.device).train()
+        return model, build_optimizer(model, self.cfg.optimizer)
+
+    def _load_reference(self):
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.ref_load or self.cfg.ckpt.hf_checkpoint,
+                                                   dtype=torch.float32)
+        return ref.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def hf_config(self):
+        return self.model.config
+
+    def autocast(self):
+        """bf16 autocast on a GPU (train.bf16); fp32 master weights and optimizer."""
+        t = self.cfg.train
+        on = t.bf16 and t.train_backend == "torch" and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on) if on else contextlib.nullcontext()
+
+    # ---- forward and update --------------------------------------------------------------------------
+    def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
+        r = self.cfg.rollout
+        model = self.ref if reference else self.model
+        return torch.cat([batch.pad_columns(forward_logprobs(model, batch.select(sl, trim=True),
+                                                             r.rollout_temperature))
+                          for sl in micro_slices(0, len(batch.input_ids), r.micro_batch_size)])
+
+    def train_step(self, batch: TrainBatch, rows: slice, loss_fn: LossFn) -> dict:
+        def micro(sl: slice):
+            part = batch.select(sl, trim=True)
+            return loss_fn(forward_logits(self.model, part), part)
+        return accumulate_step(list(self.model.parameters()), self.optimizer,
+                               micro_slices(rows.start, rows.stop - rows.start, self.cfg.rollout.micro_batch_size),
+                               micro, self.cfg.algo.calculate_per_token_loss, self.cfg.optimizer.clip_grad)
+
+    def refresh_reference(self) -> None:
+        self.ref.load_state_dict(self.model.state_dict())
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ---- weights out: the HF model writes itself (tied weights, generation config as transformers does) ----
+    def hf_weights(self, on_device: bool) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def export_hf(self, weights: dict) -> torch.nn.Module:
+        return self.model
+
+    # ---- one process: nothing to share --------------------------------------------------------------------
+    def broadcast_object(self, obj):
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    # ---- checkpoint part ------------------------------------------------------------------------------
+    def checkpoint_info(self) -> dict:
+        return {}
+
+    def save(self, path: Path) -> None:
+        self.model.save_pretrained(str(path / "model"), safe_serialization=True)
+        extra = {"optimizer": self.optimizer.state_dict(), "rng": checkpoint.rng_state()}
+        if self.critic is not None:
+            extra["critic"] = {"model": self.critic.model.state_dict(),
+                               "optimizer": self.critic.optimizer.state_dict()}
+        if self.ref is not None:
+            extra["ref"] = self.ref.state_dict()
+        torch.save(extra, path / "trainer_state.pt")
+
+    def load(self, path: Path, state: dict) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "model" / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # tied embeddings are not saved
+            raise RuntimeError(f"checkpoint {path}: weights do not fit the model (missing {missing}, "
+                               f"unexpected {unexpected})")
+        extra = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file, written by save()
+        self.optimizer.load_state_dict(extra["optimizer"])
+        if self.critic is not None and "critic" in extra:
+            self.critic.model.load_state_dict(extra["critic"]["model"])
+            self.critic.optimizer.load_state_dict(extra["critic"]["optimizer"])
+        if self.ref is not None and "ref" in extra:
+            self.ref.load_state_dict(extra["ref"])
+        checkpoint.set_rng_state(extra["rng"])
