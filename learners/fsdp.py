@@ -99,24 +99,43 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) 
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Write this rank's shards of model and optimizer into `path` (a DCP checkpoint; every rank calls it)."""
+def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 ref: torch.nn.Module | None = None) -> None:
+    """Write this rank's shards of model, optimizer (and the frozen reference) into `path`, a DCP checkpoint.
+    Every rank calls it; a plain (unsharded) model without a process group writes the same layout."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
-
-
-def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a DCP checkpoint written at any world size into this rank's shards (every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
+    if ref is not None:
+        state["ref"] = get_model_state_dict(ref)
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 ref: torch.nn.Module | None = None) -> None:
+    """Load a DCP checkpoint written at any number of ranks into this rank's shards (or a plain model)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    if ref is not None:
+        state["ref"] = get_model_state_dict(ref)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if ref is not None:
+        set_model_state_dict(ref, state["ref"])
+
+
+def load_rng(path: Path, rank: int) -> None:
+    """This rank's RNG streams from checkpoint `path` (rank 0's when it was written at fewer ranks)."""
+    from learners import checkpoint
+
+    own = path / f"rng_{rank}.pt"
+    checkpoint.set_rng_state(torch.load(own if own.exists() else path / "rng_0.pt", weights_only=False))
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

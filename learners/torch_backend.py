@@ -2,8 +2,10 @@
 `train.learner_device` (fp32 weights and AdamW; bf16 autocast on a GPU with train.bf16), the PPO critic
 when the run has one, micro-batches by gradient accumulation (learners.optim).
 
-Checkpoint part: `model/` (the policy as an HF checkpoint, tied weights not repeated) and `trainer_state.pt`
-(optimizer, RNG streams, critic and reference when present).
+Checkpoint part: `dcp/` (policy, optimizer and reference as a torch.distributed.checkpoint, the layout the
+FSDP backend writes at N ranks, so either resumes the other), `rng_0.pt`, and `trainer_state.pt` with the
+critic when the run has one. Checkpoints of the earlier layout (`model/` as an HF checkpoint and
+`trainer_state.pt` with the optimizer) still load.
 """
 from __future__ import annotations
 
@@ -114,18 +116,31 @@ class TorchBackend:
         return {}
 
     def save(self, path: Path) -> None:
-        self.model.save_pretrained(str(path / "model"), safe_serialization=True)
-        extra = {"optimizer": self.optimizer.state_dict(), "rng": checkpoint.rng_state()}
+        from learners import fsdp
+        fsdp.save_sharded(path / "dcp", self.model, self.optimizer, self.ref)
+        torch.save(checkpoint.rng_state(), path / "rng_0.pt")
         if self.critic is not None:
-            extra["critic"] = {"model": self.critic.model.state_dict(),
-                               "optimizer": self.critic.optimizer.state_dict()}
-        if self.ref is not None:
-            extra["ref"] = self.ref.state_dict()
-        torch.save(extra, path / "trainer_state.pt")
+            torch.save({"critic": {"model": self.critic.model.state_dict(),
+                                   "optimizer": self.critic.optimizer.state_dict()}}, path / "trainer_state.pt")
 
     def load(self, path: Path, state: dict) -> None:
+        from learners import fsdp
+        if not (path / "dcp").exists():
+            return self._load_hf_layout(path)
+        fsdp.load_sharded(path / "dcp", self.model, self.optimizer, self.ref)
+        fsdp.load_rng(path, 0)
+        if self.critic is not None and (path / "trainer_state.pt").exists():
+            extra = torch.load(path / "trainer_state.pt", weights_only=False)  # our own file, written by save()
+            self.critic.model.load_state_dict(extra["critic"]["model"])
+            self.critic.optimizer.load_state_dict(extra["critic"]["optimizer"])
+
+    def _load_hf_layout(self, path: Path) -> None:
+        """A checkpoint written before the dcp/ layout: model/ (HF) + trainer_state.pt."""
         from safetensors.torch import load_file
 
+        if not (path / "model" / "model.safetensors").exists():
+            raise RuntimeError(f"checkpoint {path}: not a torch-backend checkpoint (neither dcp/ nor "
+                               f"model/model.safetensors); resume with the backend that wrote it")
         weights = load_file(str(path / "model" / "model.safetensors"))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # tied embeddings are not saved

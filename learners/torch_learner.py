@@ -1,5 +1,6 @@
 """The torch learner process (`train_backend: torch`): the learner loop (learners.loop) over the torch
-backend (learners.torch_backend: one process, an HF model).
+backend (learners.torch_backend: one process, an HF model), or, when torchrun started this process as one of
+several ranks (train.actor_num_gpus_per_node > 1), over the FSDP2 backend (learners.fsdp_backend).
 
     python -m learners.torch_learner --config C --run-dir D --hub H [--keys K] [--resume]
 """
@@ -10,16 +11,25 @@ from pathlib import Path
 
 from async_rl import config as config_mod
 from learners import loop
+from learners.fsdp import world_from_env
 from learners.torch_backend import TorchBackend
+
+
+def backend_class():
+    """FSDP2 over the ranks torchrun started, else one process (the same checkpoint layout either way)."""
+    if world_from_env()[1] > 1:
+        from learners.fsdp_backend import FsdpBackend
+        return FsdpBackend
+    return TorchBackend
 
 
 def make_learner(cfg: config_mod.Config, run_dir: str | Path, hub_endpoint: str | None,
                  keys_dir: str | None = None) -> loop.Learner:
-    return loop.Learner(cfg, run_dir, hub_endpoint, keys_dir, TorchBackend)
+    return loop.Learner(cfg, run_dir, hub_endpoint, keys_dir, backend_class())
 
 
 def main(argv: list[str] | None = None) -> int:
-    return loop.main(argv, TorchBackend, "async-rl torch learner")
+    return loop.main(argv, backend_class(), "async-rl torch learner")
 
 
 if __name__ == "__main__":

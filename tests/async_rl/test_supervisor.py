@@ -97,13 +97,14 @@ MEGATRON_SITE = Path(__file__).resolve().parents[1] / "learners" / "megatron" / 
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("backend", ["torch", "megatron"])
+@pytest.mark.parametrize("backend", ["torch", "megatron", "torch-dp2"])
 def test_a_learner_killed_between_checkpoints_retrains_the_replayed_batches_exactly(tmp_path, tiny_world, backend,
                                                                                      monkeypatch):
     """save_interval=5, SIGKILL the learner at a step that is no checkpoint step: it resumes from the older
     checkpoint, the hub replays the batches it trained since, and the run ends as if never interrupted. The
-    megatron learner (one rank under torchrun, on CPU through the test-only shim) has its rank process killed."""
-    extra = []
+    megatron learner (one rank under torchrun, on CPU through the test-only shim) and the FSDP2 torch learner
+    (two gloo ranks under torchrun) have one rank process killed."""
+    extra = ["actor_num_gpus_per_node=2"] if backend == "torch-dp2" else []
     if backend == "megatron":
         monkeypatch.setenv("ASYNC_RL_MEGATRON_CPU_SHIM", "1")
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(MEGATRON_SITE), str(Path(__file__).resolve().parents[2]),
@@ -121,7 +122,7 @@ def test_a_learner_killed_between_checkpoints_retrains_the_replayed_batches_exac
                 pytest.fail(f"the run never got between checkpoints: {proc.communicate()[0][-3000:]}")
             time.sleep(0.05)
         learner = json.loads((run_dir / "run.json").read_text())["processes"]["learner"]["pid"]
-        os.kill(_children(learner)[0] if backend == "megatron" else learner, signal.SIGKILL)  # megatron: the rank
+        os.kill(_children(learner)[-1] if backend != "torch" else learner, signal.SIGKILL)  # under torchrun: a rank
         logged = rows_now()
         # what the killed learner trained after its checkpoint (its saved rollouts, read before any retraining)
         first = {step: sorted(g.key for g in load_rollout(p)["groups"])
