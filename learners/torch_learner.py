@@ -64,7 +64,8 @@ def _mean(steps: list[dict], key: str) -> float | None:
 
 # the hub's counters logged every step: accepted == consumed + evicted_stale + evicted_capacity + size + in_flight
 BUFFER_KEYS = ("size", "in_flight", "accepted", "consumed", "evicted_stale", "evicted_capacity", "duplicates",
-               "running", "dropped_filtered", "reclaimed", "malformed", "credits_available", "max_staleness", "replayed")
+               "running", "dropped_filtered", "reclaimed", "malformed", "credits_available", "max_staleness", "replayed",
+               "reissued", "late_duplicates", "reissue_pending")
 
 
 class TorchLearner:
