@@ -14,13 +14,14 @@ from tests.test_e2e import write_config
 CLI = ["-m", "async_rl.launch.cli"]
 
 
-def launch_head(head: Host, world: dict, *overrides: str, num_rollout: int = 100_000) -> tuple:
-    """`async-rl launch` on `head`, bound to its address; returns (process, run_dir, run.json once running).
-    The run is long: tests end it with `stop_run` once they have seen what they came for."""
+def launch_head(head: Host, world: dict, *overrides: str, num_rollout: int = 100_000, options: tuple = ()) -> tuple:
+    """`async-rl launch` on `head`, bound to its address (`options`: more of launch's flags, e.g. --cluster ray);
+    returns (process, run_dir, run.json once running). The run is long: tests end it with `stop_run` once they
+    have seen what they came for."""
     cfg = write_config(head.workdir, world, num_rollout=num_rollout)
     run_dir = head.workdir / "run"
-    proc = head.python([*CLI, "launch", str(cfg), f"cluster.host={head.addr}", *overrides, "--run-dir", str(run_dir)],
-                       "launch.log")
+    proc = head.python([*CLI, "launch", str(cfg), f"cluster.host={head.addr}", *overrides, "--run-dir", str(run_dir),
+                        *options], "launch.log")
 
     def running() -> bool:
         path = run_dir / "run.json"
