@@ -83,8 +83,12 @@ def run_custom_generate(fn, generator, engine: EngineClient, prompts: list[dict]
     r = generator.cfg.rollout
     ctx = GenerateContext(engine, generator.tokenizer, generator.sampling_params(), generator.cfg,
                           r.mask_offpolicy_in_partial_rollout)
-    where = f"rollout.custom_generate_function_path={r.custom_generate_function_path!r}"
+    return generate_with(fn, ctx, prompts, n, f"rollout.custom_generate_function_path={r.custom_generate_function_path!r}")
 
+
+def generate_with(fn, ctx: GenerateContext, prompts: list[dict], n: int, where: str) -> list[Trajectory]:
+    """n samples of each prompt through `fn` under `ctx`, all concurrently, checked; in prompt-major order.
+    `where` names the config field that chose `fn` (in the error a bad trajectory raises)."""
     async def all_samples():
         return await asyncio.gather(*[fn(ctx, prompt) for prompt in prompts for _ in range(n)])
     return [check_trajectory(t, where) for t in asyncio.run(all_samples())]

@@ -26,6 +26,7 @@ from actors.filters import GroupFilter
 from actors.rewards import RewardScorer
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
+from async_rl import protocol
 from async_rl.hub_client import Heartbeat, HubClient, HubTimeout
 from async_rl.plugins import load_function
 from async_rl.types import Group
@@ -101,7 +102,7 @@ class Generator:
 
     # ---- weights ------------------------------------------------------------------------------------
     def _latest(self) -> tuple[int, str]:
-        reply = self.hub_client().request({"type": "STATS"}, timeout=self.cfg.buffer.put_timeout)
+        reply = self.hub_client().request(protocol.Stats(), timeout=self.cfg.buffer.put_timeout)
         return self._localize(int(reply["version"]), str(reply["weights_path"]))
 
     def _localize(self, version: int, path: str) -> tuple[int, str]:
@@ -191,7 +192,8 @@ class Generator:
         else:
             prompt_ids = [self.prompt_ids(p) for p in prompts]
             samples = rollout.generate_samples(engine.client, [ids for ids in prompt_ids for _ in range(n)],
-                                               self.sampling_params(), r.partial_rollout)
+                                               self.sampling_params(), r.partial_rollout,
+                                               max_context_len=r.rollout_max_context_len)
             trajs = [rollout.to_trajectory(s, self.tokenizer.decode(s.output_ids, skip_special_tokens=True),
                                            r.mask_offpolicy_in_partial_rollout) for s in samples]
         return [self.make_group(p, trajs[i * n:(i + 1) * n]) for i, p in enumerate(prompts)]
@@ -213,8 +215,8 @@ class Generator:
         the key (generator_id, seq) lets the hub count a resent DROP once. `stats` carries the work it cost
         (as PUT's does), so generation throughput still counts it."""
         stats = {"gen_tokens": sum(len(t.response_ids) for t in group.trajectories), "busy_s": busy_s}
-        self.hub_client().request({"type": "DROP", "generator_id": self.generator_id, "seq": group.seq,
-                                   "prompt_index": group.prompt_index, "stats": stats},
+        self.hub_client().request(protocol.Drop(generator_id=self.generator_id, seq=group.seq,
+                                                prompt_index=group.prompt_index, stats=stats),
                                   timeout=None, should_stop=lambda: self.stopping)
         self.dropped_groups += 1
 
@@ -259,8 +261,8 @@ class Generator:
 
     def _acquire(self) -> dict | None:
         try:
-            reply = self.hub.request({"type": "ACQUIRE", "generator_id": self.generator_id,
-                                      "acquire_seq": self.acquire_seq, "max_groups": self.acquire_max_groups},
+            reply = self.hub.request(protocol.Acquire(generator_id=self.generator_id, acquire_seq=self.acquire_seq,
+                                                      max_groups=self.acquire_max_groups),
                                      timeout=None, should_stop=self._should_stop)
         except HubTimeout:
             return None  # asked to stop while waiting
@@ -296,9 +298,8 @@ class Generator:
     def deliver(self, groups: list[Group], busy: float, tokens: int, should_stop=None) -> None:
         """All groups of one engine call in one PUT: one round trip and one WAL fsync, not one per group."""
         if groups:
-            self.hub_client().request({"type": "PUT", "groups": [g.to_wire() for g in groups],
-                                       "stats": {"gen_tokens": tokens, "busy_s": busy}},
-                                      timeout=None, should_stop=should_stop)
+            self.hub_client().put(groups, {"gen_tokens": tokens, "busy_s": busy}, timeout=None,
+                                  should_stop=should_stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ Invariants:
 - A sample's tokens, logprobs and versions stay aligned: a sample interrupted by a weight update
   (finish_reason abort) is resubmitted until it finishes, either from its tokens so far (partial_rollout:
   kept with the versions and logprobs that produced them; the engine recomputes their KV) or from scratch
-  (everything it had is dropped). The response budget (max_new_tokens) is the same either way.
+  (everything it had is dropped). The response budget is the same either way: max_new_tokens, cut with
+  `max_context_len` (rollout.rollout_max_context_len) so that prompt + response never exceeds it.
 - With mask_offpolicy_in_partial_rollout, a trajectory's `loss_mask` is 1 exactly on the tokens of its
   newest version.
 """
@@ -36,15 +37,23 @@ class Sample:
         self.output_ids, self.logprobs, self.versions = [], [], []
 
 
+def response_budget(max_new_tokens: int, prompt_len: int, max_context_len: int = 0) -> int:
+    """Tokens a response may have: max_new_tokens, and with a context limit (> 0) at most what the prompt leaves
+    of it (at least 1: prompts longer than max_context_len - 1 are dropped at load)."""
+    if not max_context_len:
+        return max_new_tokens
+    return max(1, min(max_new_tokens, max_context_len - prompt_len))
+
+
 def generate_samples(engine: EngineClient, prompts: list[list[int]], params: dict, partial_rollout: bool,
-                     max_resubmits: int = 1000) -> list[Sample]:
+                     max_resubmits: int = 1000, max_context_len: int = 0) -> list[Sample]:
     """One sample per prompt (repeat a prompt for several); `params` are SGLang sampling params."""
     samples = [Sample(list(p)) for p in prompts]
-    budget = int(params["max_new_tokens"])
+    budgets = [response_budget(int(params["max_new_tokens"]), len(p), max_context_len) for p in prompts]
     pending = list(range(len(samples)))
     while pending:
         inputs = [samples[i].prompt_ids + samples[i].output_ids for i in pending]
-        per_sample = [{**params, "max_new_tokens": budget - len(samples[i].output_ids)} for i in pending]
+        per_sample = [{**params, "max_new_tokens": budgets[i] - len(samples[i].output_ids)} for i in pending]
         results = engine.generate(inputs, per_sample, return_logprob=True)
         again = []
         for i, res in zip(pending, results):
@@ -55,7 +64,7 @@ def generate_samples(engine: EngineClient, prompts: list[list[int]], params: dic
                 continue
             s.extend(res) if partial_rollout else s.restart()
             s.resubmits += 1
-            if len(s.output_ids) >= budget:
+            if len(s.output_ids) >= budgets[i]:
                 s.finish_reason = "length"
             elif s.resubmits > max_resubmits:
                 raise RuntimeError(f"sample aborted {s.resubmits} times in a row; is something aborting every "

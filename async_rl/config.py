@@ -90,6 +90,8 @@ class RolloutConfig:
     rollout_health_check_first_wait: float = knob(0.0, "use_fault_tolerance: seconds after an engine (re)starts before its first health check.")
     custom_generate_function_path: str = knob("", "Dotted path of an async fn(ctx: actors.custom_generate.GenerateContext, prompt: dict) -> async_rl.types.Trajectory that generates one sample (several turns, tool calls); its loss_mask must cover model-generated tokens only. Built-in example: actors.tools.calculator_generate.")
     rollout_function_path: str = knob("", "Dotted path of fn(generator: actors.generator.Generator, prompts: list[dict]) -> list[async_rl.types.Group] replacing the whole rollout of one engine call (unscored groups; rewards and filters still apply).")
+    custom_config_path: str = knob("", "YAML file of `key: value` settings (slime's --custom-config-path), read once at launch into custom_config: keys that name config fields (bare, dotted, or a section map) set them, after the YAML and the key=value words; every other key is a setting for the run's plug-ins, which read them with async_rl.plugins.custom_config(). Empty = none.")
+    custom_config: dict = knob({}, "The content of custom_config_path (filled at launch and kept in run_dir/config.yaml, so every process and host sees the same settings); may also be written here as a map.")
     rollout_batch_size: int = knob(8, "Prompts (groups) consumed per learner step.")
     n_samples_per_prompt: int = knob(8, "Responses generated per prompt (a group, for GRPO).")
     global_batch_size: int = knob(0, "Samples per optimizer step; 0 = rollout_batch_size * n_samples_per_prompt / num_steps_per_rollout.")
@@ -98,6 +100,7 @@ class RolloutConfig:
     num_rollout: int = knob(50, "Learner steps to run; the run ends after this many. 0 = num_epoch passes over the prompt data (num_epoch * prompts // rollout_batch_size steps, resolved at launch).")
     num_epoch: int = knob(1, "With num_rollout=0: passes over the prompt data (after the rollout_max_prompt_len filter) that make up the run.")
     rollout_max_response_len: int = knob(8, "Max new tokens per response (SGLang's max_new_tokens).")
+    rollout_max_context_len: int = knob(0, "Max tokens of prompt plus response in generation (slime's): every request's max_new_tokens is cut to this minus its prompt's length (evals too), and with data.rollout_max_prompt_len=0 prompts longer than this - 1 are dropped at load (so each sample has at least one response token); must not exceed max_position_embeddings of ckpt.hf_checkpoint's config.json. A custom generate function reads it from ctx.cfg to budget its turns. 0 = no limit (rollout_max_response_len alone bounds a response).")
     rollout_temperature: float = knob(1.0, "Sampling temperature (the learner scales logits by it too).")
     rollout_top_p: float = knob(1.0, "Top-p (nucleus) sampling.")
     rollout_top_k: int = knob(-1, "Top-k sampling; -1 disables.")
@@ -148,6 +151,7 @@ class EvalConfig:
     eval_label_key: str = knob("", "Key of the label in the eval files; empty = data.label_key.")
     eval_tool_key: str = knob("", "Key of per-prompt tool specs in the eval files; empty = data.tool_key.")
     eval_reward_key: str = knob("", "When the reward fn returns a dict, the entry evals score by; empty = rollout.reward_key.")
+    eval_function_path: str = knob("", "Dotted path of the async fn(ctx: actors.custom_generate.GenerateContext, prompt: dict) -> async_rl.types.Trajectory that generates each eval response (the signature of rollout.custom_generate_function_path; ctx.sampling_params are the eval's); empty = rollout.custom_generate_function_path when set (as slime defaults to the rollout's), else one plain /generate call per response. Unlike slime's, it generates one sample, not a whole eval rollout; a rollout.rollout_function_path does not apply to evals.")
 
 
 @dataclass
@@ -178,6 +182,7 @@ class AlgoConfig:
     tis_level: Literal["token", "sequence_product", "sequence_geometric"] = knob("token", "Importance ratio per `token`, or per sample: `sequence_product` (product of token ratios) or `sequence_geometric` (their geometric mean).")
     tis_mode: Literal["truncate", "mask"] = knob("truncate", "`truncate` (TIS: clamp the ratio into [tis_clip_low, tis_clip]) or `mask` (MIS/IcePop: zero tokens, or whole samples at sequence levels, whose ratio leaves that band).")
     custom_tis_function_path: str = knob("", "Dotted path of fn(logp_old, logp_behavior, mask, algo) -> weights, all [B, T] float tensors (weights multiply each token's pg term; return 0 to drop a token); replaces tis_level/tis_mode. Needs use_tis.")
+    rollout_data_postprocess_path: str = knob("", "Dotted path of fn(cfg, step: int, batch: learners.batch.TrainBatch) -> None that edits each learner step's batch in place (slime's --rollout-data-postprocess-path, e.g. to change the loss mask): it runs once logp_old, ref_logp, values and advantages are filled ([B, T-1] tensors on response-predicting positions), before importance weights and the loss; mask, advantages, returns and rewards must keep their shapes. The batch is this learner step's (rollout_batch_size groups), not a whole synchronous rollout.")
     use_rollout_logprobs: bool = knob(False, "Use the engine's logprobs as logp_old (no recomputation; the importance weight is then 1).")
     value_clip: float = knob(0.2, "ppo critic: clip of the value update around the old value.")
     critic_lr: float = knob(0.0, "ppo critic learning rate; 0 = optimizer.lr.")
@@ -245,7 +250,7 @@ class TrainConfig:
     """The learner process."""
     train_backend: Literal["torch", "megatron"] = knob("torch", "`torch` (HF model, CPU or GPU) or `megatron` (megatron-core GPTModel built from the HF config, Llama/Qwen2/Qwen3; CUDA GPUs: `pip install -e .[megatron]`).")
     seed: int = knob(1234, "Seed of model-side randomness (learner and engines).")
-    actor_num_gpus_per_node: int = knob(1, "Learner processes (one per GPU) on this node; megatron: data parallel size = this / (tensor * pipeline * context parallel sizes). torch: 1.")
+    actor_num_gpus_per_node: int = knob(1, "Learner processes (one per GPU) on this node. megatron: data parallel size = this / (tensor * pipeline * context parallel sizes). torch: FSDP2 data-parallel ranks (learners/fsdp.py; NCCL, one GPU each, with learner_device=cuda; gloo ranks on the CPU with learner_device=cpu); rank 0 talks to the hub.")
     tensor_model_parallel_size: int = knob(1, "megatron: GPUs each layer's weights are split across (TP); must divide the attention and KV head counts.")
     pipeline_model_parallel_size: int = knob(1, "megatron: pipeline stages (PP): Megatron's 1F1B schedule over the micro-batches (stages exchange activation shapes, so dynamic micro-batches work); weights convert and gather per stage.")
     context_parallel_size: int = knob(1, "megatron: GPUs a sequence is split across (CP); needs Transformer Engine attention, so only 1 for now.")
@@ -253,11 +258,14 @@ class TrainConfig:
     use_dynamic_batch_size: bool = knob(False, "megatron: form micro-batches by a token budget (max_tokens_per_gpu, padded tokens) instead of micro_batch_size samples; each micro-batch is cut to its longest row.")
     max_tokens_per_gpu: int = knob(0, "megatron: token budget of one training micro-batch per GPU (rows x longest row) with use_dynamic_batch_size.")
     log_probs_max_tokens_per_gpu: int = knob(0, "megatron: token budget of one logprob-recomputation micro-batch with use_dynamic_batch_size; 0 = max_tokens_per_gpu.")
-    balance_data: bool = knob(False, "megatron: deal each global batch's samples to data-parallel ranks so their token counts are balanced (equal sample counts), instead of in order.")
+    balance_data: bool = knob(False, "Both backends: deal each global batch's samples to data-parallel ranks so their token counts are balanced (equal sample counts), instead of in order.")
     recompute_granularity: Literal["", "full", "selective"] = knob("", "megatron activation recomputation: `` (off), `full` (whole layers; recompute_method + recompute_num_layers) or `selective` (core attention only).")
     recompute_method: Literal["", "uniform", "block"] = knob("", "megatron, recompute_granularity=full: `uniform` (every recompute_num_layers layers as a unit) or `block` (the first recompute_num_layers layers of each stage).")
     recompute_num_layers: int = knob(0, "megatron, recompute_granularity=full: layers per recompute unit (uniform) or layers recomputed (block).")
+    distributed_timeout_minutes: float = knob(10.0, "megatron: minutes a collective of the learner's process groups (the default group, Megatron's model-parallel groups, the gloo groups for objects and pipeline stages) may wait for a rank before it fails (slime's --distributed-timeout-minutes, its default 10); the failed rank exits and the launcher's supervisor restarts the learner (cluster.max_restarts). Fractions are allowed (slime takes whole minutes). The weight-broadcast group to engines keeps its own, shorter, limit: max(60 s, cluster.startup_timeout).")
     bf16: bool = knob(False, "GPU only. megatron: bf16 parameters and activations with fp32 main weights, gradients and Adam states (Megatron's mixed-precision optimizer). torch: bf16 autocast of the forward passes (fp32 weights and AdamW). false = fp32.")
+    gradient_checkpointing: bool = knob(False, "torch: recompute each decoder layer's activations in the backward pass (HF gradient checkpointing; slime's FSDP name): less activation memory for ~1/3 more compute. megatron: use recompute_granularity.")
+    fsdp_cpu_offload: bool = knob(False, "torch with actor_num_gpus_per_node > 1: keep the sharded parameters, gradients and AdamW states in host memory (FSDP2 CPUOffloadPolicy; the optimizer steps on the CPU), copying each layer to the GPU for its forward/backward; slime's `optimizer=deepspeed_cpu_adam` does the same.")
     learner_device: str = knob("cpu", "train_backend=torch: torch device of the learner (`cpu`, `cuda`, `cuda:N`); the megatron backend always uses its rank's GPU.")
 
 
@@ -332,6 +340,14 @@ def _coerce(sec: str, name: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: must be true or false")
+    if typ is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a map such as {{threshold: 0.5}}")
+        return dict(value)
     if typ is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip() else []
@@ -396,6 +412,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> C
     cfg = from_dict(data)
     for word in overrides:
         apply(cfg, *parse_override(word))
+    from async_rl import custom_config  # slime's --custom-config-path, applied last as slime does
+    custom_config.apply(cfg)
     finalize(cfg)
     return cfg
 

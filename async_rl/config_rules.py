@@ -112,6 +112,23 @@ def _rollout_rules(cfg: "Config") -> None:
     _batch_sizes(r)
     _engine_rules(r)
     _data_rules(cfg.data)
+    _context_rules(r, cfg.data)
+
+
+def _context_rules(r, d) -> None:
+    """rollout_max_context_len bounds prompt + response: prompts must leave room for one response token."""
+    _at_least("rollout", r, "rollout_max_context_len", 0)
+    if not r.rollout_max_context_len:
+        return
+    if r.rollout_max_context_len < 2:
+        raise _err(f"rollout.rollout_max_context_len={r.rollout_max_context_len}: must be >= 2 (a prompt token and "
+                   f"a response token), or 0 for no limit")
+    if not d.rollout_max_prompt_len:  # slime's default: the longest prompt that leaves one token to generate
+        d.rollout_max_prompt_len = r.rollout_max_context_len - 1
+    elif d.rollout_max_prompt_len > r.rollout_max_context_len - 1:
+        raise _err(f"data.rollout_max_prompt_len={d.rollout_max_prompt_len}: must be at most rollout_max_context_len"
+                   f" - 1 = {r.rollout_max_context_len - 1} (room for a response token); lower it, or set it to 0 to "
+                   f"take that default")
 
 
 def _engine_rules(r) -> None:
@@ -309,6 +326,7 @@ def _algo_kl_rules(a) -> None:
 
 
 def _algo_plugin_rules(a) -> None:
+    _dotted_path("algo", a, "rollout_data_postprocess_path")
     if a.loss_type == "custom_loss" and not a.custom_loss_function_path:
         raise _err("algo.loss_type='custom_loss': needs custom_loss_function_path=module.fn "
                    "(fn(logp, batch, algo) -> (loss, metrics))")
@@ -410,6 +428,7 @@ def _eval_rules(e) -> None:
     for name in ("eval_interval",):
         _at_least("eval", e, name, 0)
     _at_least("eval", e, "n_samples_per_eval_prompt", 1)
+    _dotted_path("eval", e, "eval_function_path")
     _at_least("eval", e, "eval_temperature", 0)
     if not 0 < e.eval_top_p <= 1:
         raise _err(f"eval.eval_top_p={e.eval_top_p}: must be in (0, 1]")
@@ -425,6 +444,8 @@ def _eval_rules(e) -> None:
 
 def _train_rules(cfg: "Config") -> None:
     t = cfg.train
+    if t.distributed_timeout_minutes <= 0:
+        raise _err(f"train.distributed_timeout_minutes={t.distributed_timeout_minutes}: must be > 0 minutes")
     for name in ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size"):
         _at_least("train", t, name, 1)
@@ -436,9 +457,9 @@ def _train_rules(cfg: "Config") -> None:
         _megatron_rules(cfg)
 
 
-_MEGATRON_ONLY = ("actor_num_gpus_per_node", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+_MEGATRON_ONLY = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "context_parallel_size", "sequence_parallel", "use_dynamic_batch_size", "max_tokens_per_gpu",
-                  "log_probs_max_tokens_per_gpu", "balance_data", "recompute_granularity", "recompute_method",
+                  "log_probs_max_tokens_per_gpu", "recompute_granularity", "recompute_method",
                   "recompute_num_layers")
 
 
@@ -474,11 +495,38 @@ def _torch_backend_rules(cfg: "Config") -> None:
         if getattr(cfg.train, name) != getattr(default_t, name):
             raise _err(f"train.{name}={getattr(cfg.train, name)!r}: only train_backend=megatron uses it; set "
                        f"train_backend=megatron, or {name}={getattr(default_t, name)!r}")
+    _fsdp_rules(cfg)
     for name in ("lr_decay_style", "lr_warmup_iters", "warmup_ratio"):
         if getattr(cfg.optimizer, name) != getattr(default_o, name):
             raise _err(f"optimizer.{name}={getattr(cfg.optimizer, name)!r}: learning-rate schedules are applied "
                        f"by train_backend=megatron only; set train_backend=megatron, or "
                        f"{name}={getattr(default_o, name)!r}")
+
+
+def _fsdp_rules(cfg: "Config") -> None:
+    """The torch learner at several ranks (learners/fsdp.py)."""
+    t, r = cfg.train, cfg.rollout
+    dp = t.actor_num_gpus_per_node
+    if t.fsdp_cpu_offload and (dp == 1 or not t.learner_device.startswith("cuda")):
+        raise _err(f"train.fsdp_cpu_offload=True: offloads a sharded GPU learner's states to the host; it needs "
+                   f"learner_device=cuda and actor_num_gpus_per_node > 1 (now {t.learner_device!r}, {dp}); set "
+                   f"fsdp_cpu_offload=false")
+    if dp == 1:
+        return
+    per_step = r.rollout_batch_size * r.n_samples_per_prompt
+    for name, size in (("rollout.global_batch_size", r.global_batch_size), ("rollout_batch_size x n_samples_per_prompt", per_step)):
+        if size % dp:
+            raise _err(f"{name}={size}: every one of the learner's {dp} data-parallel ranks "
+                       f"(train.actor_num_gpus_per_node) trains an equal share; make it a multiple of {dp}")
+    if cfg.algo.advantage_estimator == "ppo":
+        raise _err(f"algo.advantage_estimator='ppo' with train.actor_num_gpus_per_node={dp}: the PPO critic is not "
+                   f"sharded; train it at one rank (actor_num_gpus_per_node=1) or use grpo, gspo or reinforce_plus_plus")
+    if r.update_weight_mode == "tensor":
+        raise _err(f"rollout.update_weight_mode='tensor' with train.actor_num_gpus_per_node={dp}: CUDA IPC handover "
+                   f"is built for one learner rank; use update_weight_mode=broadcast or disk")
+    if t.learner_device not in ("cpu", "cuda"):
+        raise _err(f"train.learner_device={t.learner_device!r} with actor_num_gpus_per_node={dp}: each rank takes "
+                   f"its own GPU (cuda:LOCAL_RANK); set learner_device=cuda (or cpu for gloo ranks)")
 
 
 def _megatron_rules(cfg: "Config") -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from async_rl import config as config_mod
-from async_rl import wire
+from async_rl import protocol, wire
 from async_rl.hub_client import HubClient, HubTimeout
 from async_rl.types import Group
 
@@ -107,9 +107,8 @@ def run_sink(cfg: config_mod.Config, run_dir: Path, client: HubClient, resume: b
     try:
         while step < cfg.rollout.num_rollout and not should_stop():
             try:
-                reply = client.request({"type": "SAMPLE", "learner_id": "learner", "version": 0, "ack_lease": lease,
-                                        "num_groups": cfg.rollout.rollout_batch_size}, timeout=None,
-                                       should_stop=should_stop)
+                reply = client.request(protocol.Sample(num_groups=cfg.rollout.rollout_batch_size, ack_lease=lease),
+                                       timeout=None, should_stop=should_stop)
             except HubTimeout:
                 break
             lease, groups = reply["lease"], [Group.from_wire(g) for g in reply["groups"]]
@@ -123,7 +122,7 @@ def run_sink(cfg: config_mod.Config, run_dir: Path, client: HubClient, resume: b
                         **{f"buffer/{k}": stats.get(k) for k in BUFFER_KEYS}})
             step += 1
         if lease:
-            client.request({"type": "ACK", "learner_id": "learner", "lease": lease}, timeout=60)
+            client.request(protocol.Ack(lease=lease), timeout=60)
     finally:
         writer.close()
     return 0
@@ -142,8 +141,7 @@ def run_feeder(cfg: config_mod.Config, client: HubClient, should_stop) -> int:
             time.sleep(0.05)
         if should_stop():
             return 0
-        client.request({"type": "PUT", "groups": [g.to_wire() for g in data["groups"]], "stats": {}},
-                       timeout=None, should_stop=should_stop)
+        client.put(data["groups"], {}, timeout=None, should_stop=should_stop)
         print(f"feeder: rollout {rollout_id} ({len(data['groups'])} groups, version {data['version']}) in the hub",
               flush=True)
     return 0
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_mod.load(args.config)
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    client = HubClient(args.hub, identity="learner" if args.role == "sink" else "feeder", keys_dir=args.keys,
+    client = HubClient(args.hub, identity=protocol.LEARNER_ID if args.role == "sink" else "feeder", keys_dir=args.keys,
                        resend_after=cfg.buffer.put_timeout)
     try:
         if args.role == "sink":

@@ -1,5 +1,8 @@
 """Client of the buffer hub, shared by generators, learners and the CLI (they may not import `buffer/`).
 
+Requests are built with async_rl/protocol.py (`client.request(protocol.Sample(num_groups=4, version=v))`);
+replies come back as maps (their fields are listed there).
+
 Delivery: every request carries a request id (`rid`); when no reply comes within `resend_after` seconds
 the client reconnects (a fresh socket: a dead TCP connection may hold the old copy) and resends the
 same request with the same rid. Every hub request is idempotent (PUT by group key, ACQUIRE by
@@ -17,7 +20,8 @@ from typing import Callable
 
 import zmq
 
-from async_rl import wire
+from async_rl import protocol, wire
+from async_rl.types import Group
 
 
 _SOCKETS = itertools.count()
@@ -66,9 +70,11 @@ class HubClient:
         self.sock.close()
         self.sock = self._new_socket()
 
-    def request(self, msg: dict, timeout: float | None = 30.0,
+    def request(self, req: protocol.Request | dict, timeout: float | None = 30.0,
                 should_stop: Callable[[], bool] | None = None) -> dict:
-        """Send `msg` until the reply with its rid arrives; `timeout=None` waits until `should_stop()`."""
+        """Send `req` until the reply with its rid arrives; `timeout=None` waits until `should_stop()`.
+        A raw map is sent as it is (tests and benchmarks that send what no constructor would build)."""
+        msg = req.to_msg() if isinstance(req, protocol.Request) else req
         rid = f"{self._name}-{os.getpid()}-{next(self._ids)}"
         payload = wire.encode({**msg, "rid": rid})
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -94,19 +100,19 @@ class HubClient:
             self.reconnect()
             backoff = min(backoff * 2 + 0.1, 5.0)
 
-    def put(self, group_wire: dict, stats: dict, timeout: float | None = None,
+    def put(self, groups: list[Group], stats: dict, timeout: float | None = None,
             should_stop: Callable[[], bool] | None = None) -> dict:
-        """Deliver a group at least once (the hub stores it exactly once)."""
-        return self.request({"type": "PUT", "group": group_wire, "stats": stats}, timeout=timeout,
-                            should_stop=should_stop)
+        """Deliver groups at least once, in one PUT (the hub stores each exactly once); `stats` is the work
+        they cost (gen_tokens, busy_s)."""
+        return self.request(protocol.Put.of(groups, stats), timeout=timeout, should_stop=should_stop)
 
     def update_priorities(self, updates: list[list], timeout: float = 30.0) -> dict:
         """Set held groups' priorities by key: `updates` = [[generator_id, seq, priority], ...]. Keys no
         longer held (consumed or evicted) are counted by the hub (`priority_updates_unknown`), not errors."""
-        return self.request({"type": "PRIORITY", "updates": updates}, timeout=timeout)
+        return self.request(protocol.Priority(updates=updates), timeout=timeout)
 
     def stats(self, timeout: float = 2.0) -> dict:
-        return self.request({"type": "STATS"}, timeout=timeout)["stats"]
+        return self.request(protocol.Stats(), timeout=timeout)["stats"]
 
     def close(self) -> None:
         self.sock.close()
@@ -125,10 +131,11 @@ class Heartbeat(threading.Thread):
         sock = _socket(zmq.Context.instance(), self.endpoint, f"{self.generator_id}-hb-{os.getpid()}".encode(),
                        self.keys_dir)
         sock.setsockopt(zmq.SNDHWM, 4)  # while the hub is down, keep only a few beats queued
+        beat = wire.encode(protocol.Heartbeat(generator_id=self.generator_id).to_msg())
         try:
             while not self._stop_event.wait(self.interval):
                 try:
-                    sock.send(wire.encode({"type": "HEARTBEAT", "generator_id": self.generator_id}), zmq.NOBLOCK)
+                    sock.send(beat, zmq.NOBLOCK)
                 except zmq.Again:
                     pass
         finally:

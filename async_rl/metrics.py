@@ -45,18 +45,21 @@ class MetricsWriter:
 def wandb_init_args(cfg: Config, run_dir: str | Path) -> dict:
     """wandb.init's arguments from the logging section (slime's --wandb-* options)."""
     lg = cfg.logging
+    config = cfg.to_dict()
+    if lg.wandb_key:  # the run's config is uploaded with it: never the key
+        config["logging"]["wandb_key"] = "(set)"
     args = {"project": lg.wandb_project, "mode": lg.wandb_mode, "dir": lg.wandb_dir or str(run_dir),
-            "config": cfg.to_dict(), "name": Path(run_dir).resolve().name}
+            "config": config, "name": Path(run_dir).resolve().name}
     if lg.wandb_group:
         args["group"] = lg.wandb_group
     if lg.wandb_team:
         args["entity"] = lg.wandb_team
     if lg.wandb_run_id:
         args.update(id=lg.wandb_run_id, resume="allow")
-    if lg.wandb_host or lg.wandb_key:
-        import wandb
-        args["settings"] = wandb.Settings(**({"base_url": lg.wandb_host} if lg.wandb_host else {}),
-                                          **({"api_key": lg.wandb_key} if lg.wandb_key else {}))
+    settings = {**({"base_url": lg.wandb_host} if lg.wandb_host else {}),
+                **({"api_key": lg.wandb_key} if lg.wandb_key else {})}
+    if settings:  # wandb.init takes its settings as a map too
+        args["settings"] = settings
     return args
 
 

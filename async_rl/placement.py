@@ -88,7 +88,7 @@ def gpus_per_engine(cfg) -> int:
 
 
 def learner_gpu_count(cfg) -> int:
-    return cfg.train.actor_num_gpus_per_node if cfg.train.train_backend == "megatron" else 1
+    return cfg.train.actor_num_gpus_per_node  # megatron ranks, or the torch learner's FSDP ranks
 
 
 def check(cfg) -> None:
@@ -114,7 +114,7 @@ def check(cfg) -> None:
         want = learner_gpu_count(cfg)
         if len(c.learner_gpus) != want:
             raise ConfigError(f"cluster.learner_gpus={c.learner_gpus}: the learner takes {want} GPU(s) "
-                              f"(train.actor_num_gpus_per_node for megatron, 1 for torch); list {want}, or []")
+                              f"(train.actor_num_gpus_per_node); list {want}, or []")
         if cfg.train.train_backend == "torch" and cfg.train.learner_device not in ("cuda", "cuda:0"):
             raise ConfigError(f"cluster.learner_gpus={c.learner_gpus}: the torch learner runs on train.learner_device="
                               f"{cfg.train.learner_device!r}; set learner_device=cuda, or learner_gpus=[]")
@@ -140,6 +140,8 @@ def assignment(cfg) -> dict[str, list[int]]:
         if c.learner_gpus:
             out["learner"] = list(c.learner_gpus)
         elif t.train_backend == "megatron":
+            out["learner"] = list(range(t.actor_num_gpus_per_node))
+        elif t.learner_device.startswith("cuda") and t.actor_num_gpus_per_node > 1:  # FSDP: one GPU a rank
             out["learner"] = list(range(t.actor_num_gpus_per_node))
         elif t.learner_device.startswith("cuda"):
             out["learner"] = [_device_index(t.learner_device)]

@@ -10,6 +10,21 @@ class PluginError(ValueError):
     pass
 
 
+_CUSTOM_CONFIG: dict = {}
+
+
+def custom_config() -> dict:
+    """The settings of rollout.custom_config_path (slime's --custom-config-path) of the config this process
+    loaded last: what a reward, filter or loss plug-in reads its own parameters from, e.g.
+    `custom_config().get("min_len", 10)`."""
+    return dict(_CUSTOM_CONFIG)
+
+
+def set_custom_config(settings: dict) -> None:
+    global _CUSTOM_CONFIG
+    _CUSTOM_CONFIG = dict(settings)
+
+
 def load_function(path: str, field: str, num_params: int | None = None) -> Callable:
     """Import `module.attr` named by config field `field`; check it is callable with `num_params` args."""
     module_name, _, attr = path.rpartition(".")

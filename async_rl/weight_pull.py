@@ -36,7 +36,7 @@ from pathlib import Path
 
 import zmq
 
-from async_rl import wire
+from async_rl import protocol, wire
 from async_rl.weight_server import DIGESTS
 
 STREAMS = 2  # connections a pull uses at once (see the module docstring)
@@ -72,8 +72,9 @@ class WeightPuller:
         sock.connect(self.endpoint)
         return sock
 
-    def _ask(self, msg: dict, timeout: float) -> dict:
+    def _ask(self, req: protocol.Request, timeout: float) -> dict:
         """One small request, resent on a fresh socket until answered or `timeout`."""
+        msg = req.to_msg()
         deadline = time.monotonic() + timeout
         rid = f"{os.getpid()}-{next(self._rids)}"
         while time.monotonic() < deadline:
@@ -93,7 +94,7 @@ class WeightPuller:
         raise TimeoutError(f"{msg['type']}: no answer from the weight server {self.endpoint} in {timeout:.0f}s")
 
     def latest(self, timeout: float = 60.0) -> int:
-        return int(self._ask({"type": "VERSIONS"}, timeout)["latest"])
+        return int(self._ask(protocol.Versions(), timeout)["latest"])
 
     # ---- a pull ----------------------------------------------------------------------------------
     def pull(self, version: int, timeout: float = 600.0) -> Path:
@@ -128,7 +129,7 @@ class WeightPuller:
             return False
 
     def _pull(self, version: int, final: Path, deadline: float) -> None:
-        manifest = self._ask({"type": "MANIFEST", "version": version}, max(1.0, deadline - time.monotonic()))
+        manifest = self._ask(protocol.Manifest(version=version), max(1.0, deadline - time.monotonic()))
         partial, journal = self.dest / f".v{version}.partial", self.dest / f".v{version}.journal"
         entries = {f["name"]: f for f in manifest["files"]}
         if manifest.get("checksum") not in DIGESTS:
@@ -181,8 +182,8 @@ class WeightPuller:
                     while todo and len(asked) < self.window:
                         name, index = todo.popleft()
                         rid = f"{os.getpid()}-{next(self._rids)}"
-                        sock.send(wire.encode({"type": "CHUNK", "version": version, "name": name, "index": index,
-                                               "rid": rid}))
+                        sock.send(wire.encode(protocol.Chunk(version=version, name=name, index=index,
+                                                             rid=rid).to_msg()))
                         asked[rid] = (name, index)
                 if time.monotonic() > deadline:
                     missing = len(todo) + sum(map(len, outstanding))

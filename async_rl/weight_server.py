@@ -4,7 +4,8 @@ share the run's filesystem (`async-rl attach --hub ...`; the puller is async_rl/
 Run: `python -m async_rl.weight_server --root RUN/weights --initial HF_CHECKPOINT --bind tcp://HOST:PORT
 [--keys DIR] [--endpoint-file F] [--chunk-bytes N]` (the launcher starts it when cluster.serve_weights asks).
 
-Requests are one msgpack frame (async_rl.wire) with a `rid` echoed in the reply:
+Requests (async_rl/protocol.py: Versions, Manifest, Chunk) are one msgpack frame (async_rl.wire) with a `rid`
+echoed in the reply:
 - `VERSIONS` -> `{versions: [...], latest}`: what can be pulled now (version 0 is the initial checkpoint).
 - `MANIFEST {version}` -> `{version, chunk_bytes, checksum, files: [{name, size, digests: [one per chunk]}]}`.
 - `CHUNK {version, name, index}` -> header `{version, name, index, offset, size, digest}` + one raw frame.
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import zmq
 
-from async_rl import wire
+from async_rl import protocol, wire
 
 CHUNK_BYTES = 4 * 2**20
 
@@ -132,22 +133,24 @@ class WeightStore:
 
 
 def handle(store: WeightStore, msg: dict) -> tuple[dict, bytes | None]:
-    """The reply to one request: (header, raw chunk or None). Never raises."""
-    rid, kind = msg.get("rid"), msg.get("type")
+    """The reply to one request (async_rl/protocol.py: VERSIONS, MANIFEST, CHUNK): (header, raw chunk or
+    None). Never raises."""
+    rid = msg.get("rid") if isinstance(msg, dict) else None
     try:
-        if kind == "VERSIONS":
+        req = protocol.parse(msg, protocol.WEIGHT_REQUESTS)
+        if isinstance(req, protocol.Versions):
             versions = store.versions()
             return {"rid": rid, "type": "VERSIONS", "versions": versions, "latest": versions[-1] if versions else -1}, None
-        if kind == "MANIFEST":
-            return {"rid": rid, "type": "MANIFEST", **store.manifest(int(msg["version"]))}, None
-        if kind == "CHUNK":
-            head, data = store.chunk(int(msg["version"]), str(msg["name"]), msg["index"])
-            return {"rid": rid, "type": "CHUNK", **head}, data
-        return {"rid": rid, "type": "ERROR", "error": f"type={kind!r}: expected VERSIONS, MANIFEST or CHUNK"}, None
+        if isinstance(req, protocol.Manifest):
+            return {"rid": rid, "type": "MANIFEST", **store.manifest(req.version)}, None
+        head, data = store.chunk(req.version, req.name, req.index)
+        return {"rid": rid, "type": "CHUNK", **head}, data
+    except wire.WireError as exc:  # (ProtocolError is one)
+        return protocol.error_reply(rid, str(exc)), None
     except KeyError as exc:
-        return {"rid": rid, "type": "ERROR", "error": str(exc.args[0] if exc.args else exc)}, None
+        return protocol.error_reply(rid, str(exc.args[0] if exc.args else exc)), None
     except (TypeError, ValueError, OSError) as exc:
-        return {"rid": rid, "type": "ERROR", "error": f"{kind}: malformed request ({exc!r})"}, None
+        return protocol.error_reply(rid, f"{msg.get('type')}: malformed request ({exc!r})"), None
 
 
 def serve(store: WeightStore, bind: str, keys_dir: str | None = None, endpoint_file: str | None = None,

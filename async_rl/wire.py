@@ -4,7 +4,7 @@ raw little-endian bytes (msgpack ext type 1: dtype, shape, data), never as lists
 `decode` never raises anything but WireError on bad bytes, so a service can answer a malformed message
 with an error instead of crashing.
 
-Hot path of the hub: `decode(data, packed=("group", "groups"))` leaves those top-level values as `Packed`
+Hot path of the hub: `decode(data, packed=("groups",))` leaves those top-level values as `Packed`
 (their exact msgpack bytes, cut out without decoding them: a read-only view into `data`, not a copy), and
 `encode` splices `Packed` values back verbatim, so a group travels generator -> hub -> learner without its
 arrays being decoded or re-encoded.

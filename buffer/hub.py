@@ -17,8 +17,9 @@ Invariants it keeps:
   in-flight batch, then new ones.
 - A malformed message gets an ERROR reply and is counted (`buffer/malformed`); it never crashes the hub.
 
-Requests that cannot be served yet (ACQUIRE with no credit, SAMPLE with too few fresh groups) are parked
-and answered when they can be. `Hub.handle` is the logic (testable without sockets); `serve` is the loop.
+Messages are read by async_rl/protocol.py (one parser per verb). Requests that cannot be served yet (ACQUIRE
+with no credit, SAMPLE with too few fresh groups) are parked and answered when they can be. `Hub` is the logic
+(testable without sockets; its docstring follows one message through it); buffer/service.py is the loop.
 """
 from __future__ import annotations
 
@@ -27,19 +28,40 @@ import time
 import uuid
 
 from async_rl import config as config_mod
+from async_rl import protocol as P
 from async_rl import wire
 from async_rl.config_rules import max_staleness_problem
-from async_rl.types import Group, PackedGroup
+from async_rl.types import PackedGroup
 from buffer import priorities
 from buffer.durable import DurableLog
 from buffer.state import HubState
 
 Reply = tuple[bytes, dict]
-TYPES = ("ACQUIRE", "PUT", "DROP", "SAMPLE", "ACK", "PRIORITY", "VERSION", "SET", "STATS", "STOP", "START",
-         "HEARTBEAT", "CHECKPOINT", "INFO")
 
 
 class Hub:
+    """The hub's logic, one message at a time. The lifecycle of a message (buffer/service.py runs it):
+
+    1. `handle_early(ident, msg)`: first `settle()` (below), so this message sees every earlier one applied;
+       then `protocol.parse(msg)` turns the map into a typed request, or the sender gets an ERROR naming the
+       bad field; then the verb's handler `_on_<verb>` runs and returns the replies. A handler changes state
+       only through `commit(record)`: the record is appended to the write-ahead log and applied to
+       `HubState` (`HubState.apply`, the same code WAL replay runs), except a PUT's records, whose apply is
+       deferred (`pending`). A request that cannot be served yet (ACQUIRE without credit, SAMPLE with too few
+       fresh groups) is parked and gets no reply now; `_serve_acquires` / `_serve_sample` answer it after
+       any change that may unblock it.
+    2. `flush()`, before any reply leaves: the log is made durable (one fsync for everything handled since
+       the last flush: group commit), and a snapshot is written when one is due. So nothing is acknowledged
+       before it would survive a SIGKILL.
+    3. The replies are sent.
+    4. `settle()`: the deferred PUT records are applied (the groups inserted into the table) while the
+       client prepares its next request, and a parked SAMPLE they unblock is answered (back to 2 for it).
+       Sending a PUT's ACK before its insert is safe: the ACK needs the record logged and the group checked,
+       both done in 1; a hub killed in between replays the record.
+
+    `handle(ident, msg)` is steps 1 and 4 without sockets: every effect applied on return (tests, tools).
+    """
+
     def __init__(self, cfg: config_mod.Config, prompts: list[dict], log: DurableLog | None = None):
         self.cfg = cfg
         self.state = HubState(cfg, prompts)
@@ -56,12 +78,12 @@ class Hub:
             for gen in self.state.generators.values():
                 gen["last_seen"] = time.time()  # give every generator a fresh timeout after a restart
         self.advertised: dict[str, str] = {}  # endpoints of the run others should use (INFO), set by the service
-        self.parked_acquire: dict[str, tuple[bytes, dict]] = {}
-        self.parked_sample: tuple[bytes, dict] | None = None
+        self.parked_acquire: dict[str, tuple[bytes, P.Acquire]] = {}
+        self.parked_sample: tuple[bytes, P.Sample] | None = None
         self.pending: list[tuple[dict, PackedGroup]] = []  # PUT records logged and acked, applied by settle()
         self.records_since_snapshot = 0
         self.started = time.time()
-        self._handlers = {kind: getattr(self, f"_on_{kind.lower()}") for kind in TYPES}
+        self._handlers = {kind: getattr(self, f"_on_{kind.lower()}") for kind in P.HUB_REQUESTS}
         # lease ids: this hub instance's random prefix + a counter (unique across restarts, no urandom per batch)
         self._lease_prefix, self._leases = uuid.uuid4().hex[:16], itertools.count()
 
@@ -78,9 +100,9 @@ class Hub:
             self.state.apply(rec, live)
 
     def settle(self) -> list[Reply]:
-        """Apply the deferred PUT records (their ACKs may be out already: an ACK needs the record logged and the
-        group checked, not inserted), then serve the SAMPLE they may unblock. The loop calls it right after
-        sending replies, so the insert overlaps the client's next request; `handle` calls it first, so every
+        """Step 4: apply the deferred PUT records (their ACKs may be out already), then serve the SAMPLE they
+        may unblock; its replies go through `flush` like any other. The loop calls it right after sending
+        replies, so the inserts overlap the client's next request; `handle_early` calls it first, so every
         message sees every earlier one applied."""
         if not self.pending:
             return []
@@ -90,8 +112,8 @@ class Hub:
         return self._serve_sample()
 
     def flush(self) -> None:
-        """Called by the loop before replies go out: group commit, and a snapshot when one is due (never over
-        deferred records: the snapshot must hold everything the log before it holds)."""
+        """Step 2, before replies go out: group commit (what they acknowledge becomes durable), and a snapshot
+        when one is due (never over deferred records: the snapshot must hold everything the log before it holds)."""
         if self.log is None:
             return
         self.log.commit()
@@ -105,31 +127,29 @@ class Hub:
 
     # ---- dispatch --------------------------------------------------------------------------------
     def handle(self, ident: bytes, msg: dict) -> list[Reply]:
-        """The replies to `msg`, with its state changes applied."""
+        """The replies to `msg` (a decoded message map), with every state change it causes applied."""
         out = self.handle_early(ident, msg)
         return out + self.settle()
 
     def handle_early(self, ident: bytes, msg: dict) -> list[Reply]:
-        """As `handle`, but a PUT's inserts may stay deferred (the loop sends the ACK, then calls settle())."""
+        """Step 1 of the lifecycle (see the class docstring): the replies to `msg`; a PUT's inserts may stay
+        deferred to the next `settle()`. Never raises on a malformed message: it gets an ERROR reply."""
         out = self.settle()
-        kind = msg.get("type")
-        handler = self._handlers.get(kind) if type(kind) is str else None
-        if handler is None:
-            return out + [(ident, self._error(msg, f"type={kind!r}: unknown message type; expected one of {list(TYPES)}"))]
+        rid = msg.get("rid") if isinstance(msg, dict) else None
         try:
-            return out + handler(ident, msg)
-        except wire.WireError as exc:
-            return out + [(ident, self._error(msg, str(exc)))]
+            req = P.parse(msg)
+            return out + self._handlers[req.TYPE](ident, req)
+        except wire.WireError as exc:  # (ProtocolError is one)
+            return out + [(ident, self._error(rid, str(exc)))]
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError) as exc:
-            return out + [(ident, self._error(msg, f"{kind}: malformed message ({exc!r})"))]
+            return out + [(ident, self._error(rid, f"{msg.get('type')}: malformed message ({exc!r})"))]
 
-    def _error(self, msg: dict, text: str) -> dict:
+    def _error(self, rid, text: str) -> dict:
         self.state.counters["malformed"] += 1
-        return {"type": "ERROR", "rid": msg.get("rid") if isinstance(msg, dict) else None, "error": text}
+        return P.error_reply(rid, text)
 
-    def _reply(self, msg: dict, **fields) -> dict:
-        return {"rid": msg.get("rid"), "version": self.state.version, "weights_path": self.state.weights_path,
-                **fields}
+    def _reply(self, req: P.Request, **fields) -> dict:
+        return {"rid": req.rid, "version": self.state.version, "weights_path": self.state.weights_path, **fields}
 
     def _knobs(self, side: str) -> dict:
         return {"knob_version": self.state.knob_version, "knobs": getattr(self.state, f"{side}_knobs")}
@@ -137,41 +157,40 @@ class Hub:
     def _seen(self, gid: str) -> None:
         self.state.generator(gid)["last_seen"] = time.time()
 
-    def _on_heartbeat(self, ident: bytes, msg: dict) -> list[Reply]:
-        self._seen(str(msg["generator_id"]))
+    def _on_heartbeat(self, ident: bytes, req: P.Heartbeat) -> list[Reply]:
+        self._seen(req.generator_id)
         return []  # fire and forget
 
-    def _on_acquire(self, ident: bytes, msg: dict) -> list[Reply]:
-        gid, seq = str(msg["generator_id"]), int(msg.get("acquire_seq", -1))
+    def _on_acquire(self, ident: bytes, req: P.Acquire) -> list[Reply]:
+        gid, seq = req.generator_id, req.acquire_seq
         self._seen(gid)
         last = self.state.last_grant.get(gid)
         if last is not None and seq >= 0 and last["acquire_seq"] == seq:
-            return [(ident, self._reply(msg, type="GRANT", prompts=last["prompts"], **self._knobs("generator")))]
+            return [(ident, self._reply(req, type="GRANT", prompts=last["prompts"], **self._knobs("generator")))]
         if self.state.done:
-            return [(ident, self._reply(msg, type="DONE"))]
-        int(msg.get("max_groups", 1))
-        self.parked_acquire[gid] = (ident, msg)
+            return [(ident, self._reply(req, type="DONE"))]
+        self.parked_acquire[gid] = (ident, req)
         return self._serve_acquires()
 
     def _serve_acquires(self) -> list[Reply]:
         out = []
-        for gid, (ident, msg) in list(self.parked_acquire.items()):
-            n = min(int(msg.get("max_groups", 1)), self.credits_available())
+        for gid, (ident, req) in list(self.parked_acquire.items()):
+            n = min(req.max_groups, self.credits_available())
             if n <= 0 and not self.state.done:
                 continue
             del self.parked_acquire[gid]
             if self.state.done:
-                out.append((ident, self._reply(msg, type="DONE")))
+                out.append((ident, self._reply(req, type="DONE")))
                 continue
             again = [p for _, p in self.state.leases.reissue[:n]]  # a lost generator's prompts go first
             prompts = [{"prompt_index": p, **self.state.dispenser.prompts[p]} for p in again]
             for _ in range(n - len(again)):
                 index, prompt = self.state.dispenser.next()
                 prompts.append({"prompt_index": index, **prompt})  # input, label, and metadata / tools if any
-            self.commit({"op": "grant", "gid": gid, "acquire_seq": int(msg.get("acquire_seq", -1)),
+            self.commit({"op": "grant", "gid": gid, "acquire_seq": req.acquire_seq,
                          "prompts": prompts, "cursor": [self.state.dispenser.epoch, self.state.dispenser.position],
                          **({"reissued": len(again)} if again else {})})
-            out.append((ident, self._reply(msg, type="GRANT", prompts=prompts, **self._knobs("generator"))))
+            out.append((ident, self._reply(req, type="GRANT", prompts=prompts, **self._knobs("generator"))))
         return out
 
     def _check_group(self, group: PackedGroup) -> None:
@@ -183,19 +202,15 @@ class Hub:
             raise ValueError(f"group {group.key}: behavior_version {group.behavior_version} is ahead of the "
                              f"hub's version {self.state.version}")
 
-    def _on_put(self, ident: bytes, msg: dict) -> list[Reply]:
-        """PUT carries one `group` or a list `groups` (one round trip and one fsync for a whole engine call);
-        the whole message is checked before anything is logged, so it is stored entirely or not at all.
-        Groups stay in their wire bytes (PackedGroup): checked on their headers, logged and handed to the
-        learner as they came. The inserts are deferred (see settle): the ACK goes out first."""
-        wires = msg["groups"] if "groups" in msg else [msg["group"]]
-        if not isinstance(wires, list) or not wires:
-            raise ValueError("groups: must be a non-empty list of groups")
-        groups = [PackedGroup.from_wire(w) for w in wires]
+    def _on_put(self, ident: bytes, req: P.Put) -> list[Reply]:
+        """PUT carries the groups of a whole engine call (one round trip and one fsync); the whole message is
+        checked before anything is logged, so it is stored entirely or not at all. Groups stay in their wire
+        bytes (PackedGroup): checked on their headers, logged and handed to the learner as they came. The
+        inserts are deferred (see settle): the ACK goes out first."""
+        groups = req.groups
         for group in groups:
             self._check_group(group)
-        stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else {}
-        share = {k: v / len(groups) for k, v in stats.items() if isinstance(v, (int, float))} if stats else {}
+        share = {k: v / len(groups) for k, v in req.stats.items()}
         keys, duplicates, here = [], [], set()
         now = time.time()
         resolved: dict[tuple, int] = {}  # (gid, prompt_index) -> groups of this PUT resolving it so far
@@ -215,31 +230,27 @@ class Hub:
             self.commit({"op": "put", "blob": group.data, "stats": share, "priority": priority}, group, defer=True)
             keys.append(list(group.key))
             duplicates.append(duplicate)
-        return [(ident, self._reply(msg, type="ACK", key=keys[0], duplicate=duplicates[0], keys=keys,
-                                    duplicates=duplicates))]
+        return [(ident, self._reply(req, type="ACK", keys=keys, duplicates=duplicates))]
 
-    def _on_drop(self, ident: bytes, msg: dict) -> list[Reply]:
-        gid = str(msg["generator_id"])
+    def _on_drop(self, ident: bytes, req: P.Drop) -> list[Reply]:
+        gid, stats = req.generator_id, req.stats
         self._seen(gid)
-        stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else {}
-        index = msg.get("prompt_index")
-        self.commit({"op": "drop", "gid": gid, "seq": int(msg["seq"]),
-                     **({"prompt_index": int(index)} if index is not None else {}),
+        self.commit({"op": "drop", "gid": gid, "seq": req.seq,
+                     **({"prompt_index": req.prompt_index} if req.prompt_index is not None else {}),
                      "stats": {"gen_tokens": int(stats.get("gen_tokens", 0)), "busy_s": float(stats.get("busy_s", 0.0))}})
-        return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
+        return [(ident, self._reply(req, type="OK"))] + self._serve_acquires()
 
-    def _on_sample(self, ident: bytes, msg: dict) -> list[Reply]:
-        int(msg["num_groups"]), str(msg.get("learner_id", "learner"))
-        learner = str(msg.get("learner_id", "learner"))
-        out = self._ack(msg.get("ack_lease"), learner)
-        if msg.get("step") is not None:
-            replay = self._replay(ident, msg, learner, int(msg["step"]))
+    def _on_sample(self, ident: bytes, req: P.Sample) -> list[Reply]:
+        learner = req.learner_id
+        out = self._ack(req.ack_lease, learner)
+        if req.step is not None:
+            replay = self._replay(ident, req, learner, req.step)
             if replay is not None:
                 return out + replay
-        self.parked_sample = (ident, msg)
+        self.parked_sample = (ident, req)
         return out + self._serve_sample()
 
-    def _replay(self, ident: bytes, msg: dict, learner: str, step: int) -> list[Reply] | None:
+    def _replay(self, ident: bytes, req: P.Sample, learner: str, step: int) -> list[Reply] | None:
         """The batch the learner trained at `step` before it restarted from an older checkpoint, or None
         when `step` is new (or the in-flight one); an ERROR when that batch is no longer kept."""
         entry = self.state.trained_entry(learner, step)
@@ -249,31 +260,29 @@ class Hub:
             later = [s for s in kept + ([flight] if flight is not None else []) if s > step]
             if not later:
                 return None
-            return [(ident, self._error(msg, f"step={step}: the learner already trained steps {sorted(later)} but the "
+            return [(ident, self._error(req.rid, f"step={step}: the learner already trained steps {sorted(later)} but the "
                                              f"hub keeps only steps {kept} since its checkpoint at step "
                                              f"{self.state.checkpointed.get(learner, 0)}; resume it from a checkpoint "
                                              f"at or after step {self.state.checkpointed.get(learner, 0)}"))]
         self.parked_sample = None
         self.commit({"op": "replay", "learner": learner, "step": step})
-        reply = self._reply(msg, type="BATCH", lease=f"replay-{step}", replay=True,
-                            groups=[_packed(g) for g in entry["groups"]], **self._knobs("learner"),
+        reply = self._reply(req, type="BATCH", lease=f"replay-{step}", replay=True,
+                            groups=[g.packed() for g in entry["groups"]], **self._knobs("learner"),
                             stats=self.counters())
         return [(ident, reply)]
 
-    def _on_checkpoint(self, ident: bytes, msg: dict) -> list[Reply]:
+    def _on_checkpoint(self, ident: bytes, req: P.Checkpoint) -> list[Reply]:
         """The learner's checkpoint at `step` is complete: the batches of earlier steps need no replay."""
-        learner, step = str(msg.get("learner_id", "learner")), int(msg["step"])
-        if step < 0:
-            return [(ident, self._error(msg, f"step={step}: a checkpoint step is >= 0"))]
+        learner, step = req.learner_id, req.step
         if step > self.state.checkpointed.get(learner, 0) or any(e["step"] < step for e in self.state.trained.get(learner, [])):
             self.commit({"op": "checkpoint", "learner": learner, "step": step})
-        return [(ident, self._reply(msg, type="OK"))]
+        return [(ident, self._reply(req, type="OK"))]
 
-    def _on_ack(self, ident: bytes, msg: dict) -> list[Reply]:
-        out = self._ack(str(msg["lease"]), str(msg.get("learner_id", "learner")))
-        return [(ident, self._reply(msg, type="OK"))] + out
+    def _on_ack(self, ident: bytes, req: P.Ack) -> list[Reply]:
+        out = self._ack(req.lease, req.learner_id)
+        return [(ident, self._reply(req, type="OK"))] + out
 
-    def _ack(self, lease, learner: str) -> list[Reply]:
+    def _ack(self, lease: str | None, learner: str) -> list[Reply]:
         flight = self.state.in_flight.get(learner)
         if lease and flight is not None and flight["lease"] == lease:
             self.commit({"op": "ack", "learner": learner, "lease": lease})
@@ -282,10 +291,10 @@ class Hub:
     def _serve_sample(self) -> list[Reply]:
         if self.parked_sample is None:
             return []
-        ident, msg = self.parked_sample
-        learner, n = str(msg.get("learner_id", "learner")), int(msg["num_groups"])
+        ident, req = self.parked_sample
+        learner, n = req.learner_id, req.num_groups
         # the learner trains at the newest version anyone told us of: a parked request may predate a VERSION
-        version = max(int(msg.get("version", 0)), self.state.version)
+        version = max(req.version, self.state.version)
         if version > self.state.table.version:
             self.commit({"op": "advance", "version": version})
         flight = self.state.in_flight.get(learner)
@@ -300,67 +309,57 @@ class Hub:
             return self._serve_acquires()  # too few fresh groups; eviction may have returned credits
         self.parked_sample = None
         lease = flight["lease"] if flight is not None and not sampled else f"{self._lease_prefix}-{next(self._leases)}"
-        step = msg.get("step")
         self.commit({"op": "lease", "learner": learner, "lease": lease, "keys": [list(k) for k, _ in sampled],
-                     **({"step": int(step)} if step is not None else {})}, sampled)
+                     **({"step": req.step} if req.step is not None else {})}, sampled)
         flight = self.state.in_flight[learner]
-        reply = self._reply(msg, type="BATCH", lease=lease, groups=[_packed(g) for g in flight["groups"]],
+        reply = self._reply(req, type="BATCH", lease=lease, groups=[g.packed() for g in flight["groups"]],
                             **self._knobs("learner"),
                             stats=self.counters())
         return [(ident, reply)] + self._serve_acquires()
 
-    def _on_priority(self, ident: bytes, msg: dict) -> list[Reply]:
-        updates = [[str(gid), int(seq), float(p)] for gid, seq, p in msg["updates"]]
-        bad = [u for u in updates if not (u[2] >= 0 and u[2] != float("inf"))]
-        if bad:
-            return [(ident, self._error(msg, f"updates={bad[:3]}: priorities must be finite and >= 0"))]
-        self.commit({"op": "priorities", "updates": updates})
-        return [(ident, self._reply(msg, type="OK"))]
+    def _on_priority(self, ident: bytes, req: P.Priority) -> list[Reply]:
+        self.commit({"op": "priorities", "updates": req.updates})
+        return [(ident, self._reply(req, type="OK"))]
 
-    def _on_version(self, ident: bytes, msg: dict) -> list[Reply]:
-        version = int(msg["version"])
-        if version < 0:
-            return [(ident, self._error(msg, f"version={version}: must be >= 0 (versions only grow from 0)"))]
+    def _on_version(self, ident: bytes, req: P.Version) -> list[Reply]:
+        version = req.version
         if version < self.state.version:  # a restarted learner retraining replayed steps: the hub is ahead
-            return [(ident, self._reply(msg, type="OK", behind=True))]
-        if version > self.state.version or str(msg["weights_path"]) != self.state.weights_path:
-            self.commit({"op": "version", "version": version, "weights_path": str(msg["weights_path"])})
-        return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
+            return [(ident, self._reply(req, type="OK", behind=True))]
+        if version > self.state.version or req.weights_path != self.state.weights_path:
+            self.commit({"op": "version", "version": version, "weights_path": req.weights_path})
+        return [(ident, self._reply(req, type="OK"))] + self._serve_acquires()
 
-    def _on_set(self, ident: bytes, msg: dict) -> list[Reply]:
+    def _on_set(self, ident: bytes, req: P.Set) -> list[Reply]:
         """Live knobs: `knobs` are the hub's (checked here); `learner` / `generator` map dotted config paths to
         values that `async-rl set` already validated against the run's config, passed on to those processes."""
-        knobs, learner, generator = (dict(msg.get(k) or {}) for k in ("knobs", "learner", "generator"))
-        error = _check_knobs(knobs, self.state.table.alpha is not None) if knobs else None
-        if not (knobs or learner or generator):
-            error = "SET: no knobs given"
+        error = _check_knobs(req.knobs, self.state.table.alpha is not None) if req.knobs else None
         if error:
-            return [(ident, self._error(msg, error))]
-        self.commit({"op": "set", "knobs": knobs, "learner": learner, "generator": generator})
-        return [(ident, self._reply(msg, type="OK", knob_version=self.state.knob_version))] + \
+            return [(ident, self._error(req.rid, error))]
+        self.commit({"op": "set", "knobs": req.knobs, "learner": req.learner, "generator": req.generator})
+        return [(ident, self._reply(req, type="OK", knob_version=self.state.knob_version))] + \
             self._serve_sample() + self._serve_acquires()
 
-    def _on_stats(self, ident: bytes, msg: dict) -> list[Reply]:
-        return [(ident, self._reply(msg, type="STATS", stats=self.stats()))]
+    def _on_stats(self, ident: bytes, req: P.Stats) -> list[Reply]:
+        return [(ident, self._reply(req, type="STATS", stats=self.stats()))]
 
-    def _on_info(self, ident: bytes, msg: dict) -> list[Reply]:
+    def _on_info(self, ident: bytes, req: P.Info) -> list[Reply]:
         """What a host without the run dir needs to join (`async-rl attach --hub`): the run's resolved config
         and the endpoints it advertises (the weight server's, to pull weights from)."""
-        return [(ident, self._reply(msg, type="INFO", config=self.cfg.to_dict(), endpoints=dict(self.advertised)))]
+        return [(ident, self._reply(req, type="INFO", config=self.cfg.to_dict(), endpoints=dict(self.advertised)))]
 
-    def _on_start(self, ident: bytes, msg: dict) -> list[Reply]:
+    def _on_start(self, ident: bytes, req: P.Start) -> list[Reply]:
         """A resumed run: generators may acquire work again after an earlier STOP."""
         if self.state.done:
             self.commit({"op": "start"})
         for gid, gen in self.state.generators.items():  # every generator of the last run is gone
             if gen["running"] > 0 or self.state.leases.held.get(gid):
                 self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
-        return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
+        return [(ident, self._reply(req, type="OK"))] + self._serve_acquires()
 
-    def _on_stop(self, ident: bytes, msg: dict) -> list[Reply]:
+    def _on_stop(self, ident: bytes, req: P.Stop) -> list[Reply]:
         if not self.state.done:
             self.commit({"op": "stop"})
-        return [(ident, self._reply(msg, type="OK"))] + self._serve_acquires()
+        return [(ident, self._reply(req, type="OK"))] + self._serve_acquires()
 
     # ---- liveness --------------------------------------------------------------------------------
     def reclaim_silent_generators(self, now: float | None = None) -> list[Reply]:
@@ -406,13 +405,6 @@ class Hub:
             out["generators"] = {gid: {k: g[k] for k in ("groups", "running", "dropped", "gen_tokens")} | {
                 "alive": now - g["last_seen"] < self.cfg.buffer.generator_timeout} for gid, g in s.generators.items()}
         return out
-
-
-def _packed(group) -> wire.Packed:
-    """A stored group as the BATCH reply carries it (spliced into the reply's bytes as it is)."""
-    if isinstance(group, Group):  # held by a table pickled before groups were kept packed
-        return wire.Packed(wire.pack_value(group.to_wire()))
-    return group.packed()
 
 
 def _check_knobs(knobs: dict, prioritized: bool) -> str | None:

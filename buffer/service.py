@@ -1,8 +1,9 @@
 """The hub process: `python -m buffer.service --config C --bind tcp://HOST:PORT --state-dir DIR [--keys DIR]`.
 
-Loop: receive a message (with `fsync=batch`, every waiting message: one fsync then covers them all), let the
-Hub turn each into log records and replies, make the records durable (group commit), then send the replies. So no acknowledgement ever leaves before what it
-acknowledges is in the write-ahead log. A PUT's groups are inserted into the table just after its ACK is sent
+Loop (the message lifecycle, step by step, is in `Hub`'s docstring): receive a message (with `fsync=batch`,
+every waiting message: one fsync then covers them all), let the Hub turn each into log records and replies,
+make the records durable (group commit), then send the replies. So no acknowledgement ever leaves before what
+it acknowledges is in the write-ahead log. A PUT's groups are inserted into the table just after its ACK is sent
 (`Hub.settle`), while the client prepares its next request, and always before the next message is handled.
 On SIGTERM/SIGINT it snapshots and exits 0.
 """
@@ -24,8 +25,8 @@ from buffer.durable import DurableLog
 from buffer.hub import Hub
 
 MAX_DRAIN = 256  # messages handled per group commit (fsync=batch)
-PACKED = ("group", "groups")
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's enum arithmetic costs per message  # PUT's groups stay in their wire bytes (async_rl.types.PackedGroup)
+PACKED = ("groups",)  # PUT's groups stay in their wire bytes (async_rl.types.PackedGroup)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's enum arithmetic costs per message
 
 
 def _write_endpoint(path: str, endpoint: str) -> None:
@@ -45,11 +46,11 @@ def _receive(sock: zmq.Socket, hub: Hub, max_bytes: int, flags: int = 0) -> list
         return []  # not a DEALER request: nothing sane to reply to
     ident, payload = frames
     if len(payload) > max_bytes:
-        return [(ident, hub._error({}, f"message of {len(payload)} bytes: over buffer.max_message_bytes={max_bytes}"))]
+        return [(ident, hub._error(None, f"message of {len(payload)} bytes: over buffer.max_message_bytes={max_bytes}"))]
     try:
         msg = wire.decode(payload, packed=PACKED)
     except wire.WireError as exc:
-        return [(ident, hub._error({}, str(exc)))]
+        return [(ident, hub._error(None, str(exc)))]
     return hub.handle_early(ident, msg)
 
 
@@ -60,7 +61,7 @@ def _send(sock: zmq.Socket, hub: Hub, replies: list) -> None:
         try:
             payload = wire.encode(reply)
         except (TypeError, ValueError, OverflowError) as exc:  # e.g. an absurd number echoed back
-            payload = wire.encode(hub._error(reply, f"reply could not be encoded ({exc}); check the request"))
+            payload = wire.encode(hub._error(reply.get("rid"), f"reply could not be encoded ({exc}); check the request"))
         try:
             sock.send_multipart([peer, payload])
         except zmq.ZMQError as exc:  # peer gone; it resends after reconnecting

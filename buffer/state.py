@@ -252,6 +252,8 @@ class HubState:
         self.dispenser.epoch, self.dispenser.position = snap["cursor"]
         self.dispenser.sync_order()
         self.table = load_table(snap["table"])
+        # a table pickled before the hub kept groups packed: from here on every held group is a PackedGroup
+        self.table.map_groups(lambda g: PackedGroup.from_group(g) if isinstance(g, Group) else g)
         self.dropped_keys = {gkey(k) for k in snap["dropped_keys"]}
         counters = dict(snap["counters"])
         # snapshots from before buffer/staleness.py: the bound in the table, `running` among the counters
@@ -272,7 +274,7 @@ class HubState:
 
 def _batch_wire(batch: dict) -> dict:
     return {"keys": [list(k) for k in batch["keys"]],
-            "groups": [g.data if isinstance(g, PackedGroup) else g.to_wire() for g in batch["groups"]]}
+            "groups": [g.data for g in batch["groups"]]}
 
 
 def _batch_from_wire(batch: dict) -> dict:

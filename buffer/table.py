@@ -306,6 +306,11 @@ class Table:
         for key, item in self._items.items():
             yield key, item.group, item.priority, item.times_sampled
 
+    def map_groups(self, fn) -> None:
+        """Replace every held group by `fn(group)` (a snapshot loader upgrading an older group format)."""
+        for item in self._items.values():
+            item.group = fn(item.group)
+
     def staleness_hist(self) -> dict[int, int]:
         """{staleness at the current version: items}; O(distinct versions held)."""
         return {self.version - bv: len(keys) for bv, keys in self._by_version.items()}

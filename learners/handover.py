@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from async_rl import protocol
 from learners.weights import publish
 
 
@@ -200,5 +201,5 @@ def hand_over(learner, named: dict, version: int, hf_config, pin: bool) -> bool:
         learner.tensor = TensorPublisher(learner.cfg, learner.run_dir, learner.tokenizer, hf_config)
 
     def announce(path) -> None:
-        learner.hub.request({"type": "VERSION", "version": version, "weights_path": str(path)}, timeout=30)
+        learner.hub.request(protocol.Version(version=version, weights_path=str(path)), timeout=30)
     return learner.tensor.publish(named, version, pin, announce)

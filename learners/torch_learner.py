@@ -22,6 +22,7 @@ import torch
 
 from async_rl import config as config_mod
 from async_rl import knobs as knobs_mod
+from async_rl import protocol
 from async_rl.config_rules import kl_reward_shaping
 from async_rl.hub_client import HubClient, HubTimeout
 from async_rl.metrics import MetricsWriter, elapsed_before
@@ -35,7 +36,7 @@ from learners.kl import approx_kl
 from learners.objective import actor_loss
 from learners.optim import accumulate_step, build_optimizer as _build_optimizer, micro_slices
 from learners.perf import Phases, profile_step
-from learners.plugins import load_algo_plugins
+from learners.plugins import load_algo_plugins, postprocess
 from learners.priorities import group_priorities
 from learners.weights import BroadcastPublisher, eval_pin, publish
 
@@ -87,7 +88,7 @@ class TorchLearner:
                        if cfg.algo.advantage_estimator == "ppo" else None)
         if self.critic is not None:
             self.critic.model.to(self.device)
-        self.hub = (HubClient(hub_endpoint, identity="learner", keys_dir=keys_dir,
+        self.hub = (HubClient(hub_endpoint, identity=protocol.LEARNER_ID, keys_dir=keys_dir,
                               resend_after=cfg.buffer.put_timeout) if hub_endpoint else None)
         self.lease = None  # the batch being trained on; acked with the next SAMPLE, redelivered if we die
         self.step = 0  # the learner step the next SAMPLE is for: the hub replays steps trained before a restart
@@ -154,6 +155,7 @@ class TorchLearner:
         else:
             adv = compute_advantages(a, batch.rewards, batch.mask, kl, batch.values)
             batch.advantages, batch.returns = adv.advantages, adv.returns
+        postprocess(self.plugins, self.cfg, self.steps_done, batch)  # algo.rollout_data_postprocess_path
         iw = self._importance_weights(batch)
         train_policy = self.steps_done >= a.num_critic_only_steps
         steps = []
@@ -257,7 +259,7 @@ class TorchLearner:
         path = publish(self.model, self.tokenizer, self.run_dir, self.version + 1, self.cfg.ckpt.keep_weight_versions,
                        pin=eval_pin(self.cfg, self.version + 1))
         self.version += 1
-        self.hub.request({"type": "VERSION", "version": self.version, "weights_path": str(path)}, timeout=30)
+        self.hub.request(protocol.Version(version=self.version, weights_path=str(path)), timeout=30)
 
     def hand_over(self, named: dict, version: int, hf_config) -> bool:
         """update_weight_mode=tensor: True when the engines hold `version` and the hub was told; False when
@@ -277,7 +279,7 @@ class TorchLearner:
             return 0
         state = checkpoint.load(self, path)
         if self.lease:  # that batch is in the checkpoint's weights: the hub may count it consumed
-            self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=60)
+            self.hub.request(protocol.Ack(lease=self.lease), timeout=60)
             self.lease = None
         self.report_checkpoint(int(state["step"]))  # the hub keeps (and replays) the batches after it
         print(f"learner: resumed from {path} (step {state['step']}, version {self.version})", flush=True)
@@ -292,7 +294,7 @@ class TorchLearner:
     def report_checkpoint(self, step: int) -> None:
         """Tell the hub a complete checkpoint holds steps < `step`: it stops keeping their batches for replay."""
         if self.hub is not None:
-            self.hub.request({"type": "CHECKPOINT", "learner_id": "learner", "step": step}, timeout=60)
+            self.hub.request(protocol.Checkpoint(step=step), timeout=60)
 
     def apply_knobs(self, reply: dict) -> None:
         """Live knobs (`async-rl set`) arrive with batches; apply each new set once."""
@@ -307,10 +309,9 @@ class TorchLearner:
     def sample(self) -> dict | None:
         """The next batch (acking the previous one), or None when asked to stop while waiting."""
         try:
-            reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner",
-                                      "num_groups": self.cfg.rollout.rollout_batch_size, "version": self.version,
-                                      "ack_lease": self.lease, "step": self.step}, timeout=None,
-                                     should_stop=lambda: self.stopping)
+            ask = protocol.Sample(num_groups=self.cfg.rollout.rollout_batch_size, version=self.version,
+                                  ack_lease=self.lease, step=self.step)
+            reply = self.hub.request(ask, timeout=None, should_stop=lambda: self.stopping)
         except HubTimeout:
             return None
         self.lease, self.hub_version = reply["lease"], int(reply.get("version", 0))
@@ -356,7 +357,7 @@ class TorchLearner:
             if step > start_step and not (interval and step % interval == 0):
                 self.save_checkpoint(step)  # the final (or stopped) state is always resumable
             if self.lease:  # the last batch is in the weights now: let the hub count it consumed
-                self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=30)
+                self.hub.request(protocol.Ack(lease=self.lease), timeout=30)
         finally:
             if self.tensor is not None:
                 self.tensor.close()  # every version on disk before the learner exits

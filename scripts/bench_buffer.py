@@ -87,7 +87,7 @@ ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
 kept = []
 while True:
     ident, payload = s.recv_multipart()
-    group = PackedGroup.from_wire(wire.decode(payload, packed=("group", "groups"))["group"])
+    group = PackedGroup.from_wire(wire.decode(payload, packed=("groups",))["groups"][0])
     s.send_multipart([ident, b"ok" * 32])
     kept.append(group.own())
 """
@@ -250,7 +250,7 @@ def running_raw(server: str) -> Running:
     groups = [make_group(i) for i in range(64)]
 
     def put(i):  # the same client work as a hub PUT (encode the group), minus the hub
-        sock.send(wire.encode({"type": "PUT", "group": {**groups[i % 64], "seq": i}, "stats": {}, "rid": str(i)}))
+        sock.send(wire.encode({"type": "PUT", "groups": [{**groups[i % 64], "seq": i}], "stats": {}, "rid": str(i)}))
         sock.recv()
 
     def sample(i):  # the same client work as a learner's SAMPLE (encode the request, decode the batch)
@@ -273,7 +273,9 @@ def running_hub(tmp: Path, src: Path, capacity: int = 0, state: str | None = Non
         reply = client.request({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0,
                                 "ack_lease": lease}, timeout=30)
         lease = reply["lease"]
-    run = Running(proc, lambda i: client.put({**groups[i % 64], "seq": i}, {}, timeout=30), sample, client.close)
+    def put(i):  # a raw map, as running_raw sends (HubClient.put would also build the Group's map)
+        client.request({"type": "PUT", "groups": [{**groups[i % 64], "seq": i}], "stats": {}}, timeout=30)
+    run = Running(proc, put, sample, client.close)
     run.holds = True
     return run
 
@@ -339,7 +341,7 @@ def bench_memory(n_groups: int, tmp: Path, src: Path = ROOT) -> float:
     try:
         before = rss_kb(proc.pid)
         for i in range(n_groups):
-            client.put(make_group(i), {}, timeout=30)
+            client.request({"type": "PUT", "groups": [make_group(i)], "stats": {}}, timeout=30)
         time.sleep(0.5)
         return (rss_kb(proc.pid) - before) * 1024 / n_groups / RAW_BYTES
     finally:
@@ -436,7 +438,7 @@ def hub(capacity, wal=False):
     return Hub(cfg, [{"input": "1+1=", "label": "2"}], log)
 
 
-puts = [wire.encode({"type": "PUT", "group": {**make_group(i % 64), "seq": i}, "stats": {}, "rid": str(i)})
+puts = [wire.encode({"type": "PUT", "groups": [{**make_group(i % 64), "seq": i}], "stats": {}, "rid": str(i)})
         for i in range(N)]
 sample = wire.encode({"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0, "rid": "r"})
 
@@ -445,7 +447,7 @@ def put_round(h):  # what the hub loop does per PUT: decode, handle, flush, enco
     early = total = 0.0
     for p in puts:
         t0 = pc()
-        out = [wire.encode(r) for _, r in h.handle_early(b"g", wire.decode(p, packed=("group", "groups")))]
+        out = [wire.encode(r) for _, r in h.handle_early(b"g", wire.decode(p, packed=("groups",)))]
         h.flush()
         t1 = pc()
         h.settle()
@@ -457,7 +459,7 @@ def sample_round(h):
     lease, t = None, 0.0
     for _ in range(N - 10):
         t0 = pc()
-        msg = wire.decode(sample, packed=("group", "groups"))
+        msg = wire.decode(sample, packed=("groups",))
         msg["ack_lease"] = lease
         replies = h.handle_early(b"l", msg)
         out = [wire.encode(r) for _, r in replies]

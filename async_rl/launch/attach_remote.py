@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from async_rl import config as config_mod
+from async_rl import protocol
 from async_rl.endpoints import is_loopback
 from async_rl.hub_client import HubClient, HubError, HubTimeout
 from async_rl.launch.launcher import LaunchError, Launcher
@@ -33,7 +34,7 @@ class AttachError(RuntimeError):
 def ask_run(hub: str, key: str | None, timeout: float) -> dict:
     client = HubClient(hub, identity=f"attach-{os.getpid()}", keys_dir=key, resend_after=min(5.0, timeout))
     try:
-        return client.request({"type": "INFO"}, timeout=timeout)
+        return client.request(protocol.Info(), timeout=timeout)
     except HubTimeout:
         raise AttachError(f"--hub {hub}: no answer in {timeout:.0f}s; check the address is the one run.json records "
                           f"(endpoints.hub), that this host can reach it, and that --key is the run's keys/attach.key") from None

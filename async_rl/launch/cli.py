@@ -9,6 +9,7 @@ from pathlib import Path
 from dataclasses import fields
 
 from async_rl import config as config_mod
+from async_rl import protocol
 from async_rl.metrics import read_metrics
 from async_rl.run_dir import pid_alive, read_manifest
 
@@ -163,7 +164,7 @@ def cmd_set(args) -> int:
         return 1
     client = HubClient(manifest["endpoints"]["hub"], identity="set", keys_dir=manifest.get("keys"))
     try:
-        reply = client.request({"type": "SET", "knobs": hub, "learner": learner, "generator": generator}, timeout=10)
+        reply = client.request(protocol.Set(knobs=hub, learner=learner, generator=generator), timeout=10)
     except (HubError, TimeoutError) as exc:
         print(f"async-rl: the hub refused or did not answer: {exc}", file=sys.stderr)
         return 1

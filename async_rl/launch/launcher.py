@@ -22,6 +22,7 @@ from pathlib import Path
 import requests
 
 from async_rl import config as config_mod
+from async_rl import protocol
 from async_rl.config_rules import check_paths
 from async_rl.endpoints import advertise, advertised_host, is_loopback, serves_weights
 from async_rl.launch.procs import Interrupts, ProcessGroup, RestartPolicy
@@ -178,7 +179,7 @@ class Launcher:
         if self.resume:  # the hub remembers the STOP that ended the run before; lift it
             from async_rl.hub_client import HubClient
             client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
-            client.request({"type": "START"}, timeout=c.startup_timeout)
+            client.request(protocol.Start(), timeout=c.startup_timeout)
             client.close()
 
     def start_engines(self) -> None:
@@ -260,11 +261,12 @@ class Launcher:
                                                            *(["--resume"] if self.resume else [])], cpus=c.learner_cpus)
             return
         t = self.cfg.train
-        if t.train_backend == "megatron":  # one process per GPU, under torchrun (its own rendezvous port)
+        entry = "learners.megatron.learner" if t.train_backend == "megatron" else "learners.torch_learner"
+        if t.train_backend == "megatron" or t.actor_num_gpus_per_node > 1:  # one process per rank, under torchrun
             module, launch = "torch.distributed.run", ["--standalone", f"--nproc-per-node={t.actor_num_gpus_per_node}",
-                                                       "-m", "learners.megatron.learner"]
+                                                       "-m", entry]  # (--standalone: its own rendezvous port)
         else:
-            module, launch = "learners.torch_learner", []
+            module, launch = entry, []
         self.procs.start("learner", module,
                          [*launch, "--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub",
                           self.hub_endpoint, *self.key_args(), *(["--resume"] if self.resume else [])],
@@ -403,7 +405,7 @@ class Launcher:
         from async_rl.hub_client import HubClient
         client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
         try:
-            reply = client.request({"type": "STATS"}, timeout=self.cfg.cluster.startup_timeout)
+            reply = client.request(protocol.Stats(), timeout=self.cfg.cluster.startup_timeout)
         finally:
             client.close()
         version, path = int(reply["version"]), str(reply["weights_path"])
@@ -419,7 +421,7 @@ class Launcher:
         try:
             from async_rl.hub_client import HubClient
             client = HubClient(self.hub_endpoint, identity="launcher", keys_dir=self.keys_dir)
-            client.request({"type": "STOP"}, timeout=2.0)
+            client.request(protocol.Stop(), timeout=2.0)
             client.close()
         except Exception:
             pass  # the hub is gone; SIGTERM below still stops everyone

@@ -17,13 +17,16 @@ ASSUMED_PROMPT_LEN = 512  # tokens, when data.rollout_max_prompt_len does not bo
 def _seq_len(cfg) -> tuple[int, str]:
     prompt = cfg.data.rollout_max_prompt_len
     note = "" if prompt else f" (prompt length assumed {ASSUMED_PROMPT_LEN}: set data.rollout_max_prompt_len)"
-    return (prompt or ASSUMED_PROMPT_LEN) + cfg.rollout.rollout_max_response_len, note
+    total = (prompt or ASSUMED_PROMPT_LEN) + cfg.rollout.rollout_max_response_len
+    if cfg.rollout.rollout_max_context_len:  # prompt + response never exceeds it
+        return min(total, cfg.rollout.rollout_max_context_len), ""
+    return total, note
 
 
 def _parallel(cfg) -> tuple[int, int, int]:
     t = cfg.train
     if t.train_backend != "megatron":
-        return 1, 1, 1
+        return 1, 1, t.actor_num_gpus_per_node  # FSDP ranks
     mp = t.tensor_model_parallel_size * t.pipeline_model_parallel_size * t.context_parallel_size
     return t.tensor_model_parallel_size, t.pipeline_model_parallel_size, t.actor_num_gpus_per_node // mp
 
@@ -35,8 +38,8 @@ def learner_bytes(cfg, shape: Shape) -> dict[str, float]:
     n = shape.params / (tp * pp)
     if t.train_backend == "megatron" and t.bf16:  # bf16 weights, fp32 grads, fp32 main weights + Adam (sharded over dp)
         states = n * (2 + 4 + 12 / dp)
-    else:  # fp32 weights, grads and AdamW moments
-        states = n * 16
+    else:  # fp32 weights, grads and AdamW moments (torch at several ranks: FSDP shards all of them)
+        states = n * 16 / (dp if t.train_backend == "torch" else 1)
     if a.use_kl_loss or a.kl_coef:
         states += n * (2 if t.bf16 else 4)  # the reference model, forward only
     if a.advantage_estimator == "ppo":
@@ -103,7 +106,8 @@ def placement_lines(cfg) -> list[str]:
     if not cfg.debug.debug_rollout_only:
         tp, pp, dp = _parallel(cfg)
         how = (f"megatron under torchrun, {t.actor_num_gpus_per_node} rank(s): TP {tp} x PP {pp} x DP {dp}"
-               if t.train_backend == "megatron" else f"torch, {t.learner_device}")
+               if t.train_backend == "megatron" else f"torch, {t.learner_device}" +
+               (f", FSDP2 over {dp} ranks under torchrun" if dp > 1 else ""))
         lines.append(f"  learner      {gpu('learner')} ({how}{', bf16' if t.bf16 else ''})")
     if cfg.eval.eval_interval:
         lines.append(f"  eval_worker  own embedded engine on {r.engine_device} (pass@k every {cfg.eval.eval_interval} versions)")

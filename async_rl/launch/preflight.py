@@ -20,6 +20,7 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json
 def check_before_start(cfg: Config) -> None:
     """Raise ConfigError for the first problem found (check_paths has already seen that the files exist)."""
     _check_model_dir("ckpt.hf_checkpoint", cfg.ckpt.hf_checkpoint)
+    _check_context_len(cfg)
     if cfg.ckpt.ref_load:
         _check_model_dir("ckpt.ref_load", cfg.ckpt.ref_load)
     _check_prompts(cfg)
@@ -34,6 +35,15 @@ def _check_model_dir(field: str, path: str) -> None:
     if not any(next(root.glob(pattern), None) for pattern in WEIGHT_FILES):
         raise ConfigError(f"{field}={path!r}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
                           f"save the model there with save_pretrained, or point {field} at the dir that has them")
+
+
+def _check_context_len(cfg: Config) -> None:
+    import json
+    limit, path = cfg.rollout.rollout_max_context_len, Path(cfg.ckpt.hf_checkpoint) / "config.json"
+    positions = json.loads(path.read_text()).get("max_position_embeddings") if limit else None
+    if positions and limit > positions:
+        raise ConfigError(f"rollout.rollout_max_context_len={limit}: more than the model's max_position_embeddings="
+                          f"{positions} (ckpt.hf_checkpoint's config.json); set it to at most {positions}")
 
 
 def _tokenizer(cfg: Config):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from async_rl import config as config_mod
+from async_rl import protocol
 from async_rl.hub_client import HubTimeout
 from async_rl.plugins import PluginError
 from learners import checkpoint as common_checkpoint
@@ -209,10 +210,9 @@ class MegatronLearner(TorchLearner):
         reply = None
         if self.layout.rank == 0 and not self._stop_requested:
             try:
-                reply = self.hub.request({"type": "SAMPLE", "learner_id": "learner",
-                                          "num_groups": self.cfg.rollout.rollout_batch_size, "version": self.version,
-                                          "ack_lease": self.lease, "step": self.step}, timeout=None,
-                                         should_stop=lambda: self._stop_requested)
+                reply = self.hub.request(protocol.Sample(num_groups=self.cfg.rollout.rollout_batch_size,
+                                                         version=self.version, ack_lease=self.lease, step=self.step),
+                                         timeout=None, should_stop=lambda: self._stop_requested)
                 self.lease, self.hub_version = reply["lease"], int(reply.get("version", 0))
                 if reply.get("replay"):
                     print(f"learner: step {self.step}: retraining the batch the hub kept since the checkpoint",
@@ -247,7 +247,7 @@ class MegatronLearner(TorchLearner):
             export = HFExport(state, self.hf_config, self.cfg.ckpt.hf_checkpoint)
             path = publish(export, self.tokenizer, self.run_dir, version, self.cfg.ckpt.keep_weight_versions,
                            pin=eval_pin(self.cfg, version))
-            self.hub.request({"type": "VERSION", "version": version, "weights_path": str(path)}, timeout=30)
+            self.hub.request(protocol.Version(version=version, weights_path=str(path)), timeout=30)
         self.version = version
 
     def save_checkpoint(self, step: int) -> None:
@@ -263,7 +263,7 @@ class MegatronLearner(TorchLearner):
             return 0
         state = checkpoint.load(self, path)
         if self.layout.rank == 0 and self.lease:  # that batch is in the checkpoint's weights
-            self.hub.request({"type": "ACK", "learner_id": "learner", "lease": self.lease}, timeout=60)
+            self.hub.request(protocol.Ack(lease=self.lease), timeout=60)
         self.lease = None
         if self.layout.rank == 0:
             self.report_checkpoint(int(state["step"]))

@@ -58,7 +58,7 @@ def init(train) -> Layout:
         os.environ.setdefault("WORLD_SIZE", "1")
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo")
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timeout(train))
     world = dist.get_world_size()
     tp, pp, cp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size, train.context_parallel_size
     if world % (tp * pp * cp):
@@ -68,27 +68,33 @@ def init(train) -> Layout:
     if ps.model_parallel_is_initialized():  # a second learner in this process (tests) starts afresh
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 context_parallel_size=cp)
+                                 context_parallel_size=cp, distributed_timeout_minutes=train.distributed_timeout_minutes)
     tensor_parallel.model_parallel_cuda_manual_seed(train.seed)
     layout = Layout(rank=dist.get_rank(), world=world, tp=tp, pp=pp, cp=cp, dp=ps.get_data_parallel_world_size(),
                     tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
                     dp_rank=ps.get_data_parallel_rank(), on_gpu=on_gpu)
-    _make_groups(layout)
+    _make_groups(layout, timeout(train))
     return layout
 
 
-def _make_groups(layout: Layout) -> None:
+def timeout(train):
+    """How long a collective of the learner's groups waits for a rank (train.distributed_timeout_minutes)."""
+    from datetime import timedelta
+    return timedelta(minutes=train.distributed_timeout_minutes)
+
+
+def _make_groups(layout: Layout, limit) -> None:
     global _OBJECT_GROUP, _STAGE_GROUP, _PIPE_GROUP, _PIPE_LAST
-    _OBJECT_GROUP = dist.new_group(backend="gloo")
+    _OBJECT_GROUP = dist.new_group(backend="gloo", timeout=limit)
     coords = [None] * layout.world
     dist.all_gather_object(coords, (layout.rank, layout.tp_rank, layout.dp_rank, layout.pp_rank),
                            group=_OBJECT_GROUP)
     stages = sorted((pp, rank) for rank, tp, dp, pp in coords if tp == 0 and dp == 0)
-    _STAGE_GROUP = dist.new_group([rank for _, rank in stages], backend="gloo")
+    _STAGE_GROUP = dist.new_group([rank for _, rank in stages], backend="gloo", timeout=limit)
     if layout.pp > 1:  # every rank creates every pipeline's group, in the same order
         for key in sorted({(tp, dp) for _, tp, dp, _ in coords}):
             ranks = [rank for _, rank in sorted((pp, rank) for rank, tp, dp, pp in coords if (tp, dp) == key)]
-            group = dist.new_group(ranks, backend="gloo")
+            group = dist.new_group(ranks, backend="gloo", timeout=limit)
             if key == (layout.tp_rank, layout.dp_rank):
                 _PIPE_GROUP, _PIPE_LAST = group, ranks[-1]
 

@@ -174,5 +174,5 @@ def test_generator_drops_flat_groups_and_the_hub_gets_their_credits_back(world):
     assert stats["dropped_filtered"] == 2
     assert stats["credits_available"] == credits_before + 2
     for group in kept:
-        gen.hub.put(group.to_wire(), {"gen_tokens": 0, "busy_s": 0.0}, timeout=30)
+        gen.hub.put([group], {"gen_tokens": 0, "busy_s": 0.0}, timeout=30)
     assert gen.hub.stats()["accepted"] == 2

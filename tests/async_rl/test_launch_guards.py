@@ -167,6 +167,13 @@ def test_a_model_dir_without_weights_is_refused(tmp_path, tiny_world, capsys):
              run_dir=tmp_path / "run")
 
 
+def test_a_context_limit_beyond_the_models_positions_is_refused(tmp_path, tiny_world, capsys):
+    positions = json.loads((Path(tiny_world["model_sft"]) / "config.json").read_text())["max_position_embeddings"]
+    _refused(capsys, _launch_words(tmp_path, tiny_world, f"rollout_max_context_len={positions + 1}"),
+             f"rollout.rollout_max_context_len={positions + 1}", f"max_position_embeddings={positions}",
+             run_dir=tmp_path / "run")
+
+
 def test_a_cuda_engine_without_cuda_is_refused(tmp_path, tiny_world, capsys):
     import torch
     if torch.cuda.is_available():

@@ -100,8 +100,9 @@ def test_a_yaml_file_and_flags_and_words_mix(tmp_path):
 
 
 @pytest.mark.parametrize("words,needle", [
-    (["--rollout-max-context-len", "4096"], "rollout_max_prompt_len"),  # explained, with what to use instead
-    (["rollout_max_context_len=4096"], "rollout_max_prompt_len"),  # the same as a key=value word
+    (["--true-on-policy-mode"], "max_staleness=0"),  # explained, with what to use instead
+    (["true_on_policy_mode=true"], "max_staleness=0"),  # the same as a key=value word
+    (["--rollout-max-context-len", "100", "--rollout-max-prompt-len", "100"], "at most rollout_max_context_len - 1"),
     (["--rollout-stop", ""], "must be non-empty strings"),
     (["--use-hf-config-for-megatron", "false"], "cannot be turned off"),
     (["--rollout-batchsize", "3"], "did you mean rollout_batch_size"),

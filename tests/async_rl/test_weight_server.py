@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from async_rl import wire
+from async_rl import protocol, wire
 from async_rl.keys import create_keys
 from async_rl.weight_pull import WeightPuller, WeightPullError
 from async_rl.weight_server import WeightStore, handle
@@ -155,7 +155,7 @@ def test_a_torn_local_copy_found_after_a_restart_is_pulled_again(server, tmp_pat
 
 def test_bytes_that_differ_from_the_manifest_are_refused(server, tmp_path):
     puller = WeightPuller(server.endpoint, tmp_path / "local")
-    puller._ask({"type": "MANIFEST", "version": 3}, 10)  # the server hashes v3 now
+    puller._ask(protocol.Manifest(version=3), 10)  # the server hashes v3 now
     target = tmp_path / "weights" / "v3" / "model.safetensors"
     data = bytearray(target.read_bytes())
     data[5 * CHUNK + 7] ^= 0xFF  # corrupted on disk after publication

@@ -59,9 +59,9 @@ def test_admission_never_exceeds_what_the_run_needs():
 def test_put_is_idempotent_by_key():
     hub = make_hub()
     hub.handle(b"g", {"type": "ACQUIRE", "generator_id": "g0", "max_groups": 1})
-    first = one(hub.handle(b"g", {"type": "PUT", "group": group(seq=5)}))
-    again = one(hub.handle(b"g", {"type": "PUT", "group": group(seq=5)}))
-    assert first["duplicate"] is False and again["duplicate"] is True
+    first = one(hub.handle(b"g", {"type": "PUT", "groups": [group(seq=5)]}))
+    again = one(hub.handle(b"g", {"type": "PUT", "groups": [group(seq=5)]}))
+    assert first["duplicates"] == [False] and again["duplicates"] == [True] and again["keys"] == [["g0", 5]]
     st_ = hub.stats()
     assert st_["accepted"] == 1 and st_["size"] == 1 and st_["duplicates"] == 1 and st_["running"] == 0
 
@@ -80,7 +80,7 @@ def test_put_acks_before_inserting_and_every_later_message_sees_the_insert(tmp_p
     assert len(hub.state.table) == 0 and log.lsn == 2  # logged, acked, not inserted yet
     hub.flush()  # a snapshot is due (interval 1) but would miss the deferred records
     assert not list((tmp_path / "wal").glob("snapshot-*"))
-    replies = hub.handle_early(b"g", {"type": "PUT", "group": group(seq=1)})  # settles the first PUT first
+    replies = hub.handle_early(b"g", {"type": "PUT", "groups": [group(seq=1)]})  # settles the first PUT first
     assert [r[1]["type"] for r in replies] == ["ACK"] and len(hub.state.table) == 1
     batch = one(hub.settle())  # the second insert unblocks the parked SAMPLE
     assert batch["type"] == "BATCH" and [g["seq"] for g in batch["groups"]] == [0, 1]
@@ -122,8 +122,8 @@ def test_a_stored_group_owns_its_bytes_and_the_message_is_not_kept(tmp_path):
 def test_sample_parks_until_enough_then_serves_fifo():
     hub = make_hub()
     assert hub.handle(b"l", {"type": "SAMPLE", "num_groups": 2, "version": 0}) == []
-    hub.handle(b"g", {"type": "PUT", "group": group(seq=0)})
-    replies = hub.handle(b"g", {"type": "PUT", "group": group(seq=1)})
+    hub.handle(b"g", {"type": "PUT", "groups": [group(seq=0)]})
+    replies = hub.handle(b"g", {"type": "PUT", "groups": [group(seq=1)]})
     batch = [r for r in replies if r[1]["type"] == "BATCH"][0]
     assert batch[0] == b"l" and [g["seq"] for g in batch[1]["groups"]] == [0, 1]
 
@@ -132,7 +132,7 @@ def test_stale_groups_are_evicted_not_returned():
     hub = make_hub(max_staleness=1)
     hub.handle(b"l", {"type": "VERSION", "version": 2, "weights_path": "p"})
     for seq, v in enumerate([0, 1, 2, 2]):
-        hub.handle(b"g", {"type": "PUT", "group": group(seq=seq, version=v)})
+        hub.handle(b"g", {"type": "PUT", "groups": [group(seq=seq, version=v)]})
     batch = one(hub.handle(b"l", {"type": "SAMPLE", "num_groups": 2, "version": 2}))
     assert [g["seq"] for g in batch["groups"]] == [1, 2]
     assert hub.stats()["evicted_stale"] == 1
@@ -146,7 +146,7 @@ def test_staleness_invariant_and_accounting_under_any_interleaving(max_staleness
     seq, learner_version, lease = 0, 0, None
     for op, arg in ops:
         if op == "put":  # a generator at any version at most the hub's, possibly far behind
-            replies = hub.handle(b"g", {"type": "PUT", "group": group(seq=seq, version=max(0, hub.state.version - arg))})
+            replies = hub.handle(b"g", {"type": "PUT", "groups": [group(seq=seq, version=max(0, hub.state.version - arg))]})
             seq += 1
         elif op == "version":
             learner_version += 1
@@ -168,9 +168,11 @@ def test_staleness_invariant_and_accounting_under_any_interleaving(max_staleness
 @pytest.mark.parametrize("msg, needle", [
     ({"type": "NOPE"}, "unknown message type"),
     ({"type": 3}, "unknown message type"),
-    ({"type": "PUT"}, "malformed"),
-    ({"type": "PUT", "group": {"generator_id": "g"}}, "malformed group"),
-    ({"type": "SAMPLE", "num_groups": "x"}, "malformed"),
+    ({"type": "PUT"}, "PUT groups=None: must be a non-empty list"),
+    ({"type": "PUT", "group": group()}, "PUT groups=None"),  # one shape: a list under `groups`
+    ({"type": "PUT", "groups": [{"generator_id": "g"}]}, "PUT groups[0]: malformed group"),
+    ({"type": "SAMPLE", "num_groups": "x"}, "SAMPLE num_groups='x': must be an integer >= 1"),
+    ({"type": "SAMPLE"}, "SAMPLE: field 'num_groups' is missing"),
     ({"type": "VERSION", "version": -1, "weights_path": "p"}, "versions only grow"),
 ])
 def test_malformed_messages_get_error_replies(msg, needle):

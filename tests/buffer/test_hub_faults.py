@@ -31,10 +31,10 @@ def hub_setup(tmp_path):
         yield {"start": start, "endpoint": endpoint, "keys": str(keys), "tmp": tmp_path}
 
 
-def group(seq: int) -> dict:
+def group(seq: int) -> Group:
     t = Trajectory(np.array([1, 2, 3], np.int32), np.arange(64, dtype=np.int32), np.zeros(64, np.float32),
                    np.zeros(64, np.int32), reward=1.0)
-    return Group("gen", seq, seq, "x", [t, t]).to_wire()
+    return Group("gen", seq, seq, "x", [t, t])
 
 
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(hub_setup):
@@ -47,7 +47,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(hub_setup):
     def produce():
         client = HubClient(hub_setup["endpoint"], "gen", hub_setup["keys"], resend_after=0.5)
         for seq in range(n_groups):
-            client.put(group(seq), {}, timeout=60)
+            client.put([group(seq)], {}, timeout=60)
             acked.append(seq)
         client.close()
 
@@ -115,7 +115,7 @@ def test_a_learner_killed_mid_batch_gets_the_same_batch_back(hub_setup):
     hub_setup["start"]()
     producer = HubClient(hub_setup["endpoint"], "gen", hub_setup["keys"])
     for seq in range(4):
-        producer.put(group(seq), {}, timeout=30)
+        producer.put([group(seq)], {}, timeout=30)
     outs = []
     for _ in range(2):  # the first learner dies mid-batch; its replacement asks again
         proc = subprocess.Popen([sys.executable, "-c", LEARNER, hub_setup["endpoint"], hub_setup["keys"]],

@@ -15,16 +15,17 @@ from hypothesis import strategies as st
 
 from async_rl import config as C
 from async_rl import wire
-from buffer.hub import TYPES
+from async_rl.protocol import HUB_REQUESTS
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                     st.text(max_size=8), st.binary(max_size=8))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(st.text(max_size=6), inner, max_size=4)),
                       max_leaves=12)
-FIELDS = ["generator_id", "max_groups", "acquire_seq", "group", "stats", "seq", "num_groups", "version",
-          "learner_id", "ack_lease", "lease", "weights_path", "knobs", "rid"]
-messages = st.fixed_dictionaries({"type": st.sampled_from(TYPES + ("BOGUS",))},
+FIELDS = ["generator_id", "max_groups", "acquire_seq", "groups", "stats", "seq", "prompt_index", "num_groups",
+          "version", "learner_id", "ack_lease", "step", "lease", "weights_path", "updates", "knobs", "learner",
+          "generator", "rid"]
+messages = st.fixed_dictionaries({"type": st.sampled_from(tuple(HUB_REQUESTS) + ("BOGUS",))},
                                  optional={f: values for f in FIELDS})
 
 
@@ -87,6 +88,6 @@ def test_a_hostile_array_header_is_refused(hub_socket):
     sock, proc = hub_socket
     # an ndarray header claiming 2**40 elements with 8 bytes of data
     evil = msgpack.packb({"type": "PUT", "schema": wire.SCHEMA_VERSION,
-                          "group": msgpack.ExtType(1, b"\x03<i4\x01" + np.array([2**40], "<i8").tobytes() + b"x" * 8)})
+                          "groups": [msgpack.ExtType(1, b"\x03<i4\x01" + np.array([2**40], "<i8").tobytes() + b"x" * 8)]})
     roundtrip(sock, [evil])
     assert proc.poll() is None

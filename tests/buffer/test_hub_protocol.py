@@ -41,7 +41,7 @@ def test_resent_acquire_gets_the_same_grant_and_no_extra_credit():
 def test_unacked_batch_is_redelivered_to_a_restarted_learner_and_ack_consumes_it():
     hub = Hub(cfg(), PROMPTS)
     for seq in range(4):
-        hub.handle(b"g", {"type": "PUT", "group": group(seq=seq)})
+        hub.handle(b"g", {"type": "PUT", "groups": [group(seq=seq)]})
     b1 = reply_of(hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 2, "version": 0}), "BATCH")
     # the learner died before acking; its restart asks again without an ack
     b2 = reply_of(hub.handle(b"l2", {"type": "SAMPLE", "learner_id": "L", "num_groups": 2, "version": 0}), "BATCH")
@@ -54,10 +54,10 @@ def test_unacked_batch_is_redelivered_to_a_restarted_learner_and_ack_consumes_it
 
 def test_redelivery_never_returns_what_went_stale_meanwhile():
     hub = Hub(cfg(max_staleness=0), PROMPTS)
-    hub.handle(b"g", {"type": "PUT", "group": group(seq=0)})
+    hub.handle(b"g", {"type": "PUT", "groups": [group(seq=0)]})
     reply_of(hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 0}), "BATCH")
     hub.handle(b"l", {"type": "VERSION", "version": 1, "weights_path": "p"})
-    hub.handle(b"g", {"type": "PUT", "group": group(seq=1, version=1)})
+    hub.handle(b"g", {"type": "PUT", "groups": [group(seq=1, version=1)]})
     again = reply_of(hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 1, "version": 1}), "BATCH")
     assert [g["seq"] for g in again["groups"]] == [1]
     s = hub.stats()
@@ -93,7 +93,7 @@ def test_set_max_staleness_validates_and_applies():
 def _drive(hub: Hub) -> None:
     reply_of(hub.handle(b"g", {"type": "ACQUIRE", "generator_id": "g0", "acquire_seq": 0, "max_groups": 3}), "GRANT")
     for seq in range(3):
-        hub.handle(b"g", {"type": "PUT", "group": group(seq=seq)})
+        hub.handle(b"g", {"type": "PUT", "groups": [group(seq=seq)]})
     hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 2, "version": 0})
     hub.handle(b"l", {"type": "VERSION", "version": 1, "weights_path": "/w/v1"})
     hub.flush()
@@ -115,8 +115,8 @@ def test_a_hub_that_dies_without_closing_recovers_everything_from_its_log(tmp_pa
         reborn = Hub(cfg(snapshot_interval=snapshot_interval), PROMPTS, DurableLog(d))
         assert _view(reborn) == before
         assert all(reborn.state.seen(("g0", s)) for s in range(3))
-        dup = reply_of(reborn.handle(b"g", {"type": "PUT", "group": group(seq=1)}), "ACK")
-        assert dup["duplicate"] is True
+        dup = reply_of(reborn.handle(b"g", {"type": "PUT", "groups": [group(seq=1)]}), "ACK")
+        assert dup["duplicates"] == [True]
 
 
 def test_torn_log_tail_is_cut_off(tmp_path):
@@ -128,7 +128,7 @@ def test_torn_log_tail_is_cut_off(tmp_path):
         f.write(b"\x50\x00\x00\x00\x01\x02")  # a record header whose body never made it to disk
     reborn = Hub(cfg(), PROMPTS, DurableLog(tmp_path))
     assert _view(reborn) == before
-    reborn.handle(b"g", {"type": "PUT", "group": group(seq=9)})
+    reborn.handle(b"g", {"type": "PUT", "groups": [group(seq=9)]})
     reborn.flush()
     assert Hub(cfg(), PROMPTS, DurableLog(tmp_path)).stats()["accepted"] == 4
 
@@ -143,7 +143,7 @@ def test_prioritized_hub_skips_groups_that_teach_nothing_and_takes_priority_upda
     c = cfg(selector="prioritized", priority_fn="reward_variance", alpha=1.0)
     hub = Hub(c, PROMPTS, DurableLog(tmp_path))
     for seq in range(6):  # even seqs: all rewards equal (variance 0), odd: mixed
-        hub.handle(b"g", {"type": "PUT", "group": varied_group(seq, (1.0, 1.0) if seq % 2 == 0 else (0.0, 1.0))})
+        hub.handle(b"g", {"type": "PUT", "groups": [varied_group(seq, (1.0, 1.0) if seq % 2 == 0 else (0.0, 1.0))]})
     batch = reply_of(hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 3, "version": 0}), "BATCH")
     assert sorted(g["seq"] for g in batch["groups"]) == [1, 3, 5]
     reply_of(hub.handle(b"l", {"type": "PRIORITY", "updates": [["g0", 2, 5.0]]}), "OK")
@@ -187,7 +187,7 @@ def test_batch_stats_carry_what_the_learner_logs_and_leave_the_rest_to_status():
     from learners.torch_learner import BUFFER_KEYS  # what the learner writes as buffer/* from each BATCH
     hub = Hub(cfg(), PROMPTS)
     for gid in ("g0", "g1", "g2"):
-        hub.handle(b"g", {"type": "PUT", "group": group(gid=gid, seq=0)})
+        hub.handle(b"g", {"type": "PUT", "groups": [group(gid=gid, seq=0)]})
     batch = reply_of(hub.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 2, "version": 0}), "BATCH")
     assert "generators" not in batch["stats"] and batch["stats"]["num_generators"] == 3
     assert batch["stats"]["accepted"] == 3 and batch["stats"]["in_flight"] == 2

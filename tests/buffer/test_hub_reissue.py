@@ -51,13 +51,15 @@ class Gen:
         self.owed += got
         return got
 
-    def put(self, prompt_index: int) -> dict:
+    def put(self, prompt_index: int) -> bool:
+        """PUT a group for `prompt_index`; whether the hub acked it as a duplicate (not stored)."""
         self.owed.remove(prompt_index)
         self.seq += 1
         accepted = self.hub.stats()["accepted"]
-        ack = replies(self.hub.handle(self.gid.encode(), {"type": "PUT", "group": group(self.gid, self.seq, prompt_index)}), "ACK")
-        assert ack["duplicate"] == (self.hub.stats()["accepted"] == accepted)  # the ACK tells what was stored
-        return ack
+        ack = replies(self.hub.handle(self.gid.encode(), {"type": "PUT", "groups": [group(self.gid, self.seq, prompt_index)]}), "ACK")
+        dup = ack["duplicates"][0]
+        assert dup == (self.hub.stats()["accepted"] == accepted)  # the ACK tells what was stored
+        return dup
 
     def drop(self, prompt_index: int) -> None:
         self.owed.remove(prompt_index)
@@ -90,7 +92,7 @@ def test_a_lost_generators_prompts_go_to_the_next_grant_and_each_yields_one_grou
     again = b.acquire(4)
     assert again[:3] == lost and again[3] not in lost + first  # then the cursor moves on
     for p in list(b.owed):
-        assert b.put(p)["duplicate"] is False
+        assert b.put(p) is False
     s = hub.stats()
     assert stored(hub) == collections.Counter(lost + first + again[3:])
     assert s["reissued"] == 3 and s["reissue_pending"] == 0 and s["running"] == 0
@@ -101,12 +103,12 @@ def test_a_late_put_from_a_healed_partition_counts_once():
     a, b = Gen(hub, "a"), Gen(hub, "b")
     p0, p1, p2 = a.acquire(3)
     lose(hub, "a")
-    assert a.put(p0)["duplicate"] is False  # back before anyone got p0 again: it takes p0 off the reissue queue
+    assert a.put(p0) is False  # back before anyone got p0 again: it takes p0 off the reissue queue
     assert b.acquire(2) == [p1, p2]
-    assert a.put(p1)["duplicate"] is False  # back after b got p1: the first group for p1 is a's
-    assert b.put(p1)["duplicate"] is True   # so b's is not stored
-    assert b.put(p2)["duplicate"] is False
-    assert a.put(p2)["duplicate"] is True
+    assert a.put(p1) is False  # back after b got p1: the first group for p1 is a's
+    assert b.put(p1) is True   # so b's is not stored
+    assert b.put(p2) is False
+    assert a.put(p2) is True
     s = hub.stats()
     assert stored(hub) == collections.Counter([p0, p1, p2])
     assert s["late_duplicates"] == 2 and s["running"] == 0 and s["reissue_pending"] == 0

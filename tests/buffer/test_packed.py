@@ -168,6 +168,31 @@ def test_a_log_written_before_groups_were_packed_still_replays(tmp_path):
     assert_same_group(got, old)
 
 
+def test_a_snapshot_whose_table_holds_unpacked_groups_loads_them_packed(tmp_path):
+    """Tables pickled before the hub kept groups packed hold Group objects; the snapshot loader packs them, so
+    nothing after it (BATCH replies, in-flight snapshots) needs to know the difference."""
+    from async_rl import config as C
+    from buffer.durable import DurableLog
+    from buffer.hub import Hub
+
+    cfg = C.load(None, ["rollout_batch_size=1", "n_samples_per_prompt=1", "advantage_estimator=reinforce_plus_plus",
+                        "max_staleness=5", "snapshot_interval=1"])
+    prompts = [{"input": "1+1=", "label": "2"}]
+    old = [Group("g", seq, seq, "x", [traj(3 + seq, version=0)]) for seq in range(2)]
+    hub = Hub(cfg, prompts, DurableLog(tmp_path))
+    hub.handle(b"g", {"type": "PUT", "groups": [g.to_wire() for g in old]})
+    hub.state.table.map_groups(PackedGroup.to_group)  # as an older hub held them
+    hub.log.snapshot(hub.state.to_snapshot())
+    reborn = Hub(cfg, prompts, DurableLog(tmp_path))
+    assert all(type(e[1]) is PackedGroup for e in reborn.state.table.entries())
+    for want in old:
+        replies = reborn.handle(b"l", {"type": "SAMPLE", "learner_id": "L", "num_groups": 1})
+        batch = [r for _, r in replies if r["type"] == "BATCH"][0]
+        assert_same_group(Group.from_wire(wire.decode(wire.encode(batch))["groups"][0]), want)
+        reborn.state.to_snapshot()  # the in-flight batch snapshots as bytes
+        reborn.handle(b"l", {"type": "ACK", "learner_id": "L", "lease": batch["lease"]})
+
+
 def test_decoded_groups_are_views_into_the_message_until_stored():
     g = Group("gen", 1, 0, "lab", [traj(8)])
     data = wire.encode({"type": "PUT", "group": g.to_wire(), "rid": "r"})

@@ -70,7 +70,7 @@ def test_learner_sends_mean_abs_advantage_and_the_hub_table_holds_it(tiny_world,
     learner = TorchLearner(cfg, tmp_path / "run", endpoint)
     generator = HubClient(endpoint, "gen")
     for group in make_groups(learner.tokenizer):
-        generator.put(group.to_wire(), {}, timeout=30)
+        generator.put([group], {}, timeout=30)
 
     reply = learner.sample()
     groups = [Group.from_wire(g) for g in reply["groups"]]

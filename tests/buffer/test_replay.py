@@ -59,7 +59,7 @@ def test_replay_after_sigkill_returns_the_acked_batches_since_the_checkpoint(hub
     hub = start()
     gen = HubClient(endpoint, "gen", None, resend_after=1.0)
     for seq in range(12):
-        gen.put(group(seq), {}, timeout=30)
+        gen.put([Group.from_wire(group(seq))], {}, timeout=30)
     learner = HubClient(endpoint, "learner", None, resend_after=1.0)
     batches, lease = [], None
     for step in range(4):  # batches of steps 0, 1, 2 acked; step 3's in flight
@@ -100,7 +100,7 @@ def test_the_replay_log_survives_a_snapshot_and_a_checkpoint_empties_it(tmp_path
     cfg = _config(tmp_path)
     hub = Hub(cfg, [{"input": "x", "label": "y"}] * 50, DurableLog(tmp_path / "hub"))
     for seq in range(6):
-        hub.handle(b"g", {"type": "PUT", "group": group(seq)})
+        hub.handle(b"g", {"type": "PUT", "groups": [group(seq)]})
     lease, batches = None, []
     for step in range(3):
         (_, reply), = [r for r in hub.handle(b"l", {"type": "SAMPLE", "learner_id": "learner", "num_groups": BATCH,

@@ -128,7 +128,7 @@ def test_the_table_and_the_hub_share_one_gate_also_after_a_snapshot(tmp_path):
     hub = Hub(cfg(snapshot_interval=1), PROMPTS, DurableLog(tmp_path))
     assert hub.state.table.staleness is hub.state.staleness
     reply_of(hub.handle(b"g", {"type": "ACQUIRE", "generator_id": "g0", "acquire_seq": 0, "max_groups": 3}), "GRANT")
-    hub.handle(b"g", {"type": "PUT", "group": group(seq=0)})
+    hub.handle(b"g", {"type": "PUT", "groups": [group(seq=0)]})
     hub.handle(b"l", {"type": "VERSION", "version": 1, "weights_path": "/w/v1"})
     hub.flush()  # snapshot_interval 1: the newest state is a snapshot
     reborn = Hub(cfg(snapshot_interval=1), PROMPTS, DurableLog(tmp_path))

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         t = Trajectory(np.array([1], np.int32), np.array([2, 3], np.int32), np.zeros(2, np.float32),
                        np.zeros(2, np.int32), reward=1.0)
         seq += 1
-        ack = hub.request({"type": "PUT", "group": Group(args.gid, seq, index, "0", [t] * args.samples).to_wire()},
+        ack = hub.request({"type": "PUT", "groups": [Group(args.gid, seq, index, "0", [t] * args.samples).to_wire()]},
                           timeout=None)
-        events.write(json.dumps({"put": index, "duplicate": ack["duplicate"]}) + "\n")
+        events.write(json.dumps({"put": index, "duplicate": ack["duplicates"][0]}) + "\n")
 
     if args.hold is not None:
         held = acquire(args.hold)
