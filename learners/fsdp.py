@@ -152,7 +152,7 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 # ---- one optimizer step over this rank's rows of a mini-batch ----------------------------------------
 def rank_rows(start: int, size: int, lengths: list[int], balance: bool) -> list[int]:
     """This rank's rows of mini-batch [start, start + size) (all of them at world size 1)."""
-    from learners.megatron.batching import dp_rows
+    from learners.batching import dp_rows
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -168,7 +168,7 @@ def batch_logprobs(model, batch, micro_size: int, temperature: float, device: to
     disjoint rows) gives every rank the whole batch. FSDP needs every rank in every forward: equal row counts
     (`rank_rows`) in micro-batches of one size give every rank the same number of them."""
     from learners import losses
-    from learners.megatron.batching import by_length, micro_batches, row_lengths, take
+    from learners.batching import by_length, micro_batches, row_lengths, take
 
     lengths = row_lengths(batch)
     rows = rank_rows(0, len(lengths), lengths, balance=False)
@@ -190,7 +190,7 @@ def policy_step(model, optimizer, batch, start: int, size: int, loss_fn, micro_s
     the global norm, step. `loss_fn(model, part, token_denominator) -> (loss, metrics)` is the micro-batch's
     loss: a per-token sum over the mini-batch's tokens, or (per_token False) a mean over the part's rows,
     weighted here by rows / size. Returns loss, grad_norm and the metrics as the whole mini-batch's."""
-    from learners.megatron.batching import by_length, micro_batches, row_lengths, take
+    from learners.batching import by_length, micro_batches, row_lengths, take
 
     lengths = row_lengths(batch)
     rows = rank_rows(start, size, lengths, balance)

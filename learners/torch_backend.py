@@ -54,6 +54,8 @@ class TorchBackend:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.hf_checkpoint, dtype=torch.float32)
+        if self.cfg.train.gradient_checkpointing:  # recompute each layer's activations in backward
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device).train()
         return model, build_optimizer(model, self.cfg.optimizer)
 

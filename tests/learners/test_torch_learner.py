@@ -101,3 +101,17 @@ def test_reference_model_is_refreshed_every_interval(tiny_world):
     refreshed.train_step(groups(refreshed))
     assert torch.equal(params(refreshed.backend.ref), params(refreshed.backend.model))
     assert refreshed.train_step(groups(refreshed, seed=1))["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_and_changes_no_update(tiny_world):
+    """train.gradient_checkpointing: the layers recompute their activations in backward (HF's flag is on),
+    and the step's update is the one without it."""
+    words = ["clip_grad=0"]
+    plain, ckpt = learner(tiny_world, *words), learner(tiny_world, *words, "gradient_checkpointing=true")
+    assert ckpt.backend.model.is_gradient_checkpointing and not plain.backend.model.is_gradient_checkpointing
+    for lrn in (plain, ckpt):
+        lrn.backend.optimizer = torch.optim.SGD(lrn.backend.model.parameters(), lr=1.0)
+    data = groups(plain, seed=5)
+    plain.train_step(data)
+    ckpt.train_step(data)
+    assert torch.allclose(params(plain.backend.model), params(ckpt.backend.model), atol=1e-6)
