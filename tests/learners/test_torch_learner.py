@@ -115,3 +115,17 @@ def test_gradient_checkpointing_recomputes_and_changes_no_update(tiny_world):
     plain.train_step(data)
     ckpt.train_step(data)
     assert torch.allclose(params(plain.backend.model), params(ckpt.backend.model), atol=1e-6)
+
+
+def test_token_budget_micro_batches_change_no_update(tiny_world):
+    """use_dynamic_batch_size on one process: micro-batches by a token budget give the update of
+    micro_batch_size ones (learners.fsdp.policy_step at one rank)."""
+    words = ["clip_grad=0", "micro_batch_size=2"]
+    fixed = learner(tiny_world, *words)
+    budget = learner(tiny_world, *words, "use_dynamic_batch_size=true", "max_tokens_per_gpu=48")
+    for lrn in (fixed, budget):
+        lrn.backend.optimizer = torch.optim.SGD(lrn.backend.model.parameters(), lr=1.0)
+    data = groups(fixed, seed=7)
+    a, b = fixed.train_step(data), budget.train_step(data)
+    assert abs(a["loss/total"] - b["loss/total"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert torch.allclose(params(fixed.backend.model), params(budget.backend.model), atol=1e-6)
