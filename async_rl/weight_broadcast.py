@@ -18,6 +18,7 @@ Use (learner side):
 """
 from __future__ import annotations
 
+import os
 import threading
 from datetime import timedelta
 
@@ -36,7 +37,15 @@ def init_custom_process_group(backend: str, init_method: str, world_size: int, r
                                                     rendezvous)
 
     delta = timedelta(seconds=timeout)
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=delta))
+    # Under torchrun (a multi-rank learner) TORCHELASTIC_USE_AGENT_STORE makes every tcp:// rendezvous a client
+    # of torchrun's own store, so rank 0 would never host this group's store and the engines would wait on a
+    # port nobody listens on: this group's rendezvous is ours, whoever started the process.
+    agent_store = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    try:
+        store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=delta))
+    finally:
+        if agent_store is not None:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = agent_store
     store.set_timeout(delta)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,

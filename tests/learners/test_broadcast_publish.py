@@ -126,3 +126,35 @@ def test_launch_on_sglang_cpu_with_broadcast_weights(tmp_path, tiny_world):
     assert "learner: broadcast v1 to 1 engine(s)" in learner_log and "broadcast of v" not in learner_log, learner_log
     assert "missed the broadcast" not in (run_dir / "logs" / "generator0.log").read_text()
     assert "sglang" in (run_dir / "logs" / "engine0.log").read_text().lower()
+
+
+_RANK = """
+import os, sys, torch
+from async_rl.weight_broadcast import init_custom_process_group
+r, port = int(sys.argv[1]), int(sys.argv[2])
+group = init_custom_process_group("gloo", f"tcp://127.0.0.1:{port}", 2, r, "weights_test", timeout=20)
+t = torch.tensor([float(r + 1)])
+torch.distributed.all_reduce(t, group=group)
+assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"  # left as it was, for torchrun's own use
+print("sum", float(t))
+"""
+
+
+def test_weight_group_rendezvous_is_hosted_by_rank_0_even_under_torchrun():
+    """A learner rank started by torchrun has TORCHELASTIC_USE_AGENT_STORE=True, which turns every tcp://
+    rendezvous into a client of torchrun's store: the learner (rank 0 of the weight group) must still host
+    the group's own store, or the engines wait on a port nobody listens on (a 2-rank FSDP learner with
+    update_weight_mode=broadcast timed out that way). Two processes form a real gloo group with the variable set."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(port)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert all("sum 3.0" in out for out in outs), outs
