@@ -127,12 +127,13 @@ class PackedGroup:
     fields and dtypes `Group.to_wire` writes, 1-D arrays) is checked on its array headers without building
     arrays; anything else goes through `Group.from_wire` (same conversions, same errors) and is stored in
     canonical form, so every stored `data` decodes to the Group that `Group.from_wire` would have built."""
-    __slots__ = ("generator_id", "seq", "behavior_version", "rewards", "response_lengths", "data")
+    __slots__ = ("generator_id", "seq", "behavior_version", "rewards", "response_lengths", "data", "prompt_index")
 
     def __init__(self, generator_id: str, seq: int, behavior_version: int, rewards: tuple,
-                 response_lengths: tuple, data: bytes):
+                 response_lengths: tuple, data: bytes, prompt_index: int = -1):
         self.generator_id, self.seq, self.behavior_version = generator_id, seq, behavior_version
         self.rewards, self.response_lengths, self.data = rewards, response_lengths, data
+        self.prompt_index = prompt_index
 
     @property
     def key(self) -> tuple[str, int]:
@@ -159,7 +160,8 @@ class PackedGroup:
     def from_group(cls, group: Group) -> "PackedGroup":
         return cls(group.generator_id, group.seq, group.behavior_version,
                    tuple(float(t.reward) for t in group.trajectories),
-                   tuple(len(t.response_ids) for t in group.trajectories), wire.pack_value(group.to_wire()))
+                   tuple(len(t.response_ids) for t in group.trajectories), wire.pack_value(group.to_wire()),
+                   group.prompt_index)
 
     @classmethod
     def from_wire(cls, w) -> "PackedGroup":
@@ -236,4 +238,4 @@ def _scan(d, data: bytes) -> PackedGroup | None:
         bv = v if bv is None or v < bv else bv
         rewards.append(float(reward))
         lengths.append(r)
-    return PackedGroup(gid, seq, bv, tuple(rewards), tuple(lengths), data)
+    return PackedGroup(gid, seq, bv, tuple(rewards), tuple(lengths), data, d["prompt_index"])

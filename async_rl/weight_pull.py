@@ -16,8 +16,11 @@ Invariants:
   are matched by request id, so a late duplicate is ignored.
 - Pulls of one version by several processes on a host (one per attached generator) take turns on a file
   lock, so the bytes cross the network once.
-- At most `window` chunks are requested at a time; ZeroMQ's I/O thread receives the next ones while this
-  thread checks and writes the last.
+- Chunks come over `streams` connections at once, each with its own ZeroMQ I/O thread here (and one on the
+  server, which gives every connection the least loaded of its `io_threads`), at most `window` requested
+  per connection; the I/O threads receive (and with CURVE decrypt) the next ones while this thread checks
+  and writes the last. With CURVE the en/decryption, not the link, is what limits one connection
+  (docs/BENCHMARKS.md, "Weights between hosts"); several spread it over cores.
 """
 from __future__ import annotations
 
@@ -36,18 +39,21 @@ import zmq
 from async_rl import protocol, wire
 from async_rl.weight_server import DIGESTS
 
+STREAMS = 2  # connections a pull uses at once (see the module docstring)
+
 
 class WeightPullError(RuntimeError):
     """The server refused (e.g. the version is gone) or kept sending bytes that do not match the manifest."""
 
 
 class WeightPuller:
-    def __init__(self, endpoint: str, dest: str | Path, keys: str | Path | None = None, window: int = 8,
-                 resend_after: float = 5.0, keep: int = 3):
-        if window < 1 or keep < 1:
-            raise ValueError(f"window={window}, keep={keep}: both must be >= 1")
+    def __init__(self, endpoint: str, dest: str | Path, keys: str | Path | None = None, window: int = 4,
+                 resend_after: float = 5.0, keep: int = 3, streams: int = STREAMS):
+        if window < 1 or keep < 1 or streams < 1:
+            raise ValueError(f"window={window}, keep={keep}, streams={streams}: each must be >= 1")
         self.endpoint, self.dest, self.keys = endpoint, Path(dest), keys
-        self.window, self.resend_after, self.keep = window, resend_after, keep
+        self.window, self.resend_after, self.keep, self.streams = window, resend_after, keep, streams
+        self._ctx = zmq.Context(io_threads=streams)  # its own: one I/O thread per connection
         self.dest.mkdir(parents=True, exist_ok=True)
         self._rids = itertools.count()
         self._trusted: set[int] = set()  # versions pulled, or checked, by this process
@@ -56,7 +62,7 @@ class WeightPuller:
 
     # ---- the socket ------------------------------------------------------------------------------
     def _socket(self) -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"pull-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode())
         sock.setsockopt(zmq.RCVHWM, 4 * self.window)
@@ -164,36 +170,52 @@ class WeightPuller:
         return done
 
     def _fetch(self, version: int, todo: collections.deque, entries: dict, fds: dict, log, deadline: float) -> None:
-        sock, outstanding, retries = self._socket(), {}, collections.Counter()
+        socks = [self._socket() for _ in range(self.streams)]
+        outstanding: list[dict] = [{} for _ in socks]  # per connection: rid -> (name, index)
+        retries = collections.Counter()
+        poller = zmq.Poller()
+        for sock in socks:
+            poller.register(sock, zmq.POLLIN)
         try:
-            while todo or outstanding:
-                while todo and len(outstanding) < self.window:
-                    name, index = todo.popleft()
-                    rid = f"{os.getpid()}-{next(self._rids)}"
-                    sock.send(wire.encode(protocol.Chunk(version=version, name=name, index=index, rid=rid).to_msg()))
-                    outstanding[rid] = (name, index)
+            while todo or any(outstanding):
+                for sock, asked in zip(socks, outstanding):
+                    while todo and len(asked) < self.window:
+                        name, index = todo.popleft()
+                        rid = f"{os.getpid()}-{next(self._rids)}"
+                        sock.send(wire.encode(protocol.Chunk(version=version, name=name, index=index,
+                                                             rid=rid).to_msg()))
+                        asked[rid] = (name, index)
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"pull of v{version} from {self.endpoint}: {len(todo) + len(outstanding)} "
-                                       f"chunk(s) still missing at the deadline")
-                if not sock.poll(int(1000 * self.resend_after)):
-                    # silence: the connection may be dead; a fresh socket, and ask for everything outstanding again
-                    sock.close()
-                    sock = self._socket()
-                    todo.extendleft(reversed(list(outstanding.values())))
-                    outstanding.clear()
+                    missing = len(todo) + sum(map(len, outstanding))
+                    raise TimeoutError(f"pull of v{version} from {self.endpoint}: {missing} chunk(s) still missing "
+                                       f"at the deadline")
+                ready = dict(poller.poll(int(1000 * self.resend_after)))
+                if not ready:
+                    # silence: the connections may be dead; fresh sockets, and ask for everything outstanding again
+                    for i, sock in enumerate(socks):
+                        poller.unregister(sock)
+                        sock.close()
+                        socks[i] = self._socket()
+                        poller.register(socks[i], zmq.POLLIN)
+                        todo.extendleft(reversed(list(outstanding[i].values())))
+                        outstanding[i].clear()
                     self.stats["reconnects"] += 1
                     continue
-                frames = sock.recv_multipart(copy=False)
-                head = wire.decode(frames[0].bytes)
-                key = outstanding.pop(head.get("rid"), None)
-                if key is None:
-                    continue  # a late answer to a request asked again since
-                if head.get("type") == "ERROR":
-                    raise WeightPullError(f"weight server {self.endpoint}: {head.get('error')}")
-                self._store(key, head, frames[1].buffer if len(frames) > 1 else b"", entries, fds, log,
-                            retries, todo)
+                for sock, asked in zip(socks, outstanding):
+                    if sock not in ready:
+                        continue
+                    frames = sock.recv_multipart(copy=False)
+                    head = wire.decode(frames[0].bytes)
+                    key = asked.pop(head.get("rid"), None)
+                    if key is None:
+                        continue  # a late answer to a request asked again since
+                    if head.get("type") == "ERROR":
+                        raise WeightPullError(f"weight server {self.endpoint}: {head.get('error')}")
+                    self._store(key, head, frames[1].buffer if len(frames) > 1 else b"", entries, fds, log,
+                                retries, todo)
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()
 
     def _store(self, key, head, data, entries, fds, log, retries, todo) -> None:
         name, index = key

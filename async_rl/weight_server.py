@@ -153,8 +153,9 @@ def handle(store: WeightStore, msg: dict) -> tuple[dict, bytes | None]:
         return protocol.error_reply(rid, f"{msg.get('type')}: malformed request ({exc!r})"), None
 
 
-def serve(store: WeightStore, bind: str, keys_dir: str | None = None, endpoint_file: str | None = None) -> None:
-    ctx = zmq.Context()
+def serve(store: WeightStore, bind: str, keys_dir: str | None = None, endpoint_file: str | None = None,
+          io_threads: int = 2) -> None:
+    ctx = zmq.Context(io_threads=io_threads)  # each connection gets the least loaded: parallel pulls en/decrypt in parallel
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # requests are small; a huge one is not a request
@@ -207,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keys", default=None, help="CURVE keys dir of the run (none = no auth)")
     ap.add_argument("--endpoint-file", default=None)
     ap.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES)
+    ap.add_argument("--io-threads", type=int, default=2,
+                    help="ZeroMQ I/O threads: connections (a puller opens several) are spread over them")
     args = ap.parse_args(argv)
+    if args.io_threads < 1:
+        ap.error(f"--io-threads {args.io_threads}: must be >= 1")
     Path(args.root).mkdir(parents=True, exist_ok=True)
     bind = args.bind[:-2] + ":*" if args.bind.endswith(":0") else args.bind
-    serve(WeightStore(args.root, args.initial, args.chunk_bytes), bind, args.keys, args.endpoint_file)
+    serve(WeightStore(args.root, args.initial, args.chunk_bytes), bind, args.keys, args.endpoint_file, args.io_threads)
     return 0
 
 

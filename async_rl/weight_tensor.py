@@ -27,6 +27,8 @@ import threading
 import requests
 import torch
 
+from async_rl.keys import engine_headers
+
 _REBUILD_MODULE = "torch.multiprocessing.reductions"
 _TORCH_CLASSES = {("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "UntypedStorage"),
                   ("torch.storage", "TypedStorage"), ("torch._tensor", "Tensor")}
@@ -118,6 +120,8 @@ class TensorUpdater:
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout = timeout
         self.sessions = [requests.Session() for _ in self.urls]
+        for session in self.sessions:  # the run's engine API key, when engines need one
+            session.headers.update(engine_headers())
 
     def _post_all(self, path: str, body: dict) -> None:
         replies: list = [None] * len(self.urls)

@@ -182,12 +182,14 @@ class Hub:
             if self.state.done:
                 out.append((ident, self._reply(req, type="DONE")))
                 continue
-            prompts = []
-            for _ in range(n):
+            again = [p for _, p in self.state.leases.reissue[:n]]  # a lost generator's prompts go first
+            prompts = [{"prompt_index": p, **self.state.dispenser.prompts[p]} for p in again]
+            for _ in range(n - len(again)):
                 index, prompt = self.state.dispenser.next()
                 prompts.append({"prompt_index": index, **prompt})  # input, label, and metadata / tools if any
             self.commit({"op": "grant", "gid": gid, "acquire_seq": req.acquire_seq,
-                         "prompts": prompts, "cursor": [self.state.dispenser.epoch, self.state.dispenser.position]})
+                         "prompts": prompts, "cursor": [self.state.dispenser.epoch, self.state.dispenser.position],
+                         **({"reissued": len(again)} if again else {})})
             out.append((ident, self._reply(req, type="GRANT", prompts=prompts, **self._knobs("generator"))))
         return out
 
@@ -211,9 +213,18 @@ class Hub:
         share = {k: v / len(groups) for k, v in req.stats.items()}
         keys, duplicates, here = [], [], set()
         now = time.time()
+        resolved: dict[tuple, int] = {}  # (gid, prompt_index) -> groups of this PUT resolving it so far
+        tickets: set[int] = set()  # the prompt tickets they resolve (as HubState.apply will, in order)
         for group in groups:
             self.state.generator(group.generator_id)["last_seen"] = now
             duplicate = self.state.seen(group.key) or group.key in here  # (a key twice in one PUT)
+            if not duplicate:  # a prompt that already has its group (buffer/prompts.py PromptLeases)
+                at = (group.generator_id, group.prompt_index)
+                found = self.state.leases.candidates(*at)[resolved.get(at, 0):]
+                resolved[at] = resolved.get(at, 0) + 1
+                if found:
+                    duplicate = found[0][0] in tickets or not self.state.leases.first(found[0][0])
+                    tickets.add(found[0][0])
             here.add(group.key)
             priority = 0.0 if duplicate else priorities.compute(self.priority_fn, group, self.state.version)
             self.commit({"op": "put", "blob": group.data, "stats": share, "priority": priority}, group, defer=True)
@@ -225,6 +236,7 @@ class Hub:
         gid, stats = req.generator_id, req.stats
         self._seen(gid)
         self.commit({"op": "drop", "gid": gid, "seq": req.seq,
+                     **({"prompt_index": req.prompt_index} if req.prompt_index is not None else {}),
                      "stats": {"gen_tokens": int(stats.get("gen_tokens", 0)), "busy_s": float(stats.get("busy_s", 0.0))}})
         return [(ident, self._reply(req, type="OK"))] + self._serve_acquires()
 
@@ -340,7 +352,7 @@ class Hub:
         if self.state.done:
             self.commit({"op": "start"})
         for gid, gen in self.state.generators.items():  # every generator of the last run is gone
-            if gen["running"] > 0:
+            if gen["running"] > 0 or self.state.leases.held.get(gid):
                 self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
         return [(ident, self._reply(req, type="OK"))] + self._serve_acquires()
 
@@ -351,11 +363,13 @@ class Hub:
 
     # ---- liveness --------------------------------------------------------------------------------
     def reclaim_silent_generators(self, now: float | None = None) -> list[Reply]:
-        """Return the credits of generators silent for longer than buffer.generator_timeout."""
+        """Return the credits of generators silent for longer than buffer.generator_timeout; the prompts they
+        held are granted again (buffer/prompts.py PromptLeases)."""
         now = time.time() if now is None else now
         out = self.settle()
         for gid, gen in self.state.generators.items():
-            if gen["running"] > 0 and now - gen["last_seen"] > self.cfg.buffer.generator_timeout:
+            if (gen["running"] > 0 or self.state.leases.held.get(gid)) and \
+                    now - gen["last_seen"] > self.cfg.buffer.generator_timeout:
                 self.commit({"op": "reclaim", "gid": gid, "n": gen["running"]})
         return out + self._serve_acquires()
 
@@ -371,7 +385,7 @@ class Hub:
         for g in s.generators.values():
             gen_tokens += g["gen_tokens"]
             gen_busy_s += g["busy_s"]
-        out.update(version=s.version, size=len(t), in_flight=sum(len(f["keys"]) for f in s.in_flight.values()),
+        out.update(version=s.version, size=len(t), reissue_pending=len(s.leases.reissue), in_flight=sum(len(f["keys"]) for f in s.in_flight.values()),
                    replay_log_batches=sum(len(e) for e in s.trained.values()), max_staleness=s.max_staleness,
                    credits_available=self.credits_available(), gen_tokens=gen_tokens, gen_busy_s=gen_busy_s,
                    num_generators=len(s.generators), done=s.done)

@@ -25,11 +25,12 @@ import pickle
 import time
 
 from async_rl.types import Group, PackedGroup
-from buffer.prompts import PromptDispenser
+from buffer.prompts import PromptDispenser, PromptLeases
 from buffer.staleness import Flow, Staleness
 from buffer.table import Table, loads as load_table
 
-HUB_COUNTERS = ("consumed", "dropped_filtered", "reclaimed", "malformed", "evicted_in_flight", "replayed")
+HUB_COUNTERS = ("consumed", "dropped_filtered", "reclaimed", "malformed", "evicted_in_flight", "replayed",
+                "reissued", "late_duplicates")
 
 
 def gkey(key) -> tuple[str, int]:
@@ -40,6 +41,7 @@ class HubState:
     def __init__(self, cfg, prompts: list[dict]):
         b = cfg.buffer
         self.dispenser = PromptDispenser(prompts, cfg.data.rollout_shuffle, cfg.data.rollout_seed)
+        self.leases = PromptLeases()  # granted prompts still owed a group; a lost generator's are re-issued
         self.weights_path = cfg.ckpt.hf_checkpoint
         self.staleness = Staleness.from_config(cfg)  # the bound + admission; the table shares it
         self.table = Table(b.selector, b.remover, staleness=self.staleness,
@@ -109,6 +111,9 @@ class HubState:
         self.dispenser.sync_order()
         self.staleness.grant(len(prompts))
         self.generator(gid)["running"] += len(prompts)
+        reissued = int(rec.get("reissued", 0))  # the first ones came from the reissue queue
+        self.leases.grant(gid, [int(p["prompt_index"]) for p in prompts], reissued)
+        self.counters["reissued"] += reissued
         self.last_grant[gid] = {"acquire_seq": rec["acquire_seq"], "prompts": prompts}
 
     def _apply_put(self, rec: dict, group: PackedGroup | None = None) -> None:
@@ -117,8 +122,14 @@ class HubState:
         if self.seen(group.key):
             self.table.counters["duplicates"] += 1
             return
+        credit, first = self.leases.resolve(group.generator_id, group.prompt_index)
+        if credit:
+            self._release_credits(group.generator_id, 1)
+        if not first:  # its prompt already has a group: a lost generator's late one, or the re-grantee's
+            self.dropped_keys.add(group.key)
+            self.counters["late_duplicates"] += 1
+            return
         self.table.insert(group.key, group.own(), float(rec["priority"]))  # computed before logging: replay never calls user code
-        self._release_credits(group.generator_id, 1)
         self._gen_stats(group.generator_id, rec.get("stats"))["groups"] += 1
 
     def _apply_advance(self, rec: dict, _=None) -> None:
@@ -186,12 +197,18 @@ class HubState:
         if self.seen(key):
             return
         self.dropped_keys.add(key)
-        self._release_credits(rec["gid"], 1)
+        credit, first = (True, True) if rec.get("prompt_index") is None else self.leases.resolve(rec["gid"], int(rec["prompt_index"]))
+        if credit:
+            self._release_credits(rec["gid"], 1)
+        if not first:  # its prompt already has a group (or a DROP)
+            self.counters["late_duplicates"] += 1
+            return
         self.counters["dropped_filtered"] += 1
         self._gen_stats(rec["gid"], rec.get("stats"))["dropped"] += 1
 
     def _apply_reclaim(self, rec: dict, _=None) -> None:
         self.counters["reclaimed"] += self._release_credits(rec["gid"], int(rec["n"]))
+        self.leases.reclaim(rec["gid"])
 
     def _apply_set(self, rec: dict, _=None) -> None:
         """Live knobs: the hub's own apply here; the learner's and generators' are kept and handed out with
@@ -227,7 +244,7 @@ class HubState:
                           for lid, f in self.in_flight.items()},
             "trained": {lid: [{"step": e["step"], **_batch_wire(e)} for e in entries]
                         for lid, entries in self.trained.items()},
-            "checkpointed": self.checkpointed, "replaying": self.replaying,
+            "checkpointed": self.checkpointed, "replaying": self.replaying, "leases": self.leases.state(),
         }
 
     def load_snapshot(self, snap: dict) -> None:
@@ -252,6 +269,7 @@ class HubState:
         self.trained = {lid: [{"step": e["step"], **_batch_from_wire(e)} for e in entries]
                         for lid, entries in snap.get("trained", {}).items()}
         self.checkpointed, self.replaying = snap.get("checkpointed", {}), snap.get("replaying", {})
+        self.leases.restore(snap.get("leases"))
 
 
 def _batch_wire(batch: dict) -> dict:

@@ -158,7 +158,7 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 # ---- one optimizer step over this rank's rows of a mini-batch ----------------------------------------
 def rank_rows(start: int, size: int, lengths: list[int], balance: bool) -> list[int]:
     """This rank's rows of mini-batch [start, start + size) (all of them at world size 1)."""
-    from learners.megatron.batching import dp_rows
+    from learners.batching import dp_rows
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -168,46 +168,63 @@ def rank_rows(start: int, size: int, lengths: list[int], balance: bool) -> list[
     return dp_rows(start, size, world, rank, lengths, balance)
 
 
+def rank_micro_batches(rows: list[int], lengths: list[int], micro_size: int, max_tokens: int) -> list[list[int] | None]:
+    """This rank's micro-batches of `rows`, longest rows first: `micro_size` rows each, or (max_tokens > 0) as
+    many as fit rows x longest <= max_tokens. FSDP needs every rank in every forward and backward, so with a
+    token budget (counts differ between ranks) the list is padded with None up to the most any rank has: a
+    None runs one row whose result is dropped (logprobs) or whose loss counts 0 (training)."""
+    from learners.batching import by_length, micro_batches
+
+    micros: list = micro_batches(by_length(rows, lengths), lengths, micro_size, max_tokens)
+    if max_tokens > 0 and dist.is_initialized() and dist.get_world_size() > 1:
+        most = torch.tensor([len(micros)], dtype=torch.int64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        micros += [None] * (int(most) - len(micros))
+    return micros
+
+
 @torch.no_grad()
-def batch_logprobs(model, batch, micro_size: int, temperature: float, device: torch.device) -> torch.Tensor:
-    """Logprobs of every target of `batch` under `model`: each rank computes its rows, an all-reduce (sum of
-    disjoint rows) gives every rank the whole batch. FSDP needs every rank in every forward: equal row counts
-    (`rank_rows`) in micro-batches of one size give every rank the same number of them."""
+def batch_logprobs(model, batch, micro_size: int, temperature: float, device: torch.device,
+                   max_tokens: int = 0) -> torch.Tensor:
+    """Logprobs of every target of `batch` under `model`: each rank computes its rows (`rank_micro_batches`),
+    an all-reduce (sum of disjoint rows) gives every rank the whole batch."""
     from learners import losses
-    from learners.megatron.batching import by_length, micro_batches, row_lengths, take
+    from learners.batching import row_lengths, take
 
     lengths = row_lengths(batch)
     rows = rank_rows(0, len(lengths), lengths, balance=False)
-    micros = micro_batches(by_length(rows, lengths), lengths, micro_size)
     out = torch.zeros(batch.mask.shape, dtype=torch.float32, device=device)
-    for micro in micros:
-        part = take(batch, micro, device, lengths)
+    for micro in rank_micro_batches(rows, lengths, micro_size, max_tokens):
+        part = take(batch, micro or rows[:1], device, lengths)
         logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1]
         logp = losses.token_logprobs(logits, part["targets"], temperature).float()
-        out[micro, :logp.shape[1]] = logp
+        if micro is not None:
+            out[micro, :logp.shape[1]] = logp
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out)
     return out.to(batch.mask.dtype).to(batch.mask.device)
 
 
 def policy_step(model, optimizer, batch, start: int, size: int, loss_fn, micro_size: int, per_token: bool,
-                clip_grad: float, balance: bool, device: torch.device) -> dict:
+                clip_grad: float, balance: bool, device: torch.device, max_tokens: int = 0) -> dict:
     """zero_grad, forward/backward this rank's micro-batches of mini-batch [start, start + size), clip by
     the global norm, step. `loss_fn(model, part, token_denominator) -> (loss, metrics)` is the micro-batch's
     loss: a per-token sum over the mini-batch's tokens, or (per_token False) a mean over the part's rows,
     weighted here by rows / size. Returns loss, grad_norm and the metrics as the whole mini-batch's."""
-    from learners.megatron.batching import by_length, micro_batches, row_lengths, take
+    from learners.batching import row_lengths, take
 
     lengths = row_lengths(batch)
     rows = rank_rows(start, size, lengths, balance)
     token_denom = float(batch.mask[start:start + size].sum().clamp(min=1.0))
-    micros = micro_batches(by_length(rows, lengths), lengths, micro_size)
     world = dist.get_world_size() if dist.is_initialized() else 1
     optimizer.zero_grad(set_to_none=True)
     total, metrics = 0.0, {}
-    for micro in micros:
-        part = take(batch, micro, device, lengths)
+    for micro in rank_micro_batches(rows, lengths, micro_size, max_tokens):
+        part = take(batch, micro or rows[:1], device, lengths)
         loss, m = loss_fn(model, part, token_denom)
+        if micro is None:  # padding: this rank has no rows left; its forward/backward only join the others'
+            (loss * 0.0).backward()
+            continue
         share = len(micro) / size  # of the mini-batch's rows
         scale = 1.0 if per_token else share
         (loss * (scale * world)).backward()  # FSDP averages over ranks: times world = the sum

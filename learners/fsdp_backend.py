@@ -27,6 +27,11 @@ from learners.optim import build_optimizer
 from learners.weights import HFExport
 
 
+def logprob_token_budget(t) -> int:
+    """Rows x longest row of one logprob micro-batch with use_dynamic_batch_size (0: micro_batch_size rows)."""
+    return (t.log_probs_max_tokens_per_gpu or t.max_tokens_per_gpu) if t.use_dynamic_batch_size else 0
+
+
 class FsdpBackend:
     """learners.backend.Backend over the ranks torchrun started."""
     critic = None  # config_rules refuses the PPO critic at several ranks
@@ -66,7 +71,7 @@ class FsdpBackend:
     def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         r = self.cfg.rollout
         return fsdp.batch_logprobs(self.ref if reference else self.model, batch, r.micro_batch_size,
-                                   r.rollout_temperature, self.device)
+                                   r.rollout_temperature, self.device, logprob_token_budget(self.cfg.train))
 
     def train_step(self, batch: TrainBatch, rows: slice, loss_fn: LossFn) -> dict:
         r, t = self.cfg.rollout, self.cfg.train
@@ -76,7 +81,8 @@ class FsdpBackend:
             return loss_fn(logits, part)
         return fsdp.policy_step(self.model, self.optimizer, batch, rows.start, rows.stop - rows.start, micro_loss,
                                 r.micro_batch_size, self.cfg.algo.calculate_per_token_loss,
-                                self.cfg.optimizer.clip_grad, t.balance_data, self.device)
+                                self.cfg.optimizer.clip_grad, t.balance_data, self.device,
+                                t.max_tokens_per_gpu if t.use_dynamic_batch_size else 0)
 
     @torch.no_grad()
     def refresh_reference(self) -> None:

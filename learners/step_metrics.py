@@ -13,7 +13,8 @@ from learners.batch import TrainBatch
 
 # the hub's counters logged every step: accepted == consumed + evicted_stale + evicted_capacity + size + in_flight
 BUFFER_KEYS = ("size", "in_flight", "accepted", "consumed", "evicted_stale", "evicted_capacity", "duplicates",
-               "running", "dropped_filtered", "reclaimed", "malformed", "credits_available", "max_staleness", "replayed")
+               "running", "dropped_filtered", "reclaimed", "malformed", "credits_available", "max_staleness", "replayed",
+               "reissued", "late_duplicates", "reissue_pending")
 
 
 def _mean(steps: list[dict], key: str) -> float | None:

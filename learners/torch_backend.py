@@ -54,6 +54,8 @@ class TorchBackend:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(self.cfg.ckpt.hf_checkpoint, dtype=torch.float32)
+        if self.cfg.train.gradient_checkpointing:  # recompute each layer's activations in backward
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device).train()
         return model, build_optimizer(model, self.cfg.optimizer)
 
@@ -78,11 +80,24 @@ class TorchBackend:
     def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         r = self.cfg.rollout
         model = self.ref if reference else self.model
+        if self.cfg.train.use_dynamic_batch_size:  # micro-batches by a token budget, as one FSDP rank forms them
+            from learners.fsdp import batch_logprobs
+            from learners.fsdp_backend import logprob_token_budget
+            return batch_logprobs(model, batch, r.micro_batch_size, r.rollout_temperature, self.device,
+                                  logprob_token_budget(self.cfg.train))
         return torch.cat([batch.pad_columns(forward_logprobs(model, batch.select(sl, trim=True),
                                                              r.rollout_temperature))
                           for sl in micro_slices(0, len(batch.input_ids), r.micro_batch_size)])
 
     def train_step(self, batch: TrainBatch, rows: slice, loss_fn: LossFn) -> dict:
+        t = self.cfg.train
+        if t.use_dynamic_batch_size:  # micro-batches by a token budget, as one FSDP rank forms them
+            from learners.fsdp import policy_step
+            return policy_step(self.model, self.optimizer, batch, rows.start, rows.stop - rows.start,
+                               lambda model, part, _: loss_fn(forward_logits(model, part), part),
+                               self.cfg.rollout.micro_batch_size, self.cfg.algo.calculate_per_token_loss,
+                               self.cfg.optimizer.clip_grad, False, self.device, t.max_tokens_per_gpu)
+
         def micro(sl: slice):
             part = batch.select(sl, trim=True)
             return loss_fn(forward_logits(self.model, part), part)

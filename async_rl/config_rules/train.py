@@ -29,8 +29,7 @@ def validate(cfg: "Config") -> None:
 
 
 _MEGATRON_ONLY = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                  "context_parallel_size", "sequence_parallel", "use_dynamic_batch_size", "max_tokens_per_gpu",
-                  "log_probs_max_tokens_per_gpu", "recompute_granularity", "recompute_method",
+                  "context_parallel_size", "sequence_parallel", "recompute_granularity", "recompute_method",
                   "recompute_num_layers")
 
 
@@ -48,6 +47,7 @@ def _torch_backend_rules(cfg: "Config") -> None:
             raise ConfigError(f"train.{name}={getattr(cfg.train, name)!r}: only train_backend=megatron uses it; set "
                              f"train_backend=megatron, or {name}={getattr(default_t, name)!r}")
     _fsdp_rules(cfg)
+    _token_budget_rules(t)
     for name in ("lr_decay_style", "lr_warmup_iters", "warmup_ratio"):
         if getattr(cfg.optimizer, name) != getattr(default_o, name):
             raise ConfigError(f"optimizer.{name}={getattr(cfg.optimizer, name)!r}: learning-rate schedules are applied "
@@ -105,16 +105,21 @@ def _megatron_rules(cfg: "Config") -> None:
     _megatron_batch_rules(cfg, t.actor_num_gpus_per_node // model_parallel)
 
 
-def _megatron_batch_rules(cfg: "Config", dp: int) -> None:
-    t, r = cfg.train, cfg.rollout
-    if r.global_batch_size % dp:
-        raise ConfigError(f"rollout.global_batch_size={r.global_batch_size}: must split evenly over the {dp} data-parallel "
-                         f"ranks (actor_num_gpus_per_node / model-parallel size)")
+def _token_budget_rules(t) -> None:
+    """use_dynamic_batch_size and its budgets (both backends)."""
     if t.use_dynamic_batch_size and t.max_tokens_per_gpu == 0:
         raise ConfigError("train.use_dynamic_batch_size=True: needs max_tokens_per_gpu > 0 (e.g. 16384)")
     if not t.use_dynamic_batch_size and (t.max_tokens_per_gpu or t.log_probs_max_tokens_per_gpu):
         raise ConfigError(f"train.max_tokens_per_gpu={t.max_tokens_per_gpu}, log_probs_max_tokens_per_gpu="
                          f"{t.log_probs_max_tokens_per_gpu}: only used with use_dynamic_batch_size=true; set it, or 0")
+
+
+def _megatron_batch_rules(cfg: "Config", dp: int) -> None:
+    t, r = cfg.train, cfg.rollout
+    if r.global_batch_size % dp:
+        raise ConfigError(f"rollout.global_batch_size={r.global_batch_size}: must split evenly over the {dp} data-parallel "
+                         f"ranks (actor_num_gpus_per_node / model-parallel size)")
+    _token_budget_rules(t)
     full = t.recompute_granularity == "full"
     if full and not (t.recompute_method and t.recompute_num_layers):
         raise ConfigError("train.recompute_granularity='full': needs recompute_method (uniform or block) and "

@@ -37,11 +37,13 @@ def cmd_launch(args) -> int:
         try:
             import ray  # noqa: F401
             from async_rl.launch.ray_launcher import RayLauncher
+            from async_rl.launch.ray_remote import RemoteRayLauncher
         except ImportError as exc:
             print(f"async-rl: --cluster ray needs Ray ({exc}): pip install -e '.[ray]' (scripts/setup.sh does)",
                   file=sys.stderr)
             return 2
-        launcher = RayLauncher(cfg, run_dir, resume=args.resume, address=args.address)
+        kind = RayLauncher if cfg.cluster.shared_run_dir else RemoteRayLauncher
+        launcher = kind(cfg, run_dir, resume=args.resume, address=args.address)
     out = None
     if not sys.stdout.isatty():  # the supervisor must never block on a pipe nobody reads (async_rl/launch/outstream.py)
         from async_rl.launch.outstream import Unblocked

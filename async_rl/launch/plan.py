@@ -45,7 +45,7 @@ def learner_bytes(cfg, shape: Shape) -> dict[str, float]:
     if a.advantage_estimator == "ppo":
         states *= 2  # a critic of the same size with its own optimizer
     seq, _ = _seq_len(cfg)
-    if t.train_backend == "megatron" and t.use_dynamic_batch_size:
+    if t.use_dynamic_batch_size:
         tokens = t.max_tokens_per_gpu
     else:
         tokens = cfg.rollout.micro_batch_size * seq / (dp if t.train_backend == "megatron" else 1)

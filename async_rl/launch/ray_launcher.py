@@ -10,7 +10,8 @@ sees that process as running; after, as failed. The learner is never restarted t
 
 Placement: one placement group, bundle 0 for the learner, bundle 1+i for engine i (CPUs, plus GPUs when
 cluster.num_gpus_per_node > 0); the hub, generators and evals ride in their engine's bundle, on its node,
-so a generator reaches its engine on loopback. The run directory must be at the same path on every node.
+so a generator reaches its engine on loopback. The run directory must be at the same path on every node,
+unless cluster.shared_run_dir=false (async_rl/launch/ray_remote.py).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from async_rl import config as config_mod
 from async_rl.launch.launcher import LaunchError, Launcher
 from async_rl.launch.procs import Child, ProcessGroup
 
-RESTARTABLE = ("hub", "engine", "generator")  # their state survives a restart (WAL, new incarnation id)
+RESTARTABLE = ("hub", "engine", "generator", "attach")  # their state survives a restart (WAL, new incarnation id)
 
 
 def _child_setup(cores: list[int], nice: int) -> None:
@@ -293,7 +294,7 @@ class RayLauncher(Launcher):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         self.num_bundle_engines = 0 if self.cfg.rollout.rollout_external_engine_addrs else self._num_engines()
-        wanted = bundles(self.cfg, self.num_bundle_engines)
+        wanted = self._bundles()
         pg = placement_group(wanted, strategy="STRICT_PACK" if self.cfg.cluster.colocate else "PACK")
         timeout = self.cfg.cluster.startup_timeout
         try:
@@ -306,6 +307,9 @@ class RayLauncher(Launcher):
                 f"rollout.rollout_num_gpus_per_engine; colocate={self.cfg.cluster.colocate}) within {timeout:.0f}s "
                 f"(cluster.startup_timeout); it has {ray.available_resources()}; add nodes or ask for less") from None
         return pg
+
+    def _bundles(self) -> list[dict]:
+        return bundles(self.cfg, self.num_bundle_engines)
 
     def _place(self, name: str) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

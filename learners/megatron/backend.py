@@ -18,7 +18,8 @@ from async_rl import config as config_mod
 from learners import losses
 from learners.backend import LossFn, needs_reference
 from learners.batch import TrainBatch
-from learners.megatron import batching, checkpoint, parallel
+from learners import batching
+from learners.megatron import checkpoint, parallel
 from learners.megatron.model import build_stage, forward_logits, forward_stage, shape_from_hf, transformer_config
 from learners.megatron.optim import Stepper, wrap_ddp
 from learners.megatron.weights import gather_hf, load_hf, read_hf_checkpoint, unwrap

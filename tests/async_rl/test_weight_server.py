@@ -83,10 +83,15 @@ def _same_tree(a: Path, b: Path) -> None:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
-def test_pull_is_exact_and_chunked(server, tmp_path):
-    puller = WeightPuller(server.endpoint, tmp_path / "local", resend_after=2)
+@pytest.mark.parametrize("streams", [1, 3])
+def test_pull_is_exact_and_chunked(server, tmp_path, streams):
+    puller = WeightPuller(server.endpoint, tmp_path / "local", resend_after=2, streams=streams)
     assert puller.latest() == 3
+    opened = []
+    socket = puller._socket
+    puller._socket = lambda: opened.append(1) or socket()
     out = puller.pull(3)
+    assert len(opened) == 1 + streams  # the MANIFEST's, then the chunks over `streams` connections at once
     _same_tree(tmp_path / "weights" / "v3", out)
     assert puller.stats["max_frame"] == CHUNK  # never more than one chunk per message
     assert puller.stats["chunks"] == 38 + 1 + 1 and puller.stats["reconnects"] == 0

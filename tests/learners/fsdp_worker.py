@@ -4,7 +4,7 @@ norm (rank 0) to a JSON file. `--plain` runs the same steps on one unsharded mod
 the reference the sharded runs must equal.
 
 python tests/learners/fsdp_worker.py --model DIR --out FILE [--plain] [--per-token] [--steps N]
-    [--save-at K --ckpt DIR] [--resume-from DIR --first-step K]
+    [--save-at K --ckpt DIR] [--resume-from DIR --first-step K] [--balance] [--max-tokens N]
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--per-token", action="store_true")
     ap.add_argument("--balance", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=0, help="use_dynamic_batch_size's token budget")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--first-step", type=int, default=0)
     ap.add_argument("--save-at", type=int, default=-1)
@@ -77,13 +78,13 @@ def main() -> int:
     rows = []
     for step in range(args.first_step, args.first_step + args.steps):
         batch = build_batch(groups(step), pad_id=0)
-        batch.logp_old = fsdp.batch_logprobs(model, batch, 3, 1.0, device)
+        batch.logp_old = fsdp.batch_logprobs(model, batch, 3, 1.0, device, args.max_tokens)
         adv = compute_advantages(algo, batch.rewards, batch.mask, None, None)
         batch.advantages = adv.advantages
         size = len(batch.input_ids) // 2  # two optimizer steps per batch
         for k in range(2):
             m = fsdp.policy_step(model, optimizer, batch, k * size, size, loss_fn, 3, args.per_token, 1.0,
-                                 args.balance, device)
+                                 args.balance, device, args.max_tokens)
             rows.append({"step": step, "k": k, "loss": m["loss"], "grad_norm": m["grad_norm"],
                          "logp_old_sum": float((batch.logp_old * batch.mask).sum()), "entropy": m["entropy"]})
         if step + 1 == args.save_at:

@@ -90,6 +90,12 @@ def test_balanced_rows_change_nothing_but_the_split(tmp):
     _close(_run(tmp, "plain_bal", 0), _run(tmp, "dp2_bal", 2, "--balance"))
 
 
+def test_token_budget_micro_batches_change_nothing_but_the_split(tmp):
+    """use_dynamic_batch_size: micro-batches by rows x longest <= 40 tokens, so the two ranks form different
+    numbers of them (the one with fewer runs padding passes); the steps equal fixed 3-row micro-batches."""
+    _close(_run(tmp, "plain_fixed", 0), _run(tmp, "dp2_budget", 2, "--max-tokens", "40", "--balance"))
+
+
 def test_checkpoint_at_two_ranks_resumes_at_one_and_two(tmp):
     ckpt = tmp / "ckpt"
     whole = _run(tmp, "whole", 2, "--steps", "3", "--save-at", "2", "--ckpt", str(ckpt))

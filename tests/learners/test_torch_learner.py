@@ -101,3 +101,31 @@ def test_reference_model_is_refreshed_every_interval(tiny_world):
     refreshed.train_step(groups(refreshed))
     assert torch.equal(params(refreshed.backend.ref), params(refreshed.backend.model))
     assert refreshed.train_step(groups(refreshed, seed=1))["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _one_sgd_step(lrn, data) -> dict:
+    """One train_step under plain SGD (lr 1: the update is the gradient itself, which Adam would rescale)."""
+    lrn.backend.optimizer = torch.optim.SGD(lrn.backend.model.parameters(), lr=1.0)
+    return lrn.train_step(data)
+
+
+def test_gradient_checkpointing_recomputes_and_changes_no_update(tiny_world):
+    """train.gradient_checkpointing: the layers recompute their activations in backward (HF's flag is on),
+    and the step's update is the one without it."""
+    plain, ckpt = learner(tiny_world, "clip_grad=0"), learner(tiny_world, "clip_grad=0", "gradient_checkpointing=true")
+    assert ckpt.backend.model.is_gradient_checkpointing and not plain.backend.model.is_gradient_checkpointing
+    data = groups(plain, seed=5)
+    _one_sgd_step(plain, data), _one_sgd_step(ckpt, data)
+    assert torch.allclose(params(plain.backend.model), params(ckpt.backend.model), atol=1e-6)
+
+
+def test_token_budget_micro_batches_change_no_update(tiny_world):
+    """use_dynamic_batch_size on one process: micro-batches by a token budget give the update of
+    micro_batch_size ones (learners.fsdp.policy_step at one rank)."""
+    words = ["clip_grad=0", "micro_batch_size=2"]
+    fixed = learner(tiny_world, *words)
+    budget = learner(tiny_world, *words, "use_dynamic_batch_size=true", "max_tokens_per_gpu=48")
+    data = groups(fixed, seed=7)
+    a, b = _one_sgd_step(fixed, data), _one_sgd_step(budget, data)
+    assert abs(a["loss/total"] - b["loss/total"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert torch.allclose(params(fixed.backend.model), params(budget.backend.model), atol=1e-6)

@@ -14,13 +14,14 @@ from tests.test_e2e import write_config
 CLI = ["-m", "async_rl.launch.cli"]
 
 
-def launch_head(head: Host, world: dict, *overrides: str, num_rollout: int = 100_000) -> tuple:
-    """`async-rl launch` on `head`, bound to its address; returns (process, run_dir, run.json once running).
-    The run is long: tests end it with `stop_run` once they have seen what they came for."""
+def launch_head(head: Host, world: dict, *overrides: str, num_rollout: int = 100_000, options: tuple = ()) -> tuple:
+    """`async-rl launch` on `head`, bound to its address (`options`: more of launch's flags, e.g. --cluster ray);
+    returns (process, run_dir, run.json once running). The run is long: tests end it with `stop_run` once they
+    have seen what they came for."""
     cfg = write_config(head.workdir, world, num_rollout=num_rollout)
     run_dir = head.workdir / "run"
-    proc = head.python([*CLI, "launch", str(cfg), f"cluster.host={head.addr}", *overrides, "--run-dir", str(run_dir)],
-                       "launch.log")
+    proc = head.python([*CLI, "launch", str(cfg), f"cluster.host={head.addr}", *overrides, "--run-dir", str(run_dir),
+                        *options], "launch.log")
 
     def running() -> bool:
         path = run_dir / "run.json"
@@ -41,14 +42,21 @@ def attach(host: Host, hub: str, key: Path, engines: int = 1, log: str = "attach
                         "--work-dir", str(host.workdir / "attach")], log)
 
 
-STATS = ("import json,sys; from async_rl.hub_client import HubClient; m=json.load(open(sys.argv[1]));"
-         "c=HubClient(m['endpoints']['hub'], identity='test', keys_dir=m['keys']); print(json.dumps(c.stats(timeout=30)))")
+STATS = ("import json,sys; from async_rl.hub_client import HubClient;"
+         "c=HubClient(sys.argv[1], identity='test', keys_dir=sys.argv[2]); print(json.dumps(c.stats(timeout=30)))")
+
+
+def hub_stats_at(head: Host, endpoint: str, keys) -> dict:
+    """The STATS (books and generators) of the hub at `endpoint`, asked from the head ({} when it does not
+    answer)."""
+    out = head.run([sys.executable, "-c", STATS, endpoint, str(keys)], timeout=90)
+    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else {}
 
 
 def hub_stats(head: Host, run_dir: Path) -> dict:
-    """The hub's STATS (books and generators), asked from the head ({} when it does not answer)."""
-    out = head.run([sys.executable, "-c", STATS, str(run_dir / "run.json")], timeout=90)
-    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else {}
+    """The STATS of the run's hub (run_dir/run.json names it), asked from the head."""
+    manifest = json.loads((run_dir / "run.json").read_text())
+    return hub_stats_at(head, manifest["endpoints"]["hub"], manifest["keys"])
 
 
 def attached_groups(stats: dict, prefix: str = "a") -> int:

@@ -1,7 +1,8 @@
 """Faults between hosts, with real processes on three simulated hosts: the head runs the job, gen1 and gen2
 each attach by address and key. gen1 is then lost whole (every process killed, its link down) and gen2 is
-cut off for 30 s and healed. The hub takes back the lost hosts' credits (their work goes to the generators
-still there), the run keeps training meanwhile, gen2 reconnects and streams again without restarting, and
+cut off for 30 s and healed. The hub takes back the lost hosts' credits and grants the prompts they held
+again (their work goes to the generators still there; tests/multihost/test_reissue.py checks that prompt by
+prompt), the run keeps training meanwhile, gen2 reconnects and streams again without restarting, and
 at the end the head's books balance and no group was trained twice."""
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def test_a_host_lost_whole_and_a_partition_healed(network, tiny_world, tmp_path)
     assert atts["gen2"].poll() is None  # it rode out the partition; nothing on gen2 was restarted
 
     final = hub_stats(head, run_dir)
+    held = sum(v["running"] for gid, v in before.get("generators", {}).items() if gid.startswith((f"a{pid1}-", f"a{pid2}-")))
+    assert final["reissued"] > 0 or not held, final  # what the lost hosts held was granted again
+    assert final["reissue_pending"] <= held, final
     out = stop_run(head, run_dir, proc)
     assert proc.returncode == 0, out[-3000:]
     assert atts["gen2"].wait(timeout=60) == 0, gen2.log("attach.log")[-2000:]

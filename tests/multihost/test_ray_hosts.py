@@ -1,7 +1,11 @@
-"""Ray across hosts: a Ray head in namespace `head` (beside a running job), a raylet advertising
-{"generator": 1} in `gen1` (its own temp dir; gen1 sees neither the run dir nor the model), and
-`async-rl attach --hub --key --address HEAD --node-resource generator` run on the head: Ray places the attach on
-gen1, which pulls weights over the network and streams groups that the hub acks; detaching drains it."""
+"""Ray across hosts: a Ray head in namespace `head`, a raylet in `gen1` (its own temp dir; gen1 sees neither the
+run dir nor the model).
+- beside a running job, `async-rl attach --hub --key --address HEAD --node-resource generator` run on the head:
+  Ray places the attach on gen1, which pulls weights over the network and streams groups that the hub acks;
+  detaching drains it.
+- `async-rl launch --cluster ray --address HEAD cluster.shared_run_dir=false` on the head (whose Ray node has no
+  CPUs to give, so the engine's bundle can only go to gen1): the hub and learner run on the head, the bundle's
+  attach on gen1, and the run trains on gen1's groups and stops cleanly."""
 from __future__ import annotations
 
 import json
@@ -58,3 +62,49 @@ def test_ray_places_a_network_attach_on_the_second_host(network, tiny_world):
         net.close()
         for d in temps:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _on(host) -> list[Path]:
+    """The records of attaches that ran on `host` (in its TMPDIR) and got a group acked."""
+    return [p for p in (host.workdir / "tmp").glob("attach-*/attach.json") if "first_group_s" in json.loads(p.read_text())]
+
+
+def test_launch_on_ray_without_a_shared_run_dir(network, tiny_world):
+    pytest.importorskip("ray")
+    net = network({"head": [], "gen1": [tiny_world["root"]]})
+    head, gen1 = net["head"], net["gen1"]
+    gen1.hidden.append(head.workdir)
+    temps = [tempfile.mkdtemp(prefix="arlray", dir="/tmp") for _ in range(2)]
+    try:
+        _ray_start(head, "--head", "--port=6381", "--include-dashboard=false", f"--temp-dir={temps[0]}", "--num-cpus=0")
+        _ray_start(gen1, f"--address={head.addr}:6381", f"--temp-dir={temps[1]}")
+        proc, run_dir, manifest = launch_head(head, tiny_world, *FAST, "cluster.shared_run_dir=false",
+                                              options=("--cluster", "ray", "--address", f"{head.addr}:6381"))
+        wait_for("the run's attach on gen1 streaming", lambda: _on(gen1), 300, [proc],
+                 [("launch", lambda: head.log("launch.log"))])
+        rows = run_dir / "metrics.jsonl"
+        wait_for("the learner training", lambda: rows.exists() and rows.read_text().count("\n") >= 2, 300, [proc],
+                 [("launch", lambda: head.log("launch.log"))])
+        stats = hub_stats(head, run_dir)
+        assert attached_groups(stats, f"a{json.loads(_on(gen1)[0].read_text())['pid']}-") > 0, stats.get("generators")
+        actors = json.loads((run_dir / "run.json").read_text())["cluster"]["actors"]
+        assert {actors["attach0"]["node_ip"], actors["learner"]["node_ip"], actors["hub"]["node_ip"]} == \
+            {gen1.addr, head.addr} and actors["learner"]["node_ip"] == actors["hub"]["node_ip"] == head.addr
+        out = stop_run(head, run_dir, proc)
+        assert proc.returncode == 0, out[-3000:]
+        assert balanced(hub_stats(head, run_dir) or stats)
+    finally:
+        net.close()
+        for d in temps:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_launch_without_a_shared_run_dir_refuses_what_cannot_work():
+    from async_rl import config as C
+    from async_rl.launch.ray_remote import remote_problem
+    base = ["cluster.shared_run_dir=false"]
+    assert "cluster.host=127.0.0.1" in remote_problem(C.load(None, base))
+    host = base + ["cluster.host=10.0.0.5"]
+    assert remote_problem(C.load(None, host)) is None
+    assert "update_weight_mode=broadcast" in remote_problem(C.load(None, host + ["update_weight_mode=broadcast"]))
+    assert "buffer.auth=false" in remote_problem(C.load(None, host + ["buffer.auth=false"]))

@@ -1,4 +1,5 @@
-"""Which rows of a TrainBatch each data-parallel rank trains on, in which micro-batches, cut to what length.
+"""Which rows of a TrainBatch each data-parallel rank trains on, in which micro-batches, cut to what length
+(both multi-rank backends: learners.megatron.backend and learners.fsdp_backend).
 
 Invariants: every row of a mini-batch goes to exactly one DP rank, and every DP rank gets the same number
 of rows (so averaging per-sample losses over ranks is the global mean); within a rank every row is in

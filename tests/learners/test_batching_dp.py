@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from learners.megatron import batching
+from learners import batching
 
 
 def padded_tokens(micros, lengths):
