@@ -322,7 +322,8 @@ def main() -> None:
         for variant in a.variants:
             torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]  # FSDP2 at one rank
             cmd = [sys.executable, *(torchrun if variant.startswith("fsdp:") else []), __file__, "--child", variant,
-                   "--size", size, "--ckpt", str(ckpt), "--groups", str(a.groups), "--samples", str(a.samples), "--prompt-len", str(a.prompt_len),
+                   "--size", size, "--ckpt", str(ckpt), "--groups", str(a.groups), "--samples", str(a.samples),
+                   "--prompt-len", str(a.prompt_len),
                    "--response-len", str(a.response_len), "--warmup", str(a.warmup), "--steps", str(a.steps),
                    "--out", str(a.out)] + (["--profile"] if a.profile else [])
             t0 = time.time()
