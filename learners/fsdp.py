@@ -31,10 +31,16 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun (or a launcher like it) started this process: WORLD_SIZE is set, also at one rank."""
+    return "WORLD_SIZE" in os.environ
+
+
 def init(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
-    """Join the process group (gloo on CPU, NCCL on GPU) once; returns (rank, world size)."""
+    """Join the process group (gloo on CPU, NCCL on GPU) once, whenever torchrun started this process (a
+    group of one rank too: FSDP2 shards over it); returns (rank, world size)."""
     rank, world = world_from_env()
-    if world > 1 and not dist.is_initialized():
+    if under_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world

@@ -1,6 +1,7 @@
 """The torch learner process (`train_backend: torch`): the learner loop (learners.loop) over the torch
-backend (learners.torch_backend: one process, an HF model), or, when torchrun started this process as one of
-several ranks (train.actor_num_gpus_per_node > 1), over the FSDP2 backend (learners.fsdp_backend).
+backend (learners.torch_backend: one process, an HF model), or, when torchrun started this process (the
+launcher does so for train.actor_num_gpus_per_node > 1; `torchrun --nproc-per-node=1` gives FSDP2 at one rank,
+as scripts/gpu/bench_megatron.py's `fsdp` variant), over the FSDP2 backend (learners.fsdp_backend).
 
     python -m learners.torch_learner --config C --run-dir D --hub H [--keys K] [--resume]
 """
@@ -11,13 +12,14 @@ from pathlib import Path
 
 from async_rl import config as config_mod
 from learners import loop
-from learners.fsdp import world_from_env
+from learners.fsdp import under_torchrun
 from learners.torch_backend import TorchBackend
 
 
 def backend_class():
-    """FSDP2 over the ranks torchrun started, else one process (the same checkpoint layout either way)."""
-    if world_from_env()[1] > 1:
+    """FSDP2 over the ranks torchrun started (one or more), else one process (the same checkpoint layout
+    either way)."""
+    if under_torchrun():
         from learners.fsdp_backend import FsdpBackend
         return FsdpBackend
     return TorchBackend

@@ -17,6 +17,9 @@ step by gradient accumulation over micro-batches with the PPO-clip x TIS loss. W
   the GPU (sdpa attention, fused AdamW on bf16 params) and its batch tensors on the GPU.
 - megatron learner: the loop over `learners.megatron.backend.MegatronBackend`, unchanged: train.bf16 (bf16 params,
   fp32 main params and grads, Megatron's optimizer), local layer spec with SDPA attention.
+- fsdp learner: the torch learner process's own backend choice (`learners.torch_learner.backend_class`) under
+  `torchrun --standalone --nproc-per-node=1`: `learners.fsdp_backend.FsdpBackend`, FSDP2 at one rank (NCCL),
+  train.bf16 (bf16 params in forward/backward, fp32 gradient reduction, fp32 sharded AdamW), batches on the GPU.
 MFU = FLOPs / step time / 989 TFLOP/s (H100/H200 dense bf16 peak), FLOPs per token = 8N + 16*L*H*Q*S
 (2N + 4LHQS for the logp_old forward, 6N + 12LHQS for forward + backward; N all parameters with the
 tied embedding once, L layers, H*Q the attention width, S the sequence length; PaLM's count).
@@ -159,10 +162,13 @@ def run_variant(a, variant: str) -> dict:
              f"micro_batch_size={micro}", "lr=1e-6", "num_rollout=1000", "progress=false"]
     if kind == "megatron":
         words += ["train_backend=megatron", f"bf16={on_gpu}"] + extra
+    elif kind == "fsdp":
+        words += [f"learner_device={'cuda' if on_gpu else 'cpu'}", f"bf16={on_gpu}"] + extra
     elif on_gpu:
         words += ["learner_device=cuda"]  # its batches on the GPU (the model is built there in bf16 below)
     cfg = C.load(None, words)
-    lrn = _torch_learner(cfg, a.out / "run") if kind == "torch" else _megatron_learner(cfg, a.out / "run")
+    build = {"torch": _torch_learner, "megatron": _megatron_learner, "fsdp": _fsdp_learner}[kind]
+    lrn = build(cfg, a.out / "run")
     n_params = sum(p.numel() for p in lrn.backend.model.parameters())
     phases = PhaseTimer(lrn, on_gpu)
     times, first = [], None
@@ -256,6 +262,14 @@ def check_logprob_kernels(vocab: int, rows: int = 4, seq: int = 2048) -> list[st
             "| computation | ms | extra peak GiB | rel. err logp / entropy / grad vs float64 |", "|---|---|---|---|"] + lines
 
 
+def _fsdp_learner(cfg, run_dir):
+    from learners.torch_learner import make_learner
+    lrn = make_learner(cfg, run_dir, None)  # FSDP2 because torchrun started this process (see main)
+    if type(lrn.backend).__name__ != "FsdpBackend":
+        raise RuntimeError(f"fsdp variant got {type(lrn.backend).__name__}; run it under torchrun")
+    return lrn
+
+
 def _megatron_learner(cfg, run_dir):
     from learners.megatron.learner import make_learner
     return make_learner(cfg, run_dir, None)
@@ -280,7 +294,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["0.5b", "1.5b"], choices=list(SIZES))
     ap.add_argument("--variants", nargs="+", default=["torch:4", "megatron:4"],
-                    help="learner:micro_batch_size[:extra megatron key=value ...]")
+                    help="learner:micro_batch_size[:extra key=value ...], learner torch, megatron or fsdp")
     ap.add_argument("--groups", type=int, default=4, help="rollout_batch_size (prompts per step)")
     ap.add_argument("--samples", type=int, default=8, help="n_samples_per_prompt")
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -306,8 +320,10 @@ def main() -> None:
     for size in a.sizes:
         ckpt = build_checkpoint(size, a.out / f"qwen2-{size}")
         for variant in a.variants:
-            cmd = [sys.executable, __file__, "--child", variant, "--size", size, "--ckpt", str(ckpt),
-                   "--groups", str(a.groups), "--samples", str(a.samples), "--prompt-len", str(a.prompt_len),
+            torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]  # FSDP2 at one rank
+            cmd = [sys.executable, *(torchrun if variant.startswith("fsdp:") else []), __file__, "--child", variant,
+                   "--size", size, "--ckpt", str(ckpt), "--groups", str(a.groups), "--samples", str(a.samples),
+                   "--prompt-len", str(a.prompt_len),
                    "--response-len", str(a.response_len), "--warmup", str(a.warmup), "--steps", str(a.steps),
                    "--out", str(a.out)] + (["--profile"] if a.profile else [])
             t0 = time.time()

@@ -13,8 +13,9 @@ tokens (the estimate's worst case); prompts are short, so the run sets rollout_m
 estimate is computed for the same config. Prints the dry-run, then a table per GPU: estimate, measured peak
 (nvidia-smi, every 0.2 s, less what was in use before the run), measured / estimate, and each process's
 peak. Not yet run to the end: its first try (H200, 2026-12-02, the 0.5B recipe, `--steps 2` under a 140 s
-limit) was cut off before the table (a step is 256 samples x 1,024 tokens, the launch ~75 s); give it
-about 5 minutes, or `--max-seconds` to stop the run and compare the peak reached so far.
+limit) was cut off before the table (a step is 256 samples x 1,024 tokens, the launch ~75 s); its second
+(`--max-seconds 69`) stopped before the first step and failed on the empty metrics.jsonl (fixed). Give it
+about 5 minutes, or `--max-seconds` (120 or more) to stop the run and compare the peak reached so far.
 """
 from __future__ import annotations
 
@@ -157,11 +158,12 @@ def main() -> int:
             print(f"--- {log.name}\n" + log.read_text()[-2500:])
         return proc.returncode
     metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else [{}]
-    if stopped:
-        print(f"stopped after --max-seconds {args.max_seconds:.0f}: {len(rows) if rows[0] else 0} steps done")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if stopped:  # metrics.jsonl may exist and be empty: stopped before the first step
+        print(f"stopped after --max-seconds {args.max_seconds:.0f}: {len(rows)} steps done")
+    last = rows[-1] if rows else {}
     print(f"\nrun: {len(rows)} steps in {time.time() - t0:.0f}s, response length "
-          f"{rows[-1].get('response_length/mean')}, reward {rows[-1].get('reward/mean')}")
+          f"{last.get('response_length/mean')}, reward {last.get('reward/mean')}")
     print("| GPU | processes | estimate GiB | measured peak GiB (in use before the run) | measured / estimate |\n"
           "|---|---|---|---|---|")
     for cmd, mib in sorted(peak.apps.items(), key=lambda kv: -kv[1]):

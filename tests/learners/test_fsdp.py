@@ -68,6 +68,24 @@ def test_two_ranks_equal_one_unsharded_model(tmp, per_token):
     assert any(abs(r["loss"]) > 1e-4 for r in plain["rows"])  # the steps did train on something
 
 
+def test_one_rank_under_torchrun_is_fsdp2_over_a_group_of_one(tmp, monkeypatch):
+    """torchrun's env (WORLD_SIZE, also 1) selects the FSDP2 backend and forms a process group of one rank,
+    which trains as the unsharded model does; without it, the one-process backend (the launcher's default)."""
+    from learners import torch_learner
+    from learners.fsdp_backend import FsdpBackend
+    from learners.torch_backend import TorchBackend
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert torch_learner.backend_class() is TorchBackend
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert torch_learner.backend_class() is FsdpBackend
+    monkeypatch.delenv("WORLD_SIZE")
+    dp1 = _run(tmp, "dp1", 1)  # fsdp.shard needs the group: without one it raises
+    assert dp1["world"] == 1
+    _close(_run(tmp, "plain_dp1", 0), dp1)
+    assert any(abs(r["loss"]) > 1e-4 for r in dp1["rows"])
+
+
 def test_balanced_rows_change_nothing_but_the_split(tmp):
     _close(_run(tmp, "plain_bal", 0), _run(tmp, "dp2_bal", 2, "--balance"))
 
