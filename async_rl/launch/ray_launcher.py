@@ -327,7 +327,7 @@ class RayLauncher(Launcher):
 
     def _restarted(self, proc: RayProc, old_pid: int) -> None:
         """Ray restarted `proc`'s actor: count it, re-sync a restarted engine to the current weights, record."""
-        from async_rl.launch.launcher import _engine_ready, _wait
+        from async_rl.launch.supervisor import _engine_ready, _wait
         child = self.procs.children[proc.name]
         child.restarts = getattr(child, "restarts", 0) + 1
         print(f"async-rl: {proc.name} died and Ray restarted it (pid {old_pid} -> {proc.pid}, restart "
