@@ -32,8 +32,10 @@ def world_from_env() -> tuple[int, int]:
 
 
 def under_torchrun() -> bool:
-    """Whether torchrun (or a launcher like it) started this process: WORLD_SIZE is set, also at one rank."""
-    return "WORLD_SIZE" in os.environ
+    """Whether torchrun's agent started this process (also at one rank). Its own run id, not WORLD_SIZE: a
+    single-process megatron learner sets WORLD_SIZE=1 for itself (learners/megatron/parallel.py), which must
+    not make a torch learner built later in the same process shard itself."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def init(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:

@@ -69,16 +69,19 @@ def test_two_ranks_equal_one_unsharded_model(tmp, per_token):
 
 
 def test_one_rank_under_torchrun_is_fsdp2_over_a_group_of_one(tmp, monkeypatch):
-    """torchrun's env (WORLD_SIZE, also 1) selects the FSDP2 backend and forms a process group of one rank,
-    which trains as the unsharded model does; without it, the one-process backend (the launcher's default)."""
+    """torchrun's agent (its TORCHELASTIC_RUN_ID, also at one rank) selects the FSDP2 backend and forms a process
+    group of one rank, which trains as the unsharded model does; without it, the one-process backend (the
+    launcher's default), also when WORLD_SIZE is set by someone else (a one-process megatron learner)."""
     from learners import torch_learner
     from learners.fsdp_backend import FsdpBackend
     from learners.torch_backend import TorchBackend
 
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert torch_learner.backend_class() is TorchBackend
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
+    assert torch_learner.backend_class() is TorchBackend
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     assert torch_learner.backend_class() is FsdpBackend
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     monkeypatch.delenv("WORLD_SIZE")
     dp1 = _run(tmp, "dp1", 1)  # fsdp.shard needs the group: without one it raises
     assert dp1["world"] == 1
