@@ -91,6 +91,14 @@ def learner_gpu_count(cfg) -> int:
     return cfg.train.actor_num_gpus_per_node  # megatron ranks, or the torch learner's FSDP ranks
 
 
+def learner_is_ranked(cfg) -> bool:
+    """Whether the learner runs one process per rank under torchrun (learners.fsdp.under_torchrun): megatron
+    always; the torch learner at several ranks (FSDP2), or with train.fsdp_cpu_offload (FSDP2 over a group of
+    one: the CPU offload is FSDP2's). Otherwise the torch learner is one plain process (learners.torch_backend)."""
+    t = cfg.train
+    return t.train_backend == "megatron" or t.actor_num_gpus_per_node > 1 or t.fsdp_cpu_offload
+
+
 def check(cfg) -> None:
     """Rules of cluster.engine_gpus / learner_gpus (config_rules/cluster.py calls it); errors name field, value, fix."""
     from async_rl.config_rules import ConfigError

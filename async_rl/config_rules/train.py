@@ -22,6 +22,10 @@ def validate(cfg: "Config") -> None:
         at_least("train", t, name, 1)
     for name in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu", "recompute_num_layers"):
         at_least("train", t, name, 0)
+    if t.fsdp_cpu_offload and (t.train_backend != "torch" or not t.learner_device.startswith("cuda")):
+        raise ConfigError(f"train.fsdp_cpu_offload=True: offloads the FSDP2 GPU learner's states to the host; it needs "
+                         f"train_backend=torch and learner_device=cuda (now {t.train_backend!r}, {t.learner_device!r}); "
+                         f"set fsdp_cpu_offload=false")
     if t.train_backend == "torch":
         _torch_backend_rules(cfg)
     else:
@@ -59,10 +63,6 @@ def _fsdp_rules(cfg: "Config") -> None:
     """The torch learner at several ranks (learners/fsdp.py)."""
     t, r = cfg.train, cfg.rollout
     dp = t.actor_num_gpus_per_node
-    if t.fsdp_cpu_offload and (dp == 1 or not t.learner_device.startswith("cuda")):
-        raise ConfigError(f"train.fsdp_cpu_offload=True: offloads a sharded GPU learner's states to the host; it needs "
-                         f"learner_device=cuda and actor_num_gpus_per_node > 1 (now {t.learner_device!r}, {dp}); set "
-                         f"fsdp_cpu_offload=false")
     if dp == 1:
         return
     per_step = r.rollout_batch_size * r.n_samples_per_prompt

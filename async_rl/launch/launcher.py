@@ -22,7 +22,7 @@ from async_rl.endpoints import advertise, advertised_host, is_loopback, serves_w
 from async_rl.launch.procs import Interrupts, ProcessGroup, RestartPolicy
 from async_rl.launch.progress import Progress
 from async_rl.launch.supervisor import LaunchError, Supervision, _engine_ready, _wait  # noqa: F401
-from async_rl.placement import assignment, gpu_env
+from async_rl.placement import assignment, gpu_env, learner_is_ranked
 from async_rl.launch.preflight import check_before_start
 from async_rl.run_dir import Manifest, RunDirBusy, lock_run_dir
 
@@ -231,7 +231,7 @@ class Launcher(Supervision):
             return
         t = self.cfg.train
         entry = "learners.megatron.learner" if t.train_backend == "megatron" else "learners.torch_learner"
-        if t.train_backend == "megatron" or t.actor_num_gpus_per_node > 1:  # one process per rank, under torchrun
+        if learner_is_ranked(self.cfg):  # one process per rank, under torchrun
             module, launch = "torch.distributed.run", ["--standalone", f"--nproc-per-node={t.actor_num_gpus_per_node}",
                                                        "-m", entry]  # (--standalone: its own rendezvous port)
         else:

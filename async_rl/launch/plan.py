@@ -9,7 +9,7 @@ prompt + response tokens.
 """
 from __future__ import annotations
 
-from async_rl.placement import GiB, Shape, assignment, engine_count, gpus_per_engine, model_shape
+from async_rl.placement import GiB, Shape, assignment, engine_count, gpus_per_engine, learner_is_ranked, model_shape
 
 ASSUMED_PROMPT_LEN = 512  # tokens, when data.rollout_max_prompt_len does not bound it
 
@@ -38,6 +38,8 @@ def learner_bytes(cfg, shape: Shape) -> dict[str, float]:
     n = shape.params / (tp * pp)
     if t.train_backend == "megatron" and t.bf16:  # bf16 weights, fp32 grads, fp32 main weights + Adam (sharded over dp)
         states = n * (2 + 4 + 12 / dp)
+    elif t.fsdp_cpu_offload:  # states on the host; on the GPU one layer's gathered weights and gradients at a time
+        states = n / shape.layers * 4 * 2
     else:  # fp32 weights, grads and AdamW moments (torch at several ranks: FSDP shards all of them)
         states = n * 16 / (dp if t.train_backend == "torch" else 1)
     if a.use_kl_loss or a.kl_coef:
@@ -107,7 +109,8 @@ def placement_lines(cfg) -> list[str]:
         tp, pp, dp = _parallel(cfg)
         how = (f"megatron under torchrun, {t.actor_num_gpus_per_node} rank(s): TP {tp} x PP {pp} x DP {dp}"
                if t.train_backend == "megatron" else f"torch, {t.learner_device}" +
-               (f", FSDP2 over {dp} ranks under torchrun" if dp > 1 else ""))
+               (f", FSDP2 over {dp} rank{'s' if dp > 1 else ''} under torchrun" if learner_is_ranked(cfg) else "") +
+               (", parameters, gradients and AdamW states on the host (fsdp_cpu_offload)" if t.fsdp_cpu_offload else ""))
         lines.append(f"  learner      {gpu('learner')} ({how}{', bf16' if t.bf16 else ''})")
     if cfg.eval.eval_interval:
         lines.append(f"  eval_worker  own embedded engine on {r.engine_device} (pass@k every {cfg.eval.eval_interval} versions)")

@@ -134,7 +134,8 @@ def test_checkpoint_at_two_ranks_resumes_at_one_and_two(tmp):
     (["actor_num_gpus_per_node=2", "update_weight_mode=tensor", "engine_device=cuda", "learner_device=cuda"],
      "update_weight_mode='tensor' with train.actor_num_gpus_per_node=2"),
     (["actor_num_gpus_per_node=2", "learner_device=cuda:1"], "each rank takes its own GPU"),
-    (["fsdp_cpu_offload=true"], "train.fsdp_cpu_offload=True: offloads a sharded GPU learner"),
+    (["fsdp_cpu_offload=true"], "train.fsdp_cpu_offload=True: offloads the FSDP2 GPU learner's states to the host; "
+                                "it needs train_backend=torch and learner_device=cuda (now 'torch', 'cpu')"),
 ])
 def test_config_rules_of_several_ranks(words, needle):
     from async_rl import config as C
@@ -150,3 +151,23 @@ def test_dry_run_plan_shows_the_ranks():
     assert "torch, cpu, FSDP2 over 2 ranks under torchrun" in "\n".join(plan.placement_lines(cfg))
     one = C.load(None, [])
     assert "FSDP2" not in "\n".join(plan.placement_lines(one))
+
+
+def test_cpu_offload_at_one_gpu_runs_fsdp2_over_one_rank():
+    """fsdp_cpu_offload at actor_num_gpus_per_node=1: the launcher starts the learner under torchrun (FSDP2 over
+    a group of one, whose CPUOffloadPolicy holds the states on the host), the plan says so, and the estimate
+    keeps on the GPU one layer's gathered weights and gradients instead of 16 bytes a parameter."""
+    from async_rl import config as C
+    from async_rl import placement
+    from async_rl.launch import plan
+    words = ["learner_device=cuda", "engine_device=cuda", "bf16=true"]
+    off, on = C.load(None, words), C.load(None, words + ["fsdp_cpu_offload=true"])
+    assert not placement.learner_is_ranked(off) and placement.learner_is_ranked(on)
+    text = "\n".join(plan.placement_lines(on))
+    assert "torch, cuda, FSDP2 over 1 rank under torchrun, parameters, gradients and AdamW states on the host" in text
+    assert "FSDP2" not in "\n".join(plan.placement_lines(off))
+    shape = placement.KNOWN["qwen2.5-1.5b"]
+    assert plan.learner_bytes(off, shape)["states"] == pytest.approx(shape.params * 16)
+    assert plan.learner_bytes(on, shape)["states"] == pytest.approx(shape.params / shape.layers * 8)
+    with pytest.raises(C.ConfigError, match=r"needs train_backend=torch and learner_device=cuda \(now 'megatron', 'cpu'\)"):
+        C.load(None, ["fsdp_cpu_offload=true", "train_backend=megatron"])
