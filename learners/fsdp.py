@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def init(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world
+
+
+def close() -> None:
+    """Leave the process group while the interpreter is still whole: the last step of a rank's process, once
+    nothing references a sharded module any more (each FSDP module holds the group). Otherwise gloo's group
+    outlives `destroy_process_group` and is torn down during interpreter finalization, where its worker
+    threads abort the process now and then (SIGABRT, "terminate called without an active exception"), and
+    a rank that did all its work would exit -6."""
+    gc.collect()  # the modules, optimizer states and DTensors that hold the group
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device(device: torch.device) -> torch.device:

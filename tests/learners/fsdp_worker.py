@@ -110,8 +110,9 @@ def main() -> int:
                                               "weights_sum": float(sum(v.double().abs().sum() for v in full.values())),
                                               "keys": len(full), "loads": every,
                                               "tied": model.lm_head.weight is model.model.embed_tokens.weight}))
-    if not args.plain and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    del model, optimizer, full  # nothing may hold the group when it is destroyed (fsdp.close)
+    if not args.plain:
+        fsdp.close()
     return 0
 
 
