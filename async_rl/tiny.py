@@ -33,7 +33,8 @@ def build_tokenizer(out_dir: str | Path):
 
 
 def build_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                num_kv_heads: int = 2, intermediate_size: int = 192, max_positions: int = 64, seed: int = 0):
+                num_kv_heads: int = 2, intermediate_size: int = 192, max_positions: int = 64, seed: int = 0,
+                tie_embeddings: bool = True):
     """Random-init Qwen2ForCausalLM plus tokenizer, saved as an HF checkpoint directory; returns the path."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -44,7 +45,7 @@ def build_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2,
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, rope_theta=10000.0,
     )

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def init(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world
+
+
+def close() -> None:
+    """Leave the process group while the interpreter is still whole: the last step of a rank's process, once
+    nothing references a sharded module any more (each FSDP module holds the group). Otherwise gloo's group
+    outlives `destroy_process_group` and is torn down during interpreter finalization, where its worker
+    threads abort the process now and then (SIGABRT, "terminate called without an active exception"), and
+    a rank that did all its work would exit -6."""
+    gc.collect()  # the modules, optimizer states and DTensors that hold the group
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -83,6 +95,46 @@ def shard(model: torch.nn.Module, device: torch.device, bf16: bool, reshard_afte
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def sharded_from_pretrained(checkpoint_dir: str | Path, device: torch.device, bf16: bool, cpu_offload: bool = False,
+                            gradient_checkpointing: bool = False, rank0_load: bool = True) -> torch.nn.Module:
+    """The HF causal LM at `checkpoint_dir`, sharded over the default group (`shard`). With `rank0_load` (and
+    more than one rank, no CPU offload) only rank 0 reads the checkpoint into host memory; every other rank
+    builds the model on the meta device (no memory), shards it, allocates just its shards, and receives them
+    from rank 0 (`set_model_state_dict(broadcast_from_rank0=True)`), then rank 0's buffers (rotary
+    frequencies, which no state dict holds). Else every rank loads the whole checkpoint, then shards it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    meta = rank0_load and world > 1 and not cpu_offload
+    full: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    if not meta or dist.get_rank() == 0:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
+        if meta:  # rank 0 keeps the full weights on its host only until they are broadcast
+            full, buffers = model.state_dict(), dict(model.named_buffers())
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir), dtype=torch.float32)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard(model, device, bf16=bf16, cpu_offload=cpu_offload)
+    if meta:
+        model.to_empty(device=device)
+        load_full_state_dict(model, full)
+        _broadcast_buffers(model, buffers)
+        del full, buffers
+    return model
+
+
+@torch.no_grad()
+def _broadcast_buffers(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Rank 0's buffers (from `source`, its loaded model) into every rank's `model`, by name."""
+    for name, buf in model.named_buffers():
+        if dist.get_rank() == 0:
+            buf.copy_(source[name])
+        dist.broadcast(buf, src=0)
 
 
 def grad_norm_and_clip(params: list, clip: float) -> float:

@@ -3,8 +3,9 @@ torchrun): the same HF model as learners.torch_backend, sharded with FSDP2 over 
 gloo on CPU, NCCL on GPU (one GPU a rank, bf16 parameters with fp32 reduction and fp32 sharded AdamW under
 train.bf16).
 
-What each rank does: loads the HF checkpoint to its host, shards it (keeping 1/N of each parameter on its
-device), trains on its share of each mini-batch's rows (learners.fsdp.policy_step), and takes part in every
+What each rank does: builds the model on the meta device and keeps 1/N of each parameter on its device,
+received from rank 0, the only rank that reads the HF checkpoint into host memory (learners.fsdp
+.sharded_from_pretrained; with fsdp_cpu_offload every rank reads it), trains on its share of each mini-batch's rows (learners.fsdp.policy_step), and takes part in every
 gather. Rank 0 alone receives the full weights at publication, on its host.
 
 Checkpoint part: `dcp/` (model, optimizer and reference, sharded; torch.distributed.checkpoint) and
@@ -51,14 +52,9 @@ class FsdpBackend:
             self.ref = self._sharded(cfg.ckpt.ref_load or cfg.ckpt.hf_checkpoint).eval().requires_grad_(False)
 
     def _sharded(self, checkpoint_dir: str):
-        from transformers import AutoModelForCausalLM
-
         t = self.cfg.train
-        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return fsdp.shard(model, self.device, bf16=t.bf16 and self.device.type == "cuda",
-                          cpu_offload=t.fsdp_cpu_offload)
+        return fsdp.sharded_from_pretrained(checkpoint_dir, self.device, bf16=t.bf16 and self.device.type == "cuda",
+                                            cpu_offload=t.fsdp_cpu_offload, gradient_checkpointing=t.gradient_checkpointing)
 
     @property
     def hf_config(self):

@@ -315,6 +315,7 @@ def main(argv: list[str] | None, backend_cls, description: str, errors: tuple = 
     try:
         learner.run(learner.resume() if args.resume else 0)
     finally:
+        learner = None  # the backend's model and process groups go now, not at interpreter exit
         if on_exit is not None:
             on_exit()
     return 0

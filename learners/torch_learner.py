@@ -12,7 +12,7 @@ from pathlib import Path
 
 from async_rl import config as config_mod
 from learners import loop
-from learners.fsdp import under_torchrun
+from learners.fsdp import close, under_torchrun
 from learners.torch_backend import TorchBackend
 
 
@@ -31,7 +31,7 @@ def make_learner(cfg: config_mod.Config, run_dir: str | Path, hub_endpoint: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return loop.main(argv, backend_class(), "async-rl torch learner")
+    return loop.main(argv, backend_class(), "async-rl torch learner", on_exit=close)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ order (no collective is ever entered by only some of them).
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -143,5 +144,6 @@ def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+    gc.collect()  # the model that holds the groups (learners.loop.main drops it first; see learners.fsdp.close)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -4,7 +4,7 @@ norm (rank 0) to a JSON file. `--plain` runs the same steps on one unsharded mod
 the reference the sharded runs must equal.
 
 python tests/learners/fsdp_worker.py --model DIR --out FILE [--plain] [--per-token] [--steps N]
-    [--save-at K --ckpt DIR] [--resume-from DIR --first-step K] [--balance] [--max-tokens N]
+    [--save-at K --ckpt DIR] [--resume-from DIR --first-step K] [--balance] [--max-tokens N] [--every-rank-loads]
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--per-token", action="store_true")
     ap.add_argument("--balance", action="store_true")
+    ap.add_argument("--every-rank-loads", action="store_true", help="each rank reads the whole checkpoint")
     ap.add_argument("--max-tokens", type=int, default=0, help="use_dynamic_batch_size's token budget")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--first-step", type=int, default=0)
@@ -63,9 +64,18 @@ def main() -> int:
     torch.use_deterministic_algorithms(True)
     device = torch.device("cpu")
     rank, world = (0, 1) if args.plain else fsdp.init(device)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
-    if not args.plain:
-        fsdp.shard(model, device, bf16=False)
+    loads = [0]  # how often this process read the checkpoint (a counting wrapper around the real loader)
+    real_load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *a, **kw):
+        loads[0] += 1
+        return real_load(cls, *a, **kw)
+    AutoModelForCausalLM.from_pretrained = classmethod(counted)
+    if args.plain:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
+    else:  # rank 0 reads the checkpoint, the others build on the meta device (--every-rank-loads: all read it)
+        model = fsdp.sharded_from_pretrained(args.model, device, bf16=False, rank0_load=not args.every_rank_loads)
+        model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if args.resume_from:
         fsdp.load_sharded(args.resume_from, model, optimizer)
@@ -90,12 +100,19 @@ def main() -> int:
         if step + 1 == args.save_at:
             fsdp.save_sharded(args.ckpt, model, optimizer)
     full = fsdp.full_state_dict(model) if not args.plain else model.state_dict()
+    every = torch.zeros(world, dtype=torch.int64)  # each rank's count, summed into every rank's copy
+    every[rank] = loads[0]
+    if not args.plain:
+        torch.distributed.all_reduce(every)
+    every = every.tolist()
     if rank == 0:
         Path(args.out).write_text(json.dumps({"world": world, "rows": rows,
                                               "weights_sum": float(sum(v.double().abs().sum() for v in full.values())),
-                                              "keys": len(full)}))
-    if not args.plain and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+                                              "keys": len(full), "loads": every,
+                                              "tied": model.lm_head.weight is model.model.embed_tokens.weight}))
+    del model, optimizer, full  # nothing may hold the group when it is destroyed (fsdp.close)
+    if not args.plain:
+        fsdp.close()
     return 0
 
 

@@ -28,14 +28,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp: Path, name: str, nproc: int, *args: str) -> dict:
+def _run(tmp: Path, name: str, nproc: int, *args: str, model: str = "model") -> dict:
     out = tmp / f"{name}.json"
     if nproc == 0:  # the unsharded reference
         cmd = [sys.executable, str(WORKER), "--plain"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_port()}", "--master-addr=127.0.0.1", str(WORKER)]
-    proc = subprocess.run(cmd + ["--model", str(tmp / "model"), "--out", str(out), *args],
+    proc = subprocess.run(cmd + ["--model", str(tmp / model), "--out", str(out), *args],
                           capture_output=True, text=True, timeout=240, env={**__import__("os").environ,
                                                                             "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -87,6 +87,23 @@ def test_one_rank_under_torchrun_is_fsdp2_over_a_group_of_one(tmp, monkeypatch):
     assert dp1["world"] == 1
     _close(_run(tmp, "plain_dp1", 0), dp1)
     assert any(abs(r["loss"]) > 1e-4 for r in dp1["rows"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_only_rank_zero_reads_the_checkpoint(tmp, tied):
+    """Rank 1 builds the model on the meta device and gets its shards (and the rotary buffers) from rank 0:
+    it never reads the checkpoint, and trains exactly as when every rank loads it, and as the unsharded
+    model; tied embeddings stay one parameter."""
+    name = f"model_tied{tied}"
+    tiny.build_model(tmp / name, tie_embeddings=tied)
+    plain = _run(tmp, f"plain_{name}", 0, model=name)
+    dp2 = _run(tmp, f"dp2_{name}", 2, model=name)
+    every = _run(tmp, f"every_{name}", 2, "--every-rank-loads", model=name)
+    assert dp2["loads"] == [1, 0] and every["loads"] == [1, 1] and plain["loads"] == [1]
+    assert dp2["tied"] is plain["tied"] is tied
+    _close(plain, dp2)
+    _close(every, dp2, keys=("loss", "grad_norm", "logp_old_sum", "entropy"))
+    assert abs(plain["weights_sum"] - dp2["weights_sum"]) <= TOL * plain["weights_sum"]
 
 
 def test_balanced_rows_change_nothing_but_the_split(tmp):
