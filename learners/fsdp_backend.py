@@ -43,6 +43,8 @@ class FsdpBackend:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.rank, self.world = fsdp.init(self.device, t.distributed_timeout_minutes)
+        print(f"learner: rank {self.rank} of {self.world} joined (FSDP2, {dist.get_backend()} on {self.device})",
+              flush=True)
         self.model = self._sharded(cfg.ckpt.hf_checkpoint)
         self.model.train()
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)

@@ -27,6 +27,7 @@ from pathlib import Path
 from async_rl import config as config_mod
 from async_rl.launch.launcher import LaunchError, Launcher
 from async_rl.launch.procs import Child, ProcessGroup
+from async_rl.placement import learner_ranks
 
 RESTARTABLE = ("hub", "engine", "generator", "attach")  # their state survives a restart (WAL, new incarnation id)
 
@@ -161,6 +162,8 @@ class RayProc:
 class RayChild(Child):
     def tail(self, lines: int = 20) -> str:
         import ray
+        if hasattr(self.proc, "tail"):  # the ranked learner: the log of the rank that failed
+            return self.proc.tail(lines)
         try:
             return ray.get(self.proc.actor.tail.remote(lines), timeout=10)
         except Exception:  # the actor is gone: the log is on its node (here, with a shared run dir)
@@ -190,12 +193,15 @@ class RayProcessGroup(ProcessGroup):
               threads: int = 1, critical: bool = True, nice: int = 0) -> Child:
         return self.start_command(name, [sys.executable, "-m", module, *args], cpus, threads, critical, nice)
 
+    def child_env(self, threads: int) -> dict:
+        return {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false", **self.env}
+
     def start_command(self, name: str, argv: list[str], cpus: list | None = None, threads: int = 1,
                       critical: bool = True, nice: int = 0) -> Child:
         import ray
         restart = name.rstrip("0123456789") in RESTARTABLE and self.max_restarts != 0
-        env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false", **self.env}
+        env = self.child_env(threads)
         options = {"max_restarts": self.max_restarts if restart else 0, "max_task_retries": -1 if restart else 0,
                    "name": None, **self.place(name)}
         actor = ray.remote(ProcessActor).options(**options).remote(
@@ -211,30 +217,60 @@ class RayProcessGroup(ProcessGroup):
         self.children[name] = child
         return child
 
+    def start_ranks(self, name: str, argv: list[str], world: int, threads: int = 1, nice: int = 0,
+                    timeout: float = 120.0) -> Child:
+        """`argv` as `world` rank actors, rank r named `name` (r = 0) or `name.rank{r}`, each placed by
+        `place(that name)` (async_rl/launch/ray_ranks.py); one Child whose proc is their RankedProc."""
+        from async_rl.launch.ray_ranks import start_ranks
+        try:
+            proc = start_ranks(name, argv, world, self.place, self.log_dir, self.child_env(threads), self.cwd, nice,
+                               timeout)
+        except RuntimeError as exc:
+            raise LaunchError(f"{name}: {exc}") from None
+        self.actors[name] = proc.actor
+        self.specs[name] = {"argv": list(argv), "cpus": [], "threads": threads, "nice": nice, "world": world,
+                            "timeout": timeout}
+        child = RayChild(name, proc, self.log_dir / f"{name}.log")  # type: ignore[arg-type]
+        self.children[name] = child
+        return child
+
     def respawn(self, name: str, extra_args: list[str] = ()) -> Child:
         """A new actor for the dead child `name` (the launcher's supervisor decides when: e.g. the learner,
-        which Ray does not restart), with the same command plus `extra_args`; the Child object is kept."""
+        which Ray does not restart), with the same command plus `extra_args`; the Child object is kept. A
+        ranked learner gets all its ranks anew (and a new MASTER_PORT)."""
         import ray
         child, spec = self.children[name], self.specs[name]
-        ray.kill(child.proc.actor, no_restart=True)
+        for part in parts(child.proc):
+            ray.kill(part.actor, no_restart=True)
         spec["argv"] = spec["argv"] + [a for a in extra_args if a not in spec["argv"]]
-        fresh = self.start_command(name, spec["argv"], spec["cpus"], spec["threads"], child.critical, spec["nice"])
+        if "world" in spec:
+            fresh = self.start_ranks(name, spec["argv"], spec["world"], spec["threads"], spec["nice"], spec["timeout"])
+        else:
+            fresh = self.start_command(name, spec["argv"], spec["cpus"], spec["threads"], child.critical, spec["nice"])
         child.proc, child.restarts = fresh.proc, child.restarts + 1
         self.children[name] = child
         return child
 
     def _stop(self, children: list[Child], grace: float) -> None:
         import ray
-        refs = [ch.proc.actor.stop.remote(grace) for ch in children if ch.proc.returncode is None]
+        procs = [p for ch in children for p in parts(ch.proc)]
+        refs = [p.actor.stop.remote(grace) for p in procs if p.returncode is None]
         try:
             ray.get(refs, timeout=grace + 20)
         except Exception:  # an actor that died meanwhile took its child with it (PR_SET_PDEATHSIG)
             pass
-        for ch in children:
+        for p in procs:
+            p.poll()
+            if p.returncode is None:
+                p.returncode = -signal.SIGTERM
+            ray.kill(p.actor, no_restart=True)
+        for ch in children:  # a ranked learner's code, from its ranks'
             ch.proc.poll()
-            if ch.proc.returncode is None:
-                ch.proc.returncode = -signal.SIGTERM
-            ray.kill(ch.proc.actor, no_restart=True)
+
+
+def parts(proc) -> list[RayProc]:
+    """The RayProcs behind a child's proc: its ranks for a ranked learner, else itself."""
+    return list(getattr(proc, "ranks", [proc]))
 
 
 def _short_temp_dir(run_dir: Path) -> str:
@@ -262,17 +298,22 @@ def connect(address: str | None, run_dir: Path) -> bool:
 
 
 def bundles(cfg: config_mod.Config, num_engines: int) -> list[dict]:
-    """Bundle 0: the learner; bundle 1+i: engine i (with its generators, and the hub in engine 0's)."""
+    """Bundles 0..N-1: the learner, one per node (N = cluster.actor_num_nodes, train.actor_num_gpus_per_node
+    ranks in each); bundle N+i: engine i (with its generators, and the hub in engine 0's)."""
     c, gpus = cfg.cluster, cfg.cluster.num_gpus_per_node > 0
     learner = {"CPU": c.learner_num_threads, **({"GPU": cfg.train.actor_num_gpus_per_node} if gpus else {})}
     engine = {"CPU": c.engine_num_threads, **({"GPU": cfg.rollout.rollout_num_gpus_per_engine} if gpus else {})}
-    return [learner] + [dict(engine) for _ in range(num_engines)]
+    return [dict(learner) for _ in range(c.actor_num_nodes)] + [dict(engine) for _ in range(num_engines)]
 
 
 class RayLauncher(Launcher):
+    spans_nodes = True
+
     def __init__(self, cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, address: str | None = None):
         super().__init__(cfg, run_dir, resume)
         self.address, self.started_ray, self.pg = address, False, None
+        self.pgs: list = []  # every placement group of the run (self.pg: the first)
+        self.slots: list[tuple] = []  # bundle index -> (placement group, its index there)
 
     def prepare(self) -> None:
         if self.cfg.cluster.engine_gpus or self.cfg.cluster.learner_gpus:
@@ -282,48 +323,87 @@ class RayLauncher(Launcher):
         super().prepare()
         self.started_ray = connect(self.address, self.run_dir)
         try:
-            self.pg = self._placement_group()
+            self._placement_groups()
         except LaunchError:
             import ray
             ray.shutdown()
             raise
         self.procs = RayProcessGroup(self.run_dir / "logs", self._place, self.cfg.cluster.max_restarts,
                                      self._restarted, self._release)
+        from async_rl.keys import ENGINE_KEY_ENV
+        if os.environ.get(ENGINE_KEY_ENV):  # (Launcher.prepare set it here; a Ray worker has its raylet's env)
+            self.procs.env[ENGINE_KEY_ENV] = os.environ[ENGINE_KEY_ENV]
 
-    def _placement_group(self):
+    def _placement_groups(self) -> None:
+        """One placement group of every bundle (PACK, or STRICT_PACK with cluster.colocate); with
+        cluster.actor_num_nodes > 1, the learner's bundles in one of their own, one node each (STRICT_SPREAD),
+        and the engines' in a second (PACK)."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         self.num_bundle_engines = 0 if self.cfg.rollout.rollout_external_engine_addrs else self._num_engines()
-        wanted = self._bundles()
-        pg = placement_group(wanted, strategy="STRICT_PACK" if self.cfg.cluster.colocate else "PACK")
+        wanted, n = self._bundles(), self._learner_bundles()
+        if n > 1:
+            split = [(wanted[:n], "STRICT_SPREAD"), (wanted[n:], "PACK")]
+        else:
+            split = [(wanted, "STRICT_PACK" if self.cfg.cluster.colocate else "PACK")]
+        self.pgs = [placement_group(b, strategy=how) for b, how in split if b]
+        self.pg = self.pgs[0]
+        self.slots = [(pg, i) for pg in self.pgs for i in range(len(pg.bundle_specs))]
         timeout = self.cfg.cluster.startup_timeout
         try:
-            ray.get(pg.ready(), timeout=timeout)
+            ray.get([pg.ready() for pg in self.pgs], timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            remove_placement_group(pg)
+            for pg in self.pgs:
+                remove_placement_group(pg)
             raise LaunchError(
-                f"the Ray cluster cannot place {wanted} (learner: cluster.learner_num_threads, "
-                f"train.actor_num_gpus_per_node; one per engine: cluster.engine_num_threads, "
+                f"the Ray cluster cannot place {wanted} ({', '.join(how for b, how in split if b)}; learner: "
+                f"cluster.actor_num_nodes={self.cfg.cluster.actor_num_nodes} bundle(s) of cluster.learner_num_threads, "
+                f"train.actor_num_gpus_per_node, one node each; one per engine: cluster.engine_num_threads, "
                 f"rollout.rollout_num_gpus_per_engine; colocate={self.cfg.cluster.colocate}) within {timeout:.0f}s "
                 f"(cluster.startup_timeout); it has {ray.available_resources()}; add nodes or ask for less") from None
-        return pg
+
+    def _learner_bundles(self) -> int:
+        return self.cfg.cluster.actor_num_nodes
 
     def _bundles(self) -> list[dict]:
         return bundles(self.cfg, self.num_bundle_engines)
 
-    def _place(self, name: str) -> dict:
+    def _ranked(self) -> bool:
+        """Whether the learner runs as one actor per rank (ray_ranks.py) rather than as one process."""
+        t = self.cfg.train
+        return not self.cfg.debug.debug_rollout_only and (t.train_backend == "megatron" or learner_ranks(self.cfg) > 1)
+
+    def _learner_share(self) -> dict:
+        """What one learner process takes of its bundle: all of it, or a rank's share (one GPU)."""
+        res = bundles(self.cfg, 0)[0]
+        if not self._ranked():
+            return res
+        per_node = self.cfg.train.actor_num_gpus_per_node
+        return {"CPU": res["CPU"] / per_node, **({"GPU": 1} if "GPU" in res else {})}
+
+    def _slot(self, index: int):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        pg, i = self.slots[index]
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+
+    def _place(self, name: str) -> dict:
+        from async_rl.launch.ray_ranks import rank_of
         kind, digits = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")):]
-        index, take = 0, False
+        nodes, res = self._learner_bundles(), {}
+        index = 0
         if self.num_bundle_engines:
-            index = 1 + (int(digits) % self.num_bundle_engines if digits and kind != "hub" else 0)
-        if kind == "learner":
-            index, take = 0, True
+            index = nodes + (int(digits) % self.num_bundle_engines if digits and kind != "hub" else 0)
+        if name == "learner" or name.startswith("learner.rank"):
+            index, res = rank_of(name) // self.cfg.train.actor_num_gpus_per_node, self._learner_share()
         elif kind == "engine":
-            take = True
-        res = bundles(self.cfg, max(self.num_bundle_engines, 1))[index] if take else {}
-        return {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0),
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)}
+            res = bundles(self.cfg, max(self.num_bundle_engines, 1))[index]
+        return {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "scheduling_strategy": self._slot(index)}
+
+    def start_ranked_learner(self, entry: str, args: list[str]) -> None:
+        """One Ray actor per learner rank (async_rl/launch/ray_ranks.py), in the learner's bundles."""
+        c = self.cfg.cluster
+        self.procs.start_ranks("learner", [sys.executable, "-m", entry, *args], learner_ranks(self.cfg),
+                               threads=c.learner_num_threads, timeout=c.startup_timeout)
 
     def _restarted(self, proc: RayProc, old_pid: int) -> None:
         """Ray restarted `proc`'s actor: count it, re-sync a restarted engine to the current weights, record."""
@@ -339,73 +419,19 @@ class RayLauncher(Launcher):
         self.record(self.manifest.data.get("status", "running"))
 
     def record(self, status: str, **extra) -> None:
-        actors = {n: {"node_ip": ch.proc.node_ip, "node_id": ch.proc.node_id, "ray_restarts": ch.proc.restarts}
-                  for n, ch in self.procs.children.items()}
-        super().record(status, cluster={"kind": "ray", "address": self.address or "local", "actors": actors}, **extra)
+        actors = {p.name: {"node_ip": p.node_ip, "node_id": p.node_id, "ray_restarts": p.restarts, "pid": p.pid}
+                  for ch in self.procs.children.values() for p in parts(ch.proc)}  # learner, learner.rank1, ...
+        learner = self.procs.children.get("learner")
+        ranks = {str(r): {"actor": p.name, "node_ip": p.node_ip, "node_id": p.node_id}
+                 for r, p in enumerate(getattr(learner.proc, "ranks", []))} if learner else {}
+        super().record(status, cluster={"kind": "ray", "address": self.address or "local", "actors": actors},
+                       **({"placement": {"learner_ranks": ranks}} if ranks else {}), **extra)
 
     def _release(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
         try:
-            if self.pg is not None:
-                remove_placement_group(self.pg)
+            for pg in self.pgs:
+                remove_placement_group(pg)
         finally:
             ray.shutdown()  # disconnects; also ends the cluster when this launcher started it
-
-
-# ---- `async-rl attach --address HEAD [--node-resource NAME]`: engines + generators on a node that joined ----
-def nodes_with(resource: str | None) -> list[dict]:
-    """The alive Ray nodes that advertise `resource` (`ray start --resources='{"generator": 1}'`), or all alive
-    nodes when None, in a stable order (by node id)."""
-    import ray
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    return sorted([n for n in alive if resource is None or n["Resources"].get(resource, 0) > 0],
-                  key=lambda n: n["NodeID"])
-
-
-class NodePlacement:
-    """`place(name)` for an attach: engine i and generator i go to nodes[i % len(nodes)] by hard node
-    affinity, so a generator reaches its engine on loopback; an engine takes cluster.engine_num_threads CPUs
-    there, a generator none (it waits on its engine)."""
-
-    def __init__(self, cfg: config_mod.Config, nodes: list[dict]):
-        self.cfg, self.nodes = cfg, nodes
-
-    def node_of(self, name: str) -> dict:
-        digits = name[len(name.rstrip("0123456789")):]
-        return self.nodes[int(digits or 0) % len(self.nodes)]
-
-    def __call__(self, name: str) -> dict:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        cpus = self.cfg.cluster.engine_num_threads if name.startswith("engine") else 0
-        gpus = self.cfg.rollout.rollout_num_gpus_per_engine if name.startswith("engine") and \
-            self.cfg.cluster.num_gpus_per_node > 0 else 0
-        return {"num_cpus": cpus, "num_gpus": gpus,
-                "scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_of(name)["NodeID"], soft=False)}
-
-
-def attach_group(address: str, run_dir: Path, log_dir: Path, cfg: config_mod.Config, engines: int,
-                 node_resource: str | None) -> RayProcessGroup:
-    """Join the cluster at `address` and return the process group an attach starts its engines and
-    generators in, placed on the nodes advertising `node_resource`. Raises LaunchError when no node does,
-    or when they cannot hold the engines' CPUs (GPUs)."""
-    import ray
-    connect(address, run_dir)
-    nodes = nodes_with(node_resource)
-    if not nodes:
-        have = sorted({k for n in ray.nodes() if n.get("Alive") for k in n["Resources"] if "node:" not in k})
-        ray.shutdown()
-        raise LaunchError(f"--node-resource {node_resource}: no alive node of the Ray cluster at {address} advertises "
-                          f"it; start one with `ray start --address={address} --resources='{{\"{node_resource}\": 1}}'`"
-                          f"{f' (resources there: {have})' if have else ''}") from None
-    place = NodePlacement(cfg, nodes)
-    for node in nodes:
-        mine = sum(1 for i in range(engines) if place.node_of(f"engine{i}") is node)
-        need = mine * cfg.cluster.engine_num_threads
-        if need > node["Resources"].get("CPU", 0):
-            ray.shutdown()
-            raise LaunchError(f"--engines {engines}: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) would "
-                              f"hold {mine} engine(s) x cluster.engine_num_threads={cfg.cluster.engine_num_threads} "
-                              f"= {need} CPUs but has {node['Resources'].get('CPU', 0):g}; attach fewer engines, "
-                              f"lower cluster.engine_num_threads, or add nodes with --node-resource") from None
-    return RayProcessGroup(log_dir, place, cfg.cluster.max_restarts, on_close=ray.shutdown)
