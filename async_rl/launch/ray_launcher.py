@@ -346,12 +346,12 @@ class RayLauncher(Launcher):
             split = [(wanted[:n], "STRICT_SPREAD"), (wanted[n:], "PACK")]
         else:
             split = [(wanted, "STRICT_PACK" if self.cfg.cluster.colocate else "PACK")]
-        self.pgs = [placement_group(b, strategy=how) for b, how in split if b]
-        self.pg = self.pgs[0]
-        self.slots = [(pg, i) for pg in self.pgs for i in range(len(pg.bundle_specs))]
-        timeout = self.cfg.cluster.startup_timeout
+        timeout, self.pgs = self.cfg.cluster.startup_timeout, []
         try:
-            ray.get([pg.ready() for pg in self.pgs], timeout=timeout)
+            for b, how in split:  # in turn: the learner's nodes are chosen before the engines take their share
+                if b:
+                    self.pgs.append(placement_group(b, strategy=how))
+                    ray.get(self.pgs[-1].ready(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             for pg in self.pgs:
                 remove_placement_group(pg)
@@ -361,6 +361,12 @@ class RayLauncher(Launcher):
                 f"train.actor_num_gpus_per_node, one node each; one per engine: cluster.engine_num_threads, "
                 f"rollout.rollout_num_gpus_per_engine; colocate={self.cfg.cluster.colocate}) within {timeout:.0f}s "
                 f"(cluster.startup_timeout); it has {ray.available_resources()}; add nodes or ask for less") from None
+        self.pg = self.pgs[0]
+        self.slots = [(pg, i) for pg in self.pgs for i in range(pg.bundle_count)]
+        if n > 1:  # rank 0 (the hub's client, MASTER_ADDR) on this node when one of the learner's nodes is it
+            here = ray.get_runtime_context().get_node_id()
+            on = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+            self.slots[:n] = sorted(self.slots[:n], key=lambda slot: on[slot[1]] != here)
 
     def _learner_bundles(self) -> int:
         return self.cfg.cluster.actor_num_nodes
