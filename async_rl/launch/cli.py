@@ -25,8 +25,9 @@ def cmd_launch(args) -> int:
         from async_rl.launch.plan import plan
         print(f"{args.config or '(no YAML)'}: the config is valid; --dry-run starts nothing\n{plan(cfg)}")
         if args.cluster == "ray":
-            print("--cluster ray: Ray places the processes instead (one bundle each: the learner's "
-                  "train.actor_num_gpus_per_node GPUs, an engine's rollout_num_gpus_per_engine)")
+            print("--cluster ray: Ray places the processes instead (one bundle per learner node: "
+                  "train.actor_num_gpus_per_node GPUs, one Ray actor per rank; one per engine: its "
+                  "rollout_num_gpus_per_engine)")
         return 0
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     launcher = None

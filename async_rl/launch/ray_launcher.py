@@ -6,12 +6,19 @@ weights/, stop by SIGUSR1, exit codes), because `RayLauncher` *is* a `Launcher` 
 of Ray actors: every start/wait/monitor/stop decision is the shared code's, only where a process runs differs.
 A hub, engine or generator whose process dies takes its actor down with it; Ray restarts the actor
 (cluster.max_restarts), which runs the same command again. Until those restarts are used up, the launcher
-sees that process as running; after, as failed. The learner is never restarted this way.
+sees that process as running; after, as failed. The learner is never restarted this way: the supervisor
+respawns it (--resume), every rank of a multi-rank learner anew.
 
-Placement: one placement group, bundle 0 for the learner, bundle 1+i for engine i (CPUs, plus GPUs when
-cluster.num_gpus_per_node > 0); the hub, generators and evals ride in their engine's bundle, on its node,
-so a generator reaches its engine on loopback. The run directory must be at the same path on every node,
-unless cluster.shared_run_dir=false (async_rl/launch/ray_remote.py).
+The multi-rank learner (FSDP2 at train.actor_num_gpus_per_node x cluster.actor_num_nodes > 1 ranks, and
+megatron) is one Ray actor per rank, each running the learner module itself with torch.distributed's
+environment (async_rl/launch/ray_ranks.py), where the local launcher runs one torchrun.
+
+Placement: bundles 0..N-1 for the learner, one per learner node (N = cluster.actor_num_nodes; rank r in
+bundle r // actor_num_gpus_per_node), then bundle N+i for engine i (CPUs, plus GPUs when
+cluster.num_gpus_per_node > 0); one placement group, or with N > 1 the learner's own (STRICT_SPREAD) and the
+engines'. The hub, generators and evals ride in their engine's bundle, on its node, so a generator reaches
+its engine on loopback. The run directory must be at the same path on every node, unless
+cluster.shared_run_dir=false (async_rl/launch/ray_remote.py). The attach's placement is in attach_ray.py.
 """
 from __future__ import annotations
 
