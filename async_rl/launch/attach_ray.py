@@ -33,7 +33,8 @@ def split(engines: int, nodes: int) -> list[int]:
 def attach_remote_ray(hub: str, key: str | None, engines: int, address: str, node_resource: str | None) -> int:
     import ray
 
-    from async_rl.launch.ray_launcher import RayProcessGroup, connect
+    from async_rl.launch.ray_launcher import connect
+    from async_rl.launch.ray_procs import RayProcessGroup
     try:
         connect(address, Path(tempfile.mkdtemp(prefix="arl-attach-")))
     except LaunchError as exc:
@@ -110,7 +111,8 @@ def attach_group(address: str, run_dir: Path, log_dir: Path, cfg: config_mod.Con
     or when they cannot hold the engines' CPUs (GPUs)."""
     import ray
 
-    from async_rl.launch.ray_launcher import RayProcessGroup, connect
+    from async_rl.launch.ray_launcher import connect
+    from async_rl.launch.ray_procs import RayProcessGroup
     connect(address, run_dir)
     nodes = nodes_with(node_resource)
     if not nodes:

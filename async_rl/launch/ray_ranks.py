@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 
-from async_rl.launch.ray_launcher import ProcessActor, RayProc
+from async_rl.launch.ray_procs import ProcessActor, RayProc
 from async_rl.placement import LEARNER_RANKS_ENV
 
 IFNAME_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")

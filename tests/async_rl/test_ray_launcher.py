@@ -306,7 +306,7 @@ def test_interface_of_finds_the_loopback_interface():
 def test_ranked_proc_ends_when_any_rank_fails_and_stops_the_others(tmp_path, ray_cluster):
     """Real rank actors (ProcessActors) on the test cluster: a rank that exits 3 ends the RankedProc with 3 and
     its other ranks are stopped; ranks that all exit 0 end it with 0; a signal reaches every rank."""
-    from async_rl.launch.ray_launcher import ProcessActor, RayProc
+    from async_rl.launch.ray_procs import ProcessActor, RayProc
     from async_rl.launch.ray_ranks import RankedProc
     ray.init(address=ray_cluster["address"], log_to_driver=False, configure_logging=False)
     try:
