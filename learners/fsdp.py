@@ -42,8 +42,9 @@ def under_torchrun() -> bool:
 
 
 def init(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
-    """Join the process group (gloo on CPU, NCCL on GPU) once, whenever torchrun started this process (a
-    group of one rank too: FSDP2 shards over it); returns (rank, world size)."""
+    """Join the process group (gloo on CPU, NCCL on GPU; env:// from RANK / WORLD_SIZE / MASTER_*) once,
+    whenever this process is a rank (`under_torchrun`; a group of one rank too: FSDP2 shards over it);
+    returns (rank, world size)."""
     rank, world = world_from_env()
     if under_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

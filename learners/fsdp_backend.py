@@ -1,5 +1,5 @@
 """The torch backend at N ranks (`train_backend: torch`, `train.actor_num_gpus_per_node: N`, started by
-torchrun): the same HF model as learners.torch_backend, sharded with FSDP2 over every rank (learners/fsdp.py);
+torchrun, or one Ray actor a rank under `--cluster ray`): the same HF model as learners.torch_backend, sharded with FSDP2 over every rank (learners/fsdp.py);
 gloo on CPU, NCCL on GPU (one GPU a rank, bf16 parameters with fp32 reduction and fp32 sharded AdamW under
 train.bf16).
 
@@ -33,7 +33,7 @@ def logprob_token_budget(t) -> int:
 
 
 class FsdpBackend:
-    """learners.backend.Backend over the ranks torchrun started."""
+    """learners.backend.Backend over the ranks torchrun (or the Ray launcher) started."""
     critic = None  # config_rules refuses the PPO critic at several ranks
 
     def __init__(self, cfg: config_mod.Config):
