@@ -21,6 +21,10 @@ def cmd_launch(args) -> int:
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
+    from async_rl.launch.launcher import local_problem
+    if args.cluster != "ray" and local_problem(cfg):
+        print(f"async-rl: {local_problem(cfg)}", file=sys.stderr)
+        return 2
     if args.dry_run:  # validated above; print what launch would do, start and write nothing
         from async_rl.launch.plan import plan
         print(f"{args.config or '(no YAML)'}: the config is valid; --dry-run starts nothing\n{plan(cfg)}")

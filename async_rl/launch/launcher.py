@@ -51,6 +51,15 @@ def _wait_url(url: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def local_problem(cfg: config_mod.Config) -> str | None:
+    """Why the local launcher cannot run this config (None when it can)."""
+    if cfg.cluster.actor_num_nodes > 1:
+        return (f"cluster.actor_num_nodes={cfg.cluster.actor_num_nodes}: the local launcher runs every learner rank on "
+                f"this host (one torchrun); launch with --cluster ray (one Ray actor per rank, "
+                f"train.actor_num_gpus_per_node on each node), or set actor_num_nodes=1")
+    return None
+
+
 class Launcher(Supervision):
     def __init__(self, cfg: config_mod.Config, run_dir: str | Path, resume: bool = False):
         self.cfg = cfg
@@ -80,10 +89,8 @@ class Launcher(Supervision):
     spans_nodes = False  # whether the learner's ranks may span nodes (cluster.actor_num_nodes > 1): Ray's only
 
     def prepare(self) -> None:
-        if self.cfg.cluster.actor_num_nodes > 1 and not self.spans_nodes:
-            raise LaunchError(f"cluster.actor_num_nodes={self.cfg.cluster.actor_num_nodes}: the local launcher runs "
-                              f"every learner rank on this host (one torchrun); launch with --cluster ray (one Ray "
-                              f"actor per rank, train.actor_num_gpus_per_node on each node), or set actor_num_nodes=1")
+        if not self.spans_nodes and local_problem(self.cfg):
+            raise LaunchError(local_problem(self.cfg))
         check_paths(self.cfg)
         check_before_start(self.cfg)
         if self.resume and not (self.run_dir / "hub").is_dir():  # checked before anything is created there

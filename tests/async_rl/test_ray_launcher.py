@@ -332,10 +332,13 @@ def test_ranked_proc_ends_when_any_rank_fails_and_stops_the_others(tmp_path, ray
 
 
 def test_local_launcher_refuses_a_learner_spanning_nodes(tmp_path):
-    from async_rl.launch.launcher import Launcher, launch
-    cfg = _cfg(actor_num_nodes=2)
-    code = launch(cfg, tmp_path / "run", launcher=Launcher(cfg, tmp_path / "run"))
-    assert code == 2 and not (tmp_path / "run" / "hub").exists()
+    world = {"model_sft": tmp_path / "none", "train": tmp_path / "none.jsonl"}  # refused before paths are read
+    for extra in ([], ["--dry-run"]):
+        out = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(write_config(tmp_path, world, 2)),
+                              "actor_num_nodes=2", "--run-dir", str(tmp_path / "run"), *extra], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2 and "cluster.actor_num_nodes=2: the local launcher" in out.stderr, out.stderr
+        assert "--cluster ray" in out.stderr and not (tmp_path / "run").exists()
 
 
 def test_local_launcher_refusal_names_the_field_and_the_fix(tmp_path):
