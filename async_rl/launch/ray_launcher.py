@@ -31,7 +31,7 @@ from pathlib import Path
 from async_rl import config as config_mod
 from async_rl.launch.launcher import LaunchError, Launcher
 from async_rl.launch.ray_procs import RayProc, RayProcessGroup, parts
-from async_rl.placement import learner_ranks
+from async_rl.placement import learner_is_ranked, learner_ranks
 
 
 def _short_temp_dir(run_dir: Path) -> str:
@@ -137,8 +137,7 @@ class RayLauncher(Launcher):
 
     def _ranked(self) -> bool:
         """Whether the learner runs as one actor per rank (ray_ranks.py) rather than as one process."""
-        t = self.cfg.train
-        return not self.cfg.debug.debug_rollout_only and (t.train_backend == "megatron" or learner_ranks(self.cfg) > 1)
+        return not self.cfg.debug.debug_rollout_only and learner_is_ranked(self.cfg)
 
     def _learner_share(self) -> dict:
         """What one learner process takes of its bundle: all of it, or a rank's share (one GPU)."""
