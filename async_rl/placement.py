@@ -88,15 +88,25 @@ def gpus_per_engine(cfg) -> int:
 
 
 def learner_gpu_count(cfg) -> int:
-    return cfg.train.actor_num_gpus_per_node  # megatron ranks, or the torch learner's FSDP ranks
+    return cfg.train.actor_num_gpus_per_node  # megatron ranks, or the torch learner's FSDP ranks (on this host)
+
+
+LEARNER_RANKS_ENV = "ASYNC_RL_LEARNER_RANKS"  # set for each rank the Ray launcher starts itself (no torchrun)
+
+
+def learner_ranks(cfg) -> int:
+    """The learner's ranks: train.actor_num_gpus_per_node on each of cluster.actor_num_nodes nodes (more than
+    one node only under --cluster ray)."""
+    return cfg.cluster.actor_num_nodes * cfg.train.actor_num_gpus_per_node
 
 
 def learner_is_ranked(cfg) -> bool:
-    """Whether the learner runs one process per rank under torchrun (learners.fsdp.under_torchrun): megatron
+    """Whether the learner runs one process per rank (learners.fsdp.under_torchrun; under torchrun, or one Ray
+    actor a rank under --cluster ray, async_rl/launch/ray_ranks.py): megatron
     always; the torch learner at several ranks (FSDP2), or with train.fsdp_cpu_offload (FSDP2 over a group of
     one: the CPU offload is FSDP2's). Otherwise the torch learner is one plain process (learners.torch_backend)."""
     t = cfg.train
-    return t.train_backend == "megatron" or t.actor_num_gpus_per_node > 1 or t.fsdp_cpu_offload
+    return t.train_backend == "megatron" or learner_ranks(cfg) > 1 or t.fsdp_cpu_offload
 
 
 def check(cfg) -> None:

@@ -1,6 +1,6 @@
 """The torch learner across ranks: FSDP2 data parallelism (`torch.distributed.fsdp.fully_shard`), as slime's
-and verl's FSDP backends. One process per rank (torchrun sets RANK / WORLD_SIZE / MASTER_ADDR); gloo on CPU,
-NCCL on GPU.
+and verl's FSDP backends. One process per rank (started by torchrun, or by one Ray actor per rank under
+`--cluster ray`, with RANK / WORLD_SIZE / MASTER_ADDR set); gloo on CPU, NCCL on GPU.
 
 Invariants:
 - Every rank holds 1/world of each parameter, gradient and AdamW moment (FSDP2 shards dim 0 of every
@@ -28,20 +28,24 @@ import torch.distributed as dist
 
 
 def world_from_env() -> tuple[int, int]:
-    """(rank, world size) of this process as torchrun set them; (0, 1) when not started by torchrun."""
+    """(rank, world size) of this process as its launcher set them; (0, 1) when started as one process."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def under_torchrun() -> bool:
-    """Whether torchrun's agent started this process (also at one rank). Its own run id, not WORLD_SIZE: a
+    """Whether this process is one rank of a multi-rank learner (also at one rank): started by torchrun's agent
+    (the local launcher), or as a Ray actor of its own by `--cluster ray` (async_rl/launch/ray_ranks.py, which
+    sets LEARNER_RANKS_ENV beside RANK / WORLD_SIZE / MASTER_*). Those markers, not WORLD_SIZE: a
     single-process megatron learner sets WORLD_SIZE=1 for itself (learners/megatron/parallel.py), which must
     not make a torch learner built later in the same process shard itself."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
+    from async_rl.placement import LEARNER_RANKS_ENV
+    return "TORCHELASTIC_RUN_ID" in os.environ or LEARNER_RANKS_ENV in os.environ
 
 
 def init(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
-    """Join the process group (gloo on CPU, NCCL on GPU) once, whenever torchrun started this process (a
-    group of one rank too: FSDP2 shards over it); returns (rank, world size)."""
+    """Join the process group (gloo on CPU, NCCL on GPU; env:// from RANK / WORLD_SIZE / MASTER_*) once,
+    whenever this process is a rank (`under_torchrun`; a group of one rank too: FSDP2 shards over it);
+    returns (rank, world size)."""
     rank, world = world_from_env()
     if under_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

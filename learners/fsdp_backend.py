@@ -1,5 +1,5 @@
 """The torch backend at N ranks (`train_backend: torch`, `train.actor_num_gpus_per_node: N`, started by
-torchrun): the same HF model as learners.torch_backend, sharded with FSDP2 over every rank (learners/fsdp.py);
+torchrun, or one Ray actor a rank under `--cluster ray`): the same HF model as learners.torch_backend, sharded with FSDP2 over every rank (learners/fsdp.py);
 gloo on CPU, NCCL on GPU (one GPU a rank, bf16 parameters with fp32 reduction and fp32 sharded AdamW under
 train.bf16).
 
@@ -34,7 +34,7 @@ def logprob_token_budget(t) -> int:
 
 
 class FsdpBackend:
-    """learners.backend.Backend over the ranks torchrun started."""
+    """learners.backend.Backend over the ranks torchrun (or the Ray launcher) started."""
     critic = None  # config_rules refuses the PPO critic at several ranks
 
     def __init__(self, cfg: config_mod.Config):
@@ -44,6 +44,8 @@ class FsdpBackend:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.rank, self.world = fsdp.init(self.device, t.distributed_timeout_minutes)
+        print(f"learner: rank {self.rank} of {self.world} joined (FSDP2, {dist.get_backend()} on {self.device})",
+              flush=True)
         self.model = self._sharded(cfg.ckpt.hf_checkpoint)
         self.model.train()
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)

@@ -1,7 +1,8 @@
 """The torch learner process (`train_backend: torch`): the learner loop (learners.loop) over the torch
-backend (learners.torch_backend: one process, an HF model), or, when torchrun started this process (the
-launcher does so for train.actor_num_gpus_per_node > 1; `torchrun --nproc-per-node=1` gives FSDP2 at one rank,
-as scripts/gpu/bench_megatron.py's `fsdp` variant), over the FSDP2 backend (learners.fsdp_backend).
+backend (learners.torch_backend: one process, an HF model), or, when this process is one rank of several
+(started by torchrun, as the local launcher does for train.actor_num_gpus_per_node > 1, or as one Ray actor
+a rank by `--cluster ray`; `torchrun --nproc-per-node=1` gives FSDP2 at one rank, as
+scripts/gpu/bench_megatron.py's `fsdp` variant), over the FSDP2 backend (learners.fsdp_backend).
 
     python -m learners.torch_learner --config C --run-dir D --hub H [--keys K] [--resume]
 """

@@ -38,9 +38,10 @@ def _placement_rules(cfg: "Config") -> None:
     placement.check(cfg)  # cluster.engine_gpus / learner_gpus (the local launcher's GPU assignment)
     c = cfg.cluster
     at_least("cluster", c, "num_gpus_per_node", 0)
-    if c.actor_num_nodes != 1:
-        raise ConfigError(f"cluster.actor_num_nodes={c.actor_num_nodes}: a learner spanning nodes is not built (it runs "
-                         f"under one torchrun --standalone); set 1 and use train.actor_num_gpus_per_node GPUs on one node")
+    at_least("cluster", c, "actor_num_nodes", 1)  # > 1: --cluster ray only (the local launcher refuses it)
+    if c.actor_num_nodes > 1 and c.colocate:
+        raise ConfigError(f"cluster.actor_num_nodes={c.actor_num_nodes} with colocate=true: colocate packs the learner "
+                         f"and the engines onto one node; set colocate=false, or actor_num_nodes=1")
     if c.offload:
         raise ConfigError("cluster.offload=true: not supported: in a fully asynchronous run engines and learner work at "
                          "the same time, so there is no idle phase to offload in; set offload=false")

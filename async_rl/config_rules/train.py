@@ -61,15 +61,17 @@ def _torch_backend_rules(cfg: "Config") -> None:
 
 def _fsdp_rules(cfg: "Config") -> None:
     """The torch learner at several ranks (learners/fsdp.py)."""
+    from async_rl.placement import learner_ranks
     t, r = cfg.train, cfg.rollout
-    dp = t.actor_num_gpus_per_node
+    dp = learner_ranks(cfg)  # actor_num_gpus_per_node on each of cluster.actor_num_nodes nodes
     if dp == 1:
         return
     per_step = r.rollout_batch_size * r.n_samples_per_prompt
     for name, size in (("rollout.global_batch_size", r.global_batch_size), ("rollout_batch_size x n_samples_per_prompt", per_step)):
         if size % dp:
             raise ConfigError(f"{name}={size}: every one of the learner's {dp} data-parallel ranks "
-                             f"(train.actor_num_gpus_per_node) trains an equal share; make it a multiple of {dp}")
+                             f"(train.actor_num_gpus_per_node x cluster.actor_num_nodes) trains an equal share; make "
+                             f"it a multiple of {dp}")
     if cfg.algo.advantage_estimator == "ppo":
         raise ConfigError(f"algo.advantage_estimator='ppo' with train.actor_num_gpus_per_node={dp}: the PPO critic is not "
                          f"sharded; train it at one rank (actor_num_gpus_per_node=1) or use grpo, gspo or reinforce_plus_plus")
@@ -102,7 +104,8 @@ def _megatron_rules(cfg: "Config") -> None:
     if cfg.algo.advantage_estimator == "ppo":
         raise ConfigError("algo.advantage_estimator='ppo' with train_backend=megatron: the PPO critic runs on the torch "
                          "backend only; use train_backend=torch or another estimator (grpo, gspo, reinforce_plus_plus)")
-    _megatron_batch_rules(cfg, t.actor_num_gpus_per_node // model_parallel)
+    from async_rl.placement import learner_ranks
+    _megatron_batch_rules(cfg, learner_ranks(cfg) // model_parallel)
 
 
 def _token_budget_rules(t) -> None:
@@ -118,7 +121,7 @@ def _megatron_batch_rules(cfg: "Config", dp: int) -> None:
     t, r = cfg.train, cfg.rollout
     if r.global_batch_size % dp:
         raise ConfigError(f"rollout.global_batch_size={r.global_batch_size}: must split evenly over the {dp} data-parallel "
-                         f"ranks (actor_num_gpus_per_node / model-parallel size)")
+                         f"ranks (actor_num_gpus_per_node x cluster.actor_num_nodes / model-parallel size)")
     _token_budget_rules(t)
     full = t.recompute_granularity == "full"
     if full and not (t.recompute_method and t.recompute_num_layers):

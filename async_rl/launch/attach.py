@@ -49,7 +49,7 @@ def attach(run_dir: str | Path, engines: int, address: str | None = None, node_r
     launcher.procs = None
     try:
         if address:
-            from async_rl.launch.ray_launcher import attach_group
+            from async_rl.launch.attach_ray import attach_group
             launcher.procs = attach_group(address, run_dir, run_dir / "logs" / tag, cfg, engines, node_resource)
             for sig in previous:  # ray.init put its crash handler on SIGTERM (it aborts): detach must drain
                 signal.signal(sig, lambda *_: stopping.append(1))

@@ -21,12 +21,17 @@ def cmd_launch(args) -> int:
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"async-rl: config error: {exc}", file=sys.stderr)
         return 2
+    from async_rl.launch.launcher import local_problem
+    if args.cluster != "ray" and local_problem(cfg):
+        print(f"async-rl: {local_problem(cfg)}", file=sys.stderr)
+        return 2
     if args.dry_run:  # validated above; print what launch would do, start and write nothing
         from async_rl.launch.plan import plan
         print(f"{args.config or '(no YAML)'}: the config is valid; --dry-run starts nothing\n{plan(cfg)}")
         if args.cluster == "ray":
-            print("--cluster ray: Ray places the processes instead (one bundle each: the learner's "
-                  "train.actor_num_gpus_per_node GPUs, an engine's rollout_num_gpus_per_engine)")
+            print("--cluster ray: Ray places the processes instead (one bundle per learner node: "
+                  "train.actor_num_gpus_per_node GPUs, one Ray actor per rank; one per engine: its "
+                  "rollout_num_gpus_per_engine)")
         return 0
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     launcher = None

@@ -51,6 +51,15 @@ def _wait_url(url: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def local_problem(cfg: config_mod.Config) -> str | None:
+    """Why the local launcher cannot run this config (None when it can)."""
+    if cfg.cluster.actor_num_nodes > 1:
+        return (f"cluster.actor_num_nodes={cfg.cluster.actor_num_nodes}: the local launcher runs every learner rank on "
+                f"this host (one torchrun); launch with --cluster ray (one Ray actor per rank, "
+                f"train.actor_num_gpus_per_node on each node), or set actor_num_nodes=1")
+    return None
+
+
 class Launcher(Supervision):
     def __init__(self, cfg: config_mod.Config, run_dir: str | Path, resume: bool = False):
         self.cfg = cfg
@@ -77,7 +86,11 @@ class Launcher(Supervision):
     def key_args(self) -> list[str]:
         return ["--keys", str(self.keys_dir)] if self.keys_dir else []
 
+    spans_nodes = False  # whether the learner's ranks may span nodes (cluster.actor_num_nodes > 1): Ray's only
+
     def prepare(self) -> None:
+        if not self.spans_nodes and local_problem(self.cfg):
+            raise LaunchError(local_problem(self.cfg))
         check_paths(self.cfg)
         check_before_start(self.cfg)
         if self.resume and not (self.run_dir / "hub").is_dir():  # checked before anything is created there
@@ -231,18 +244,23 @@ class Launcher(Supervision):
             return
         t = self.cfg.train
         entry = "learners.megatron.learner" if t.train_backend == "megatron" else "learners.torch_learner"
-        if learner_is_ranked(self.cfg):  # one process per rank, under torchrun
-            module, launch = "torch.distributed.run", ["--standalone", f"--nproc-per-node={t.actor_num_gpus_per_node}",
-                                                       "-m", entry]  # (--standalone: its own rendezvous port)
+        args = ["--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub", self.hub_endpoint,
+                *self.key_args(), *(["--resume"] if self.resume else [])]
+        if learner_is_ranked(self.cfg):  # one process per rank
+            self.start_ranked_learner(entry, args)
         else:
-            module, launch = entry, []
-        self.procs.start("learner", module,
-                         [*launch, "--config", str(self.cfg_path), "--run-dir", str(self.run_dir), "--hub",
-                          self.hub_endpoint, *self.key_args(), *(["--resume"] if self.resume else [])],
-                         cpus=c.learner_cpus, threads=c.learner_num_threads)
+            self.procs.start("learner", entry, args, cpus=c.learner_cpus, threads=c.learner_num_threads)
         if self.cfg.eval.eval_interval:  # pass@k every eval_interval versions, on its own engine (actors/eval_worker.py)
             self.procs.start("eval_worker", "actors.eval_worker", ["--config", str(self.cfg_path), "--run-dir",
                              str(self.run_dir)], cpus=c.engine_cpus, threads=c.engine_num_threads, critical=False)
+
+    def start_ranked_learner(self, entry: str, args: list[str]) -> None:
+        """The learner's ranks, here under one torchrun on this host (--standalone: its own rendezvous port);
+        the Ray launcher starts one actor per rank instead (async_rl/launch/ray_ranks.py)."""
+        c = self.cfg.cluster
+        self.procs.start("learner", "torch.distributed.run",
+                         ["--standalone", f"--nproc-per-node={self.cfg.train.actor_num_gpus_per_node}", "-m", entry,
+                          *args], cpus=c.learner_cpus, threads=c.learner_num_threads)
 
     def evaluate(self, tag: str, weights: str) -> dict | None:
         """Greedy eval of `weights` on engine0 in a subprocess; None when eval is off or failed."""

@@ -9,7 +9,8 @@ prompt + response tokens.
 """
 from __future__ import annotations
 
-from async_rl.placement import GiB, Shape, assignment, engine_count, gpus_per_engine, learner_is_ranked, model_shape
+from async_rl.placement import (GiB, Shape, assignment, engine_count, gpus_per_engine, learner_is_ranked,
+                                learner_ranks, model_shape)
 
 ASSUMED_PROMPT_LEN = 512  # tokens, when data.rollout_max_prompt_len does not bound it
 
@@ -26,9 +27,9 @@ def _seq_len(cfg) -> tuple[int, str]:
 def _parallel(cfg) -> tuple[int, int, int]:
     t = cfg.train
     if t.train_backend != "megatron":
-        return 1, 1, t.actor_num_gpus_per_node  # FSDP ranks
+        return 1, 1, learner_ranks(cfg)  # FSDP ranks
     mp = t.tensor_model_parallel_size * t.pipeline_model_parallel_size * t.context_parallel_size
-    return t.tensor_model_parallel_size, t.pipeline_model_parallel_size, t.actor_num_gpus_per_node // mp
+    return t.tensor_model_parallel_size, t.pipeline_model_parallel_size, learner_ranks(cfg) // mp
 
 
 def learner_bytes(cfg, shape: Shape) -> dict[str, float]:
@@ -107,7 +108,7 @@ def placement_lines(cfg) -> list[str]:
         lines.append(f"  generator{i:<4}CPU{cpus(c.engine_cpus)} -> engine{i % n_eng}")
     if not cfg.debug.debug_rollout_only:
         tp, pp, dp = _parallel(cfg)
-        how = (f"megatron under torchrun, {t.actor_num_gpus_per_node} rank(s): TP {tp} x PP {pp} x DP {dp}"
+        how = (f"megatron under torchrun, {learner_ranks(cfg)} rank(s): TP {tp} x PP {pp} x DP {dp}"
                if t.train_backend == "megatron" else f"torch, {t.learner_device}" +
                (f", FSDP2 over {dp} rank{'s' if dp > 1 else ''} under torchrun" if learner_is_ranked(cfg) else "") +
                (", parameters, gradients and AdamW states on the host (fsdp_cpu_offload)" if t.fsdp_cpu_offload else ""))

@@ -43,6 +43,9 @@ def remote_problem(cfg: config_mod.Config) -> str | None:
         return f"cluster.serve_weights=off: {why} the nodes get weights only from the weight server; set it to auto"
     if r.rollout_external_engine_addrs:
         return f"rollout.rollout_external_engine_addrs: {why} engines start on the nodes; leave it empty"
+    if c.actor_num_nodes > 1:
+        return (f"cluster.actor_num_nodes={c.actor_num_nodes}: {why} the learner runs on this node (every rank writes "
+                f"its checkpoint shards into the run dir); set actor_num_nodes=1, or share the run dir (the default)")
     if d.debug_train_only or d.debug_rollout_only:
         return f"debug.debug_train_only / debug_rollout_only: not {why}; use the shared run dir (the default)"
     return None
@@ -55,21 +58,23 @@ class RemoteRayLauncher(RayLauncher):
             raise LaunchError(problem)
         super().prepare()
 
+    def _learner_bundles(self) -> int:
+        return 0  # the learner runs on this node, by affinity
+
     def _bundles(self) -> list[dict]:
         import ray
         self.driver_node = ray.get_runtime_context().get_node_id()
-        return super()._bundles()[1:]  # the engines' only: the learner runs on this node, by affinity
+        return super()._bundles()[self.cfg.cluster.actor_num_nodes:]  # the engines' only
 
     def _place(self, name: str) -> dict:
-        from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
-                                                    PlacementGroupSchedulingStrategy)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         kind, digits = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")):]
         if kind == "attach":
             index = int(digits) % self.num_bundle_engines
             res = self._bundles()[index]
-            return {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0),
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)}
-        gpus = self.cfg.train.actor_num_gpus_per_node if kind == "learner" and self.cfg.cluster.num_gpus_per_node else 0
+            return {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0), "scheduling_strategy": self._slot(index)}
+        learner = name == "learner" or name.startswith("learner.rank")  # (one process, or each rank's actor)
+        gpus = self._learner_share().get("GPU", 0) if learner and self.cfg.cluster.num_gpus_per_node else 0
         return {"num_cpus": 0, "num_gpus": gpus,  # (the run dir is here; Ray need not count their CPUs)
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(self.driver_node, soft=False)}
 
@@ -78,7 +83,7 @@ class RemoteRayLauncher(RayLauncher):
 
     def start_generators(self, id_prefix: str = "g") -> None:
         from async_rl.launch.attach_ray import KEY_ENV
-        self.procs.env = {KEY_ENV: (self.keys_dir / "attach.key").read_text()}
+        self.procs.env = {**self.procs.env, KEY_ENV: (self.keys_dir / "attach.key").read_text()}
         cwd, self.procs.cwd = self.procs.cwd, "/"  # every node has it; the attach moves to its own TMPDIR
         try:
             for i in range(self.num_bundle_engines):

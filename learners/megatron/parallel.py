@@ -46,7 +46,8 @@ def _free_port() -> int:
 def init(train) -> Layout:
     """Join (or, alone, create) the process group and Megatron's model-parallel groups; returns the layout.
 
-    Started by torchrun (RANK/WORLD_SIZE/MASTER_* set) or as a single process.
+    Started by torchrun, or as one Ray actor per rank under `--cluster ray` (async_rl/launch/ray_ranks.py): both set
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*, which env:// reads; or as a single process.
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel

@@ -254,7 +254,8 @@ def _cfg(**cluster):
 
 @pytest.mark.parametrize("words, message", [
     ({"offload": "true"}, "cluster.offload=true: not supported"),
-    ({"actor_num_nodes": 2}, "cluster.actor_num_nodes=2: a learner spanning nodes is not built"),
+    ({"actor_num_nodes": 2, "colocate": "true"}, "cluster.actor_num_nodes=2 with colocate=true"),
+    ({"actor_num_nodes": 0}, "cluster.actor_num_nodes=0: must be >= 1"),
     ({"colocate": "true", "num_gpus_per_node": 8}, "cluster.colocate=true with num_gpus_per_node=8"),
     ({"num_gpus_per_node": -1}, "cluster.num_gpus_per_node=-1: must be >= 0"),
 ])
@@ -271,6 +272,123 @@ def test_bundles_follow_the_slime_placement_options():
     cfg = _cfg(num_gpus_per_node=8)
     cfg.train.actor_num_gpus_per_node, cfg.rollout.rollout_num_gpus_per_engine = 4, 2
     assert bundles(cfg, 2) == [{"CPU": 1, "GPU": 4}, {"CPU": 1, "GPU": 2}, {"CPU": 1, "GPU": 2}]
+    cfg = _cfg(num_gpus_per_node=8, actor_num_nodes=2, learner_num_threads=4)  # one learner bundle per node, first
+    cfg.train.actor_num_gpus_per_node = 2
+    assert bundles(cfg, 1) == [{"CPU": 4, "GPU": 2}] * 2 + [{"CPU": 1, "GPU": 1}]
+
+
+@pytest.mark.parametrize("nodes, per_node, want", [(1, 2, [0, 0]), (2, 1, [0, 1]), (2, 3, [0, 0, 0, 1, 1, 1]),
+                                                   (3, 2, [0, 0, 1, 1, 2, 2])])
+def test_rank_r_goes_to_learner_bundle_r_div_ranks_per_node(nodes, per_node, want):
+    from async_rl.launch.ray_ranks import rank_bundles
+    assert rank_bundles(nodes, per_node) == want
+
+
+def test_rank_envs_name_rank_0s_node_and_each_nodes_interface():
+    from async_rl.launch.ray_ranks import rank_envs
+    a = {"node_ip": "10.0.0.1", "node_id": "A", "ifname": "eth0", "gpus": ["3"], "port": 4711, "set": []}
+    b = {"node_ip": "10.0.0.2", "node_id": "B", "ifname": "ib0", "gpus": ["5"], "port": 0,
+         "set": ["NCCL_SOCKET_IFNAME"]}
+    envs = rank_envs([a, dict(a, gpus=["1"], port=0), b, dict(b, gpus=["2"])])
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"] and {e["WORLD_SIZE"] for e in envs} == {"4"}
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"] and {e["LOCAL_WORLD_SIZE"] for e in envs} == {"2"}
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"], e["ASYNC_RL_LEARNER_RANKS"]) for e in envs} == {("10.0.0.1", "4711", "4")}
+    assert [e["GLOO_SOCKET_IFNAME"] for e in envs] == ["eth0", "eth0", "ib0", "ib0"]
+    assert "NCCL_SOCKET_IFNAME" not in envs[2] and envs[0]["NCCL_SOCKET_IFNAME"] == "eth0"  # the operator's stands
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3,1", "3,1", "5,2", "5,2"]  # cuda:LOCAL_RANK is its own
+
+
+def test_interface_of_finds_the_loopback_interface():
+    from async_rl.launch.ray_ranks import interface_of
+    assert interface_of("127.0.0.1") == "lo" and interface_of("192.0.2.77") is None
+
+
+def test_ranked_proc_ends_when_any_rank_fails_and_stops_the_others(tmp_path, ray_cluster):
+    """Real rank actors (ProcessActors) on the test cluster: a rank that exits 3 ends the RankedProc with 3 and
+    its other ranks are stopped; ranks that all exit 0 end it with 0; a signal reaches every rank."""
+    from async_rl.launch.ray_procs import ProcessActor, RayProc
+    from async_rl.launch.ray_ranks import RankedProc
+    ray.init(address=ray_cluster["address"], log_to_driver=False, configure_logging=False)
+    try:
+        def ranked(*commands: str) -> RankedProc:
+            procs = []
+            for i, cmd in enumerate(commands):
+                actor = ray.remote(ProcessActor).options(num_cpus=0).remote(
+                    f"r{i}", ["sh", "-c", cmd], str(tmp_path / f"r{i}.log"), {}, str(tmp_path), [], 0, False)
+                procs.append(RayProc(f"r{i}", actor))
+            return RankedProc("learner", procs)
+        failing = ranked("sleep 60", "sleep 0.5; exit 3")
+        assert failing.poll() is None
+        assert failing.wait(timeout=30) == 3 and failing.failed is failing.ranks[1]
+        assert failing.ranks[0].returncode is not None and failing.ranks[0].returncode < 0  # stopped, not left waiting
+        done = ranked("sleep 0.3", "true")
+        assert done.wait(timeout=30) == 0
+        signalled = ranked("sleep 60", "sleep 60")
+        signalled.send_signal(signal.SIGTERM)
+        assert signalled.wait(timeout=30) == -signal.SIGTERM
+        assert [p.returncode for p in signalled.ranks] == [-signal.SIGTERM] * 2
+    finally:
+        ray.shutdown()
+
+
+def test_local_launcher_refuses_a_learner_spanning_nodes(tmp_path):
+    world = {"model_sft": tmp_path / "none", "train": tmp_path / "none.jsonl"}  # refused before paths are read
+    for extra in ([], ["--dry-run"]):
+        out = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(write_config(tmp_path, world, 2)),
+                              "actor_num_nodes=2", "--run-dir", str(tmp_path / "run"), *extra], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2 and "cluster.actor_num_nodes=2: the local launcher" in out.stderr, out.stderr
+        assert "--cluster ray" in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_local_launcher_refusal_names_the_field_and_the_fix(tmp_path):
+    from async_rl.launch.launcher import LaunchError, Launcher
+    with pytest.raises(LaunchError, match=r"cluster.actor_num_nodes=2: the local launcher .* --cluster ray .* "
+                                          r"set actor_num_nodes=1"):
+        Launcher(_cfg(actor_num_nodes=2), tmp_path / "run").prepare()
+
+
+def test_fsdp_learner_runs_one_ray_actor_per_rank_and_a_dead_rank_respawns_every_rank(tmp_path, tiny_world,
+                                                                                        ray_cluster):
+    """train_backend torch at actor_num_gpus_per_node=2 (two gloo ranks): two rank actors, not one torchrun;
+    rank 1 joins the group of 2 and logs to learner.rank1.log; the run trains and publishes. SIGKILL of rank
+    1's process: the supervisor respawns the learner (both ranks, --resume) and the run ends with every step
+    once."""
+    run_dir, steps = tmp_path / "run", 16
+    proc = launch(ray_cluster, write_config(tmp_path, tiny_world, steps), run_dir, "actor_num_gpus_per_node=2",
+                  "save_interval=3")
+    try:
+        deadline = time.time() + 150
+        while len(rows(run_dir)) < 5:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.3)
+        manifest = json.loads((run_dir / "run.json").read_text())
+        actors, ranks = manifest["cluster"]["actors"], manifest["placement"]["learner_ranks"]
+        assert {"learner", "learner.rank1"} <= set(actors) and [ranks[r]["actor"] for r in "01"] == ["learner", "learner.rank1"]
+        assert "torch.distributed.run" not in Path(f"/proc/{actors['learner']['pid']}/cmdline").read_text()
+        for name, rank in (("learner", 0), ("learner.rank1", 1)):
+            cmdline = Path(f"/proc/{actors[name]['pid']}/cmdline").read_bytes().split(b"\0")
+            assert b"learners.torch_learner" in cmdline, cmdline
+            assert f"learner: rank {rank} of 2 joined" in (run_dir / "logs" / f"{name}.log").read_text()
+        assert list((run_dir / "weights").glob("v*")), "no version published"
+        victim = actors["learner.rank1"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-4000:]
+    assert "learner restarted (restart 1" in out, out[-3000:]
+    manifest = json.loads((run_dir / "run.json").read_text())
+    actors = manifest["cluster"]["actors"]
+    assert actors["learner.rank1"]["pid"] != victim and manifest["processes"]["learner"]["restarts"] == 1
+    assert (run_dir / "logs" / "learner.rank1.log").read_text().count("learner: rank 1 of 2 joined") == 2
+    assert "learner: resumed from" in (run_dir / "logs" / "learner.log").read_text()
+    assert [r["step"] for r in rows(run_dir)] == list(range(steps))  # every step once, past the kill
+    assert (run_dir / "weights" / f"v{steps}").exists()
+    for a in actors.values():
+        assert not alive(a["pid"])
 
 
 def test_address_without_cluster_ray_is_a_usage_error(tmp_path):

@@ -5,7 +5,8 @@ run dir nor the model).
   detaching drains it.
 - `async-rl launch --cluster ray --address HEAD cluster.shared_run_dir=false` on the head (whose Ray node has no
   CPUs to give, so the engine's bundle can only go to gen1): the hub and learner run on the head, the bundle's
-  attach on gen1, and the run trains on gen1's groups and stops cleanly."""
+  attach on gen1, and the run trains on gen1's groups and stops cleanly.
+- with a shared run dir and cluster.actor_num_nodes=2: one learner rank on each host (one Ray actor a rank)."""
 from __future__ import annotations
 
 import json
@@ -99,6 +100,41 @@ def test_launch_on_ray_without_a_shared_run_dir(network, tiny_world):
             shutil.rmtree(d, ignore_errors=True)
 
 
+def test_learner_ranks_span_two_hosts_under_ray(network, tiny_world):
+    """cluster.actor_num_nodes=2, one torch rank a node, with a shared run dir (gen1 sees every path): the head's
+    Ray node has CPUs for one learner bundle and the engine's, gen1's for one learner bundle, so rank 0 runs on
+    the head and rank 1 on gen1 (run.json, and each rank's own log); the two join one gloo group across the
+    hosts (each over its eth0) and the run trains; the engine, on a non-loopback address, gets the run's API key."""
+    pytest.importorskip("ray")
+    net = network({"head": [], "gen1": []})
+    head, gen1 = net["head"], net["gen1"]
+    temps = [tempfile.mkdtemp(prefix="arlray", dir="/tmp") for _ in range(2)]
+    try:
+        _ray_start(head, "--head", "--port=6382", "--include-dashboard=false", f"--temp-dir={temps[0]}", "--num-cpus=2")
+        _ray_start(gen1, f"--address={head.addr}:6382", f"--temp-dir={temps[1]}")
+        proc, run_dir, _ = launch_head(head, tiny_world, *FAST, "actor_num_nodes=2",
+                                       options=("--cluster", "ray", "--address", f"{head.addr}:6382"))
+        rows = run_dir / "metrics.jsonl"
+        wait_for("the two-host learner training", lambda: rows.exists() and rows.read_text().count("\n") >= 3, 300,
+                 [proc], [("launch", lambda: head.log("launch.log")),
+                          ("rank 1", lambda: (run_dir / "logs" / "learner.rank1.log").read_text()
+                           if (run_dir / "logs" / "learner.rank1.log").exists() else "")])
+        manifest = json.loads((run_dir / "run.json").read_text())
+        ranks, actors = manifest["placement"]["learner_ranks"], manifest["cluster"]["actors"]
+        assert [(ranks[r]["actor"], ranks[r]["node_ip"]) for r in ("0", "1")] == [("learner", head.addr),
+                                                                                  ("learner.rank1", gen1.addr)]
+        assert actors["learner.rank1"]["node_ip"] == gen1.addr and actors["engine0"]["node_ip"] == head.addr
+        for name, rank in (("learner", 0), ("learner.rank1", 1)):
+            log = (run_dir / "logs" / f"{name}.log").read_text()
+            assert f"learner: rank {rank} of 2 joined" in log, log[-2000:]
+        out = stop_run(head, run_dir, proc)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        net.close()
+        for d in temps:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def test_launch_without_a_shared_run_dir_refuses_what_cannot_work():
     from async_rl import config as C
     from async_rl.launch.ray_remote import remote_problem
@@ -108,3 +144,4 @@ def test_launch_without_a_shared_run_dir_refuses_what_cannot_work():
     assert remote_problem(C.load(None, host)) is None
     assert "update_weight_mode=broadcast" in remote_problem(C.load(None, host + ["update_weight_mode=broadcast"]))
     assert "buffer.auth=false" in remote_problem(C.load(None, host + ["buffer.auth=false"]))
+    assert "cluster.actor_num_nodes=2" in remote_problem(C.load(None, host + ["actor_num_nodes=2"]))

@@ -31,7 +31,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_launch_with_megatron_tp2(tmp_path, tiny_world):
+@pytest.mark.parametrize("cluster", ["local", "ray"])
+def test_launch_with_megatron_tp2(tmp_path, tiny_world, cluster):
+    """Under the local launcher the two ranks run under torchrun; under `--cluster ray` (a Ray the launcher
+    starts, whose workers inherit the shim's environment) each rank is a Ray actor of its own."""
+    if cluster == "ray":
+        pytest.importorskip("ray")
     cfg = {
         "ckpt": {"hf_checkpoint": str(tiny_world["model_sft"]), "save_interval": 2},
         "data": {"prompt_data": str(tiny_world["train"])},
@@ -47,7 +52,8 @@ def test_launch_with_megatron_tp2(tmp_path, tiny_world):
     env = {**os.environ, "ASYNC_RL_MEGATRON_CPU_SHIM": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE / "cpu_site"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "async_rl.launch.cli", "launch", str(tmp_path / "run.yaml"),
-                           "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=240, env=env)
+                           "--run-dir", str(run_dir), "--cluster", cluster], capture_output=True, text=True, timeout=240,
+                          env=env)
     learner_log = (run_dir / "logs" / "learner.log")
     assert proc.returncode == 0, proc.stdout + proc.stderr + (learner_log.read_text() if learner_log.exists() else "")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -61,3 +67,8 @@ def test_launch_with_megatron_tp2(tmp_path, tiny_world):
         ["rank_00000.pt", "rank_00001.pt"]
     manifest = json.loads((run_dir / "run.json").read_text())
     assert not [n for n, p in manifest["processes"].items() if _alive(p["pid"])]
+    if cluster == "ray":  # one actor per rank, each the learner module itself (no torchrun)
+        ranks = manifest["placement"]["learner_ranks"]
+        assert [ranks[r]["actor"] for r in sorted(ranks)] == ["learner", "learner.rank1"]
+        assert not _alive(manifest["cluster"]["actors"]["learner.rank1"]["pid"])
+        assert "Ray actor" in (run_dir / "logs" / "learner.rank1.log").read_text().splitlines()[0]
