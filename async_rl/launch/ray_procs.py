@@ -103,7 +103,19 @@ class ProcessActor:
         return self.proc.poll()
 
 
-class RayProc:
+class PolledProc:
+    """`Popen.wait` over a `poll()` that asks Ray (RayProc, ray_ranks.RankedProc)."""
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.name, timeout)
+            time.sleep(0.2)
+        return self.returncode
+
+
+class RayProc(PolledProc):
     """The part of `subprocess.Popen` the launcher reads (pid, poll, wait, send_signal, returncode), answered
     by a ProcessActor. While Ray restarts the actor, the process counts as running (poll() is None)."""
 
@@ -133,14 +145,6 @@ class RayProc:
         if self.returncode is None and time.monotonic() - self._checked > 0.25:
             self._checked = time.monotonic()
             self._refresh()
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.name, timeout)
-            time.sleep(0.2)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 
-from async_rl.launch.ray_procs import ProcessActor, RayProc
+from async_rl.launch.ray_procs import PolledProc, ProcessActor, RayProc
 from async_rl.placement import LEARNER_RANKS_ENV
 
 IFNAME_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -118,7 +118,7 @@ def start_ranks(name: str, argv: list[str], world: int, place, log_dir, env: dic
         raise RuntimeError(f"{world} rank actor(s): {exc}") from None
 
 
-class RankedProc:
+class RankedProc(PolledProc):
     """`subprocess.Popen`'s pid, poll, wait, send_signal and returncode over the ranks (RayProcs) of one
     learner; pid, node_ip and node_id are rank 0's."""
 
@@ -159,14 +159,6 @@ class RankedProc:
             p.poll()
             if p.returncode is None:
                 p.returncode = -signal.SIGTERM
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.name, timeout)
-            time.sleep(0.2)
-        return self.returncode
 
     def send_signal(self, sig: int) -> None:
         for p in self.ranks:
